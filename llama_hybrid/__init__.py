@@ -1,0 +1,1 @@
+"""The llama-hybrid command line, conversion and the embedded default model."""

@@ -1,0 +1,139 @@
+"""`llama-hybrid` command line: convert, generate, chat (and the subcommands other parts of the project add)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="LlamaHybrid folder or Hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: as saved)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=("eager", "sdpa", "flex_attention", "flash_attention_2"),
+        help="attention kernel (default: transformers' choice, sdpa)",
+    )
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-hybrid",
+        description="LlamaHybrid: a LLaMA trunk with sparse-attention, short-conv and MoE layers, for transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = sub.add_parser("convert", help="convert a LLaMA checkpoint (folder, Hub id or .gguf) to LlamaHybrid")
+    convert.add_argument("source", help="LLaMA HF folder, Hub id, or path to a .gguf file")
+    convert.add_argument("output_dir")
+    convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    convert.set_defaults(func=_cmd_convert)
+
+    generate = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
+    _add_model_args(generate)
+    _add_sampling_args(generate)
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
+    generate.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    generate.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="multi-turn chat; old turns are dropped to fit the context window")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=_cmd_chat)
+
+    for extension in _extensions():
+        extension(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands owned by other parts of the project (each adds itself to the parser)."""
+    from .tokenization.cli import add_subcommand as tokenizer_cmd
+
+    return [tokenizer_cmd]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert_llama
+
+    folder = convert_llama(args.source, args.output_dir, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"Wrote LlamaHybrid model to {folder}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .session import Session
+
+    session = Session.load(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    for prompt in prompts:
+        if not prompt.strip():
+            raise SystemExit("error: the prompt is empty")
+        if len(prompts) > 1 or args.prompt:
+            print(f">>> {prompt}", flush=True)
+        session.respond(prompt, chat=not args.raw)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .session import Session
+
+    session = Session.load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        if not interactive:
+            print(f"you> {line}")
+        history.append({"role": "user", "content": line})
+        answer = session.chat_turn(history)
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["build_parser", "main"]

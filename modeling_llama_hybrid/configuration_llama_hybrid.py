@@ -1,0 +1,274 @@
+"""LlamaHybridConfig: every LlamaConfig field with the same name and meaning, plus the per-layer hybrid layout.
+
+With no layer lists given the config *is* plain LLaMA. `mixer_types` / `mlp_layer_types` choose each layer's token
+mixer and feed-forward; `layer_types` (the cache/mask vocabulary transformers understands) is derived from
+`mixer_types` and never set by hand, because transformers validates and sometimes rewrites that field.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+CONFIG_FORMAT_VERSION = 1
+MIXER_TYPES = ("attention", "sparse_attention", "conv")
+MLP_LAYER_TYPES = ("dense", "sparse")
+GLOBAL_ATTENTION_TYPES = ("full", "compressed")
+PRESETS = ("llama", "seed", "hybrid")
+
+# Cache/mask vocabulary of transformers for each mixer: sparse attention keeps one ordinary KV entry (its two
+# branches differ only in their masks); the short conv keeps its state in a LinearAttentionLayer.
+_CACHE_LAYER_TYPE = {"attention": "full_attention", "sparse_attention": "full_attention", "conv": "conv"}
+
+
+@strict
+class LlamaHybridConfig(PreTrainedConfig):
+    r"""Configuration of a LlamaHybrid model.
+
+    LLaMA fields (same names, defaults and meaning as `transformers.LlamaConfig`): `vocab_size`, `hidden_size`,
+    `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim`,
+    `hidden_act`, `max_position_embeddings`, `initializer_range`, `rms_norm_eps`, `use_cache`, `pad_token_id`,
+    `bos_token_id`, `eos_token_id`, `pretraining_tp`, `tie_word_embeddings`, `rope_parameters` (legacy
+    `rope_theta` / `rope_scaling` are accepted), `attention_bias`, `attention_dropout`, `mlp_bias`.
+
+    Hybrid layout:
+        mixer_types: per layer, `"attention"` (full causal, LLaMA), `"sparse_attention"` (gated global + local),
+            or `"conv"` (gated short causal convolution). Default: all `"attention"`.
+        mlp_layer_types: per layer, `"dense"` (SwiGLU, LLaMA) or `"sparse"` (Mixture of Experts). Default: all dense.
+        sliding_window: the local branch of sparse attention sees the current token and the `sliding_window - 1`
+            before it (transformers' meaning).
+        global_attention: `"full"` (dense causal) or `"compressed"` (attention over mean-pooled blocks of
+            `compress_block_size` tokens) for the global branch of sparse attention.
+        sparse_gate_init: initial per-head weight of the local branch in `g = 1 - alpha * sigmoid(W x + b)`;
+            0 makes a fresh sparse layer exactly its global branch.
+        conv_kernel_size, conv_bias: the short convolution's taps and bias.
+        num_experts, num_experts_per_tok, moe_intermediate_size, num_shared_experts, norm_topk_prob: the MoE.
+        router_aux_loss_coef, router_z_loss_coef, output_router_logits: router losses added to `loss` whenever
+            labels are given and any layer is MoE.
+        config_format_version: the layout version of this file, so later releases can migrate older configs.
+    """
+
+    model_type = "llama_hybrid"
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "router_logits"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    # --- LLaMA fields: same names, defaults and meaning as transformers.LlamaConfig ---
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pretraining_tp: int | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    head_dim: int | None = None
+
+    # --- hybrid layout ---
+    mixer_types: list[str] | None = None
+    mlp_layer_types: list[str] | None = None
+    layer_types: list[str] | None = None  # derived from mixer_types; never set by hand
+    sliding_window: int | None = 512
+    global_attention: str = "full"
+    compress_block_size: int = 64
+    sparse_gate_init: float = 0.5
+    conv_kernel_size: int = 4
+    conv_bias: bool = False
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    config_format_version: int | None = None  # None: not in the file (format 0) or a fresh config
+
+    def __post_init__(self, **kwargs):
+        _migrate(self, kwargs)
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.mixer_types is None:
+            self.mixer_types = ["attention"] * self.num_hidden_layers
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["dense"] * self.num_hidden_layers
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        # Value checks run here, before transformers' own validators, so a bad value raises a plain ValueError
+        # naming the field (strict-dataclass validators would wrap it in a StrictDataclass*Error).
+        check_hybrid_config(self)
+        self.layer_types = [_CACHE_LAYER_TYPE[kind] for kind in self.mixer_types]
+        super().__post_init__(**kwargs)
+
+    def validate_hybrid_layout(self):
+        """Re-run the checks when the config is validated again (transformers does so in `save_pretrained`)."""
+        check_hybrid_config(self)
+
+    @property
+    def is_plain_llama(self) -> bool:
+        """True when every layer is full attention + dense MLP: the model is exactly LLaMA."""
+        return set(self.mixer_types) == {"attention"} and set(self.mlp_layer_types) == {"dense"}
+
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs) -> LlamaHybridConfig:
+        """Named layouts over `num_hidden_layers` layers (default 12 here when not given).
+
+        - `"llama"`: all attention + dense — exactly LLaMA.
+        - `"seed"`: the source article's diagram read as a pipeline: a quarter attention blocks, then a quarter
+          sparse-attention blocks, then a quarter conv blocks, then a quarter MoE blocks (attention mixer, MoE FFN).
+        - `"hybrid"`: the recommended interleaving (LFM2-like): short conv in most layers, sparse attention every
+          third layer, full attention in the last layer, MoE in the upper half.
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+        n = kwargs.setdefault("num_hidden_layers", 12)
+        mixers, mlps = preset_layout(preset, n)
+        return cls(mixer_types=mixers, mlp_layer_types=mlps, **kwargs)
+
+
+def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
+    """Per-layer (mixer_types, mlp_layer_types) of a preset for `num_layers` layers."""
+    if preset == "llama":
+        return ["attention"] * num_layers, ["dense"] * num_layers
+    if preset == "seed":
+        stage = [min(4 * i // num_layers, 3) for i in range(num_layers)]
+        mixers = [("attention", "sparse_attention", "conv", "attention")[s] for s in stage]
+        mlps = ["sparse" if s == 3 else "dense" for s in stage]
+        return mixers, mlps
+    mixers = ["sparse_attention" if i % 3 == 2 else "conv" for i in range(num_layers)]
+    mixers[-1] = "attention"
+    mlps = ["sparse" if i >= num_layers // 2 else "dense" for i in range(num_layers)]
+    return mixers, mlps
+
+
+def _migrate(config: LlamaHybridConfig, kwargs: dict) -> None:
+    """Bring a config saved by an older format version up to CONFIG_FORMAT_VERSION (in place).
+
+    Format 0 is a `config.json` written before the version field existed: a LLaMA config with
+    `model_type="llama_hybrid"`, possibly with a `hybrid_layer_types` list naming mixers. Its legacy
+    `rope_theta` / `rope_scaling` keys are folded into `rope_parameters` by transformers itself.
+    """
+    version = config.config_format_version or 0
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"config_format_version must be a non-negative int, got {version!r}")
+    if version > CONFIG_FORMAT_VERSION:
+        raise ValueError(
+            f"config_format_version={version} was written by a newer llama-hybrid (this one reads up to "
+            f"{CONFIG_FORMAT_VERSION}); upgrade with `pip install -U llama-hybrid`."
+        )
+    if version == 0:
+        legacy = kwargs.pop("hybrid_layer_types", None)
+        if legacy is not None and config.mixer_types is None:
+            config.mixer_types = list(legacy)
+    config.config_format_version = CONFIG_FORMAT_VERSION
+
+
+def _positive_int(config, name: str, allow_none: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _choice_list(config, name: str, allowed: tuple[str, ...]) -> None:
+    values = getattr(config, name)
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of {config.num_hidden_layers} values from {list(allowed)}")
+    if len(values) != config.num_hidden_layers:
+        raise ValueError(
+            f"{name} has {len(values)} entries but num_hidden_layers={config.num_hidden_layers}; "
+            f"give one value per layer from {list(allowed)}"
+        )
+    for i, value in enumerate(values):
+        if value not in allowed:
+            raise ValueError(f"{name}[{i}]={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_hybrid_config(config: LlamaHybridConfig) -> None:
+    """Raise ValueError naming the field and the allowed values for every impossible setting."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        _positive_int(config, name)
+    for name in ("num_key_value_heads", "head_dim", "max_position_embeddings", "conv_kernel_size"):
+        _positive_int(config, name)
+    if config.num_attention_heads % config.num_key_value_heads != 0:
+        raise ValueError(
+            f"num_attention_heads={config.num_attention_heads} must be a multiple of "
+            f"num_key_value_heads={config.num_key_value_heads} (grouped-query attention shares each KV head)"
+        )
+    if config.head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {config.head_dim}")
+    if config.hidden_act not in _activations():
+        raise ValueError(f"hidden_act={config.hidden_act!r} is not known; choose one of {sorted(_activations())}")
+    if not (isinstance(config.rms_norm_eps, (int, float)) and config.rms_norm_eps > 0):
+        raise ValueError(f"rms_norm_eps must be a positive number, got {config.rms_norm_eps!r}")
+    if not (isinstance(config.attention_dropout, (int, float)) and 0 <= config.attention_dropout < 1):
+        raise ValueError(f"attention_dropout must be in [0, 1), got {config.attention_dropout!r}")
+    _choice_list(config, "mixer_types", MIXER_TYPES)
+    _choice_list(config, "mlp_layer_types", MLP_LAYER_TYPES)
+    if config.global_attention not in GLOBAL_ATTENTION_TYPES:
+        raise ValueError(f"global_attention={config.global_attention!r}; choose one of {list(GLOBAL_ATTENTION_TYPES)}")
+    if "sparse_attention" in config.mixer_types:
+        _positive_int(config, "sliding_window")
+        _positive_int(config, "compress_block_size")
+    if not (isinstance(config.sparse_gate_init, (int, float)) and 0 <= config.sparse_gate_init <= 1):
+        raise ValueError(f"sparse_gate_init must be in [0, 1], got {config.sparse_gate_init!r}")
+    _check_moe(config)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = getattr(config, name)
+        for token_id in ids if isinstance(ids, list) else [ids]:
+            if token_id is not None and not (0 <= token_id < config.vocab_size):
+                raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def _check_moe(config: LlamaHybridConfig) -> None:
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        _positive_int(config, name)
+    if config.num_experts_per_tok > config.num_experts:
+        raise ValueError(
+            f"num_experts_per_tok={config.num_experts_per_tok} exceeds num_experts={config.num_experts}; "
+            f"choose 1..{config.num_experts}"
+        )
+    if isinstance(config.num_shared_experts, bool) or not isinstance(config.num_shared_experts, int):
+        raise ValueError(f"num_shared_experts must be an int >= 0, got {config.num_shared_experts!r}")
+    if config.num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts must be >= 0, got {config.num_shared_experts}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def _activations() -> set[str]:
+    from transformers.activations import ACT2FN
+
+    return set(ACT2FN.keys())
+
+
+__all__ = ["LlamaHybridConfig", "CONFIG_FORMAT_VERSION", "MIXER_TYPES", "MLP_LAYER_TYPES", "preset_layout"]

@@ -1,0 +1,1 @@
+"""Training recipes (the article's pipeline); filled by the training issue."""
