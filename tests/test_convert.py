@@ -1,0 +1,87 @@
+"""`llama-hybrid convert`: LLaMA folder / GGUF -> LlamaHybrid folder with weights, tokenizer and generation config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_LLAMA
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from llama_hybrid.cli import main
+from llama_hybrid.convert import convert_llama, end_of_turn_token
+from llama_hybrid.tokenization import save_tokenizer, train_tokenizer_from_iterator
+from modeling_llama_hybrid import LlamaHybridForCausalLM
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny LLaMA checkpoint folder with its own trained tokenizer, chat template and generation config."""
+    folder = tmp_path_factory.mktemp("llama")
+    tokenizer = train_tokenizer_from_iterator(["hello world, tiny llama text " * 20] * 50, vocab_size=300)
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)})
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    GenerationConfig(max_new_tokens=77, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
+    return folder
+
+
+def test_convert_folder_gives_same_logits_and_carries_tokenizer(llama_folder, tmp_path):
+    out = convert_llama(str(llama_folder), tmp_path / "hybrid")
+    hybrid = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    llama = LlamaForCausalLM.from_pretrained(llama_folder, attn_implementation="eager")
+    assert isinstance(hybrid, LlamaHybridForCausalLM)
+    ids = torch.randint(3, len(AutoTokenizer.from_pretrained(out)), (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(llama_folder).chat_template
+    assert GenerationConfig.from_pretrained(out).max_new_tokens == 77  # the source's, untouched
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama_hybrid"
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+
+
+def test_cli_convert_refuses_to_overwrite_then_overwrites(llama_folder, tmp_path, capsys):
+    target = tmp_path / "out"
+    assert main(["convert", str(llama_folder), str(target)]) == 0
+    assert main(["convert", str(llama_folder), str(target)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["convert", str(llama_folder), str(target), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(target).dtype == torch.bfloat16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left behind
+
+
+def test_non_llama_source_is_refused(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="'gpt2' model; convert expects a LLaMA"):
+        convert_llama(str(tmp_path / "gpt2"), tmp_path / "out")
+
+
+def test_missing_or_wrong_files_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        convert_llama(str(tmp_path / "nope.gguf"), tmp_path / "out")
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match="not a .gguf"):
+        convert_llama(str(tmp_path / "weights.bin"), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_default_gguf_conversion_sets_chat_end_token_and_answer_length(default_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    generation = GenerationConfig.from_pretrained(default_model_dir)
+    assert end_of_turn_token(tokenizer) == "<|im_end|>"
+    assert generation.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation.pad_token_id is not None and generation.max_new_tokens >= 128
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
