@@ -164,3 +164,51 @@ def test_pipeline_with_chat_template_equals_generate(default_model_dir):
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert answer["content"] == expected
     assert model.generation_config.max_new_tokens >= 128  # the pipeline default of 20 would cut answers short
+
+
+def test_peft_lora_trains_only_adapters_and_merges_back():
+    from peft import LoraConfig, get_peft_model
+
+    _, hybrid = tiny_pair()
+    ids = torch.randint(3, 97, (2, 10))
+    with torch.no_grad():
+        before = hybrid(ids).logits
+    peft_model = get_peft_model(hybrid, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    torch.testing.assert_close(peft_model(ids).logits, before)  # B = 0 at init: same function
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    peft_model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        adapted = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()
+    assert type(merged) is LlamaHybridForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=0, atol=1e-5)
+    assert not torch.allclose(adapted, before)
+
+
+def test_trainer_runs_and_lowers_the_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    _, hybrid = tiny_pair()
+    rows = torch.randint(3, 20, (16, 12)).tolist()  # a small alphabet: learnable in a few steps
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=True,
+        use_cpu=True,
+    )
+    trainer = Trainer(model=hybrid.train(), args=args, train_dataset=data)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 8 and losses[-1] < losses[0]
