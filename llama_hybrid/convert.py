@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
@@ -120,3 +120,40 @@ def convert_llama(
         tokenizer.save_pretrained(folder)
 
     return save_atomically(output_dir, write, overwrite)
+
+
+def export_llama(model_dir: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """LlamaHybrid folder whose layers are all attention + dense -> a plain LLaMA folder for LLaMA tooling
+    (vLLM, TGI, llama.cpp's `convert_hf_to_gguf.py`). Refuses hybrids, naming the layers that are not LLaMA."""
+    config = LlamaHybridConfig.from_pretrained(model_dir)
+    if not config.is_plain_llama:
+        odd = [
+            f"{i}: {mixer}/{mlp}"
+            for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_layer_types, strict=True))
+            if (mixer, mlp) != ("attention", "dense")
+        ]
+        raise ValueError(
+            "only models whose layers are all 'attention' + 'dense' can be exported to LLaMA; these layers are "
+            f"not: {', '.join(odd)}"
+        )
+    hybrid = LlamaHybridForCausalLM.from_pretrained(model_dir)
+    fields = {k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    fields = {k: v for k, v in fields.items() if k not in _NOT_MODEL_FIELDS}
+    llama = LlamaForCausalLM(LlamaConfig(**fields)).to(hybrid.dtype)
+    llama.load_state_dict(hybrid.state_dict(), strict=True)
+    llama.generation_config = hybrid.generation_config
+    tokenizer = _maybe_tokenizer(model_dir)
+
+    def write(folder: Path) -> None:
+        llama.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    return save_atomically(output_dir, write, overwrite)
+
+
+def _maybe_tokenizer(model_dir):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None

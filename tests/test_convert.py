@@ -85,3 +85,26 @@ def test_default_gguf_conversion_sets_chat_end_token_and_answer_length(default_m
     assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def test_export_llama_round_trip_gives_the_same_logits(llama_folder, tmp_path):
+    hybrid_dir = convert_llama(str(llama_folder), tmp_path / "hybrid")
+    assert main(["export-llama", str(hybrid_dir), str(tmp_path / "back")]) == 0
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
+    hybrid = LlamaHybridForCausalLM.from_pretrained(hybrid_dir, attn_implementation="eager")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "llama"
+    ids = torch.randint(3, 200, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hybrid(ids).logits, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").chat_template is not None
+
+
+def test_export_llama_refuses_a_hybrid(tmp_path):
+    from modeling_llama_hybrid import LlamaHybridConfig
+
+    config = LlamaHybridConfig(**{**TINY_LLAMA, "mixer_types": ["attention", "conv", "attention"]})
+    config.save_pretrained(tmp_path / "hybrid")  # the config alone is enough to be refused
+    from llama_hybrid.convert import export_llama
+
+    with pytest.raises(ValueError, match="1: conv/dense"):
+        export_llama(tmp_path / "hybrid", tmp_path / "out")
