@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     convert.set_defaults(func=_cmd_convert)
 
+    export = sub.add_parser(
+        "export-llama", help="write an all-attention + dense LlamaHybrid model back as a plain LLaMA folder"
+    )
+    export.add_argument("model_dir", help="LlamaHybrid folder")
+    export.add_argument("output_dir")
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    export.set_defaults(func=_cmd_export_llama)
+
     generate = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
     _add_model_args(generate)
     _add_sampling_args(generate)
@@ -81,6 +89,14 @@ def _cmd_convert(args) -> int:
 
     folder = convert_llama(args.source, args.output_dir, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
     print(f"Wrote LlamaHybrid model to {folder}")
+    return 0
+
+
+def _cmd_export_llama(args) -> int:
+    from .convert import export_llama
+
+    folder = export_llama(args.model_dir, args.output_dir, overwrite=args.overwrite)
+    print(f"Wrote LLaMA model to {folder} (loadable with transformers.LlamaForCausalLM and LLaMA tooling)")
     return 0
 
 
