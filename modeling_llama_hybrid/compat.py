@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 # Output field that holds the cache in this transformers version.
@@ -26,3 +27,27 @@ def keep_last_logits(hidden_states, logits_to_keep):
     """`logits_to_keep`: int k keeps the last k positions (0 keeps all); a 1-D tensor selects positions."""
     index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     return hidden_states[:, index, :]
+
+
+class MaskCacheView:
+    """The cache as transformers' mask helpers should see it: with the query offset read *now*.
+
+    transformers 5.24 hands the mask a static cache's `cumulative_length` tensor itself as the query offset; the
+    FlexAttention mask function closes over it and the layers then advance it in place, so at kernel time every
+    decode step's BlockMask is off by the number of new tokens (upstream LlamaForCausalLM with flex + StaticCache
+    decodes wrong logits on 5.24 for this reason). Everything else is delegated unchanged.
+    """
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def get_query_offset(self, *args, **kwargs):
+        offset = self._cache.get_query_offset(*args, **kwargs)
+        return offset.clone() if isinstance(offset, torch.Tensor) else offset
+
+
+def mask_cache_view(cache):
+    return None if cache is None else MaskCacheView(cache)

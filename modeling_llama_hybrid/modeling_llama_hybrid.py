@@ -8,22 +8,32 @@ type lists decide three things only: which mixer (`LlamaHybridDecoderLayer.__ini
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import LlamaHybridAttention
 from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache
 from .configuration_llama_hybrid import LlamaHybridConfig
-from .masks import MASK_KIND, build_masks, create_masks_for_generate
+from .masks import MASK_KIND, build_masks, create_masks_for_generate, default_position_ids
 from .mlp import LlamaHybridMLP
+from .moe import LlamaHybridExperts, LlamaHybridRouter, LlamaHybridSparseMoeBlock, load_balancing_loss, router_z_loss
 from .rotary import LlamaHybridRotaryEmbedding
+from .short_conv import LlamaHybridShortConv
+from .sparse_attention import (
+    LlamaHybridBranchGate,
+    LlamaHybridCompressedSparseAttention,
+    LlamaHybridSparseAttention,
+)
 
 
 class LlamaHybridRMSNorm(nn.Module):
@@ -42,23 +52,25 @@ class LlamaHybridRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
+# Layer attribute that holds each mixer: LLaMA's `self_attn` for attention kinds, LFM2's `conv` for the short conv.
+MIXER_ATTRIBUTE = {"attention": "self_attn", "sparse_attention": "self_attn", "conv": "conv"}
+
+
 def build_mixer(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
     kind = config.mixer_types[layer_idx]
     if kind == "attention":
         return LlamaHybridAttention(config, layer_idx)
-    raise NotImplementedError(
-        f"mixer_types[{layer_idx}]={kind!r} is valid but not implemented in this release; "
-        "use 'attention' (sparse attention and short conv mixers land in the next release)"
-    )
+    if kind == "sparse_attention" and config.global_attention == "compressed":
+        return LlamaHybridCompressedSparseAttention(config, layer_idx)
+    if kind == "sparse_attention":
+        return LlamaHybridSparseAttention(config, layer_idx)
+    return LlamaHybridShortConv(config, layer_idx)
 
 
 def build_ffn(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
-    kind = config.mlp_layer_types[layer_idx]
-    if kind == "dense":
-        return LlamaHybridMLP(config)
-    raise NotImplementedError(
-        f"mlp_layer_types[{layer_idx}]={kind!r} is valid but not implemented in this release; use 'dense'"
-    )
+    if config.mlp_layer_types[layer_idx] == "sparse":
+        return LlamaHybridSparseMoeBlock(config)
+    return LlamaHybridMLP(config)
 
 
 class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
@@ -66,7 +78,8 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
         self.mask_kind = MASK_KIND[self.mixer_type]
-        self.self_attn = build_mixer(config, layer_idx)
+        self.mixer_attribute = MIXER_ATTRIBUTE[self.mixer_type]
+        setattr(self, self.mixer_attribute, build_mixer(config, layer_idx))
         self.mlp = build_ffn(config, layer_idx)
         self.input_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -79,7 +92,8 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         cache=None,
         **kwargs,
     ) -> torch.Tensor:
-        mixed, _ = self.self_attn(
+        mixer = getattr(self, self.mixer_attribute)
+        mixed, _ = mixer(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + mixed
@@ -97,7 +111,30 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": LlamaHybridDecoderLayer, "attentions": LlamaHybridAttention}
+    _can_record_outputs = {
+        "hidden_states": LlamaHybridDecoderLayer,
+        "attentions": LlamaHybridAttention,  # sparse attention subclasses it
+        "router_logits": OutputRecorder(LlamaHybridRouter, index=0),
+    }
+    # Router and sparse-attention gate math stays fp32 even when the model is loaded in fp16/bf16.
+    _keep_in_fp32_modules_strict = ["mlp.gate.weight", "self_attn.branch_gate"]
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers greps the model file for the experts decorator; ours lives in moe.py (one file per mixer).
+        return True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Custom parameters; `init.*` helpers skip tensors loaded from a checkpoint (models are built on meta)."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, LlamaHybridExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, LlamaHybridRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LlamaHybridBranchGate):
+            init.constant_(module.alpha, self.config.sparse_gate_init)
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -146,9 +183,9 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+            position_ids = default_position_ids(self.config, inputs_embeds, cache)
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        masks = self.with_block_rotary(masks, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -162,6 +199,19 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_output(cache))
+
+    def with_block_rotary(self, masks: dict, inputs_embeds: torch.Tensor) -> dict:
+        """Give the compressed block layout the RoPE tables of its keys and summaries (once per forward)."""
+        sparse = masks.get("sparse_attention")
+        if sparse is None or sparse.blocks is None or sparse.blocks.key_rotary is not None:
+            return masks
+        blocks = sparse.blocks
+        blocks = dataclasses.replace(
+            blocks,
+            key_rotary=self.rotary_emb(inputs_embeds, blocks.key_positions.clamp(min=0)),
+            summary_rotary=self.rotary_emb(inputs_embeds, blocks.summary_positions),
+        )
+        return {**masks, "sparse_attention": sparse._replace(blocks=blocks)}
 
 
 class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
@@ -189,10 +239,16 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        has_moe = "sparse" in self.config.mlp_layer_types
+        # The router losses join `loss` whenever labels are given: collect router logits then, even if not requested.
+        collect_router_logits = has_moe and (output_router_logits or labels is not None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -200,19 +256,44 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
             cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=collect_router_logits,
             **kwargs,
         )
         logits = self.lm_head(keep_last_logits(outputs.last_hidden_state, logits_to_keep))
-        loss = None
+        loss = aux_loss = None
+        if collect_router_logits:
+            aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if has_moe:
+                loss = loss + self.router_loss_term(outputs.router_logits, aux_loss, attention_mask, labels, kwargs)
         return MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
             **cache_output(getattr(outputs, CACHE_FIELD)),
         )
+
+    def router_loss_term(self, router_logits, aux_loss, attention_mask, labels, kwargs) -> torch.Tensor:
+        """`aux_coef * balancing + z_coef * z_loss`, weighted by this micro-batch's share of the label tokens.
+
+        Under gradient accumulation Trainer passes `num_items_in_batch` (label tokens of the whole accumulated batch)
+        and does not divide the loss by the number of micro-batches: cross-entropy is then exact, and scaling the
+        per-micro-batch router losses by `own label tokens / num_items_in_batch` makes them a token-weighted mean over
+        micro-batches instead of a sum. The balancing loss is a product of batch means, so this mean of micro-batch
+        losses is close to, not equal to, the loss of the whole batch (the same holds across data-parallel ranks).
+        """
+        term = self.config.router_aux_loss_coef * aux_loss
+        if self.config.router_z_loss_coef:
+            term = term + self.config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None:
+            own_items = (labels[..., 1:] != -100).sum()
+            term = term * own_items.to(term.device) / torch.as_tensor(num_items, device=term.device).clamp(min=1)
+        return term
 
 
 class LlamaHybridForSequenceClassification(GenericForSequenceClassification, LlamaHybridPreTrainedModel):
