@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands owned by other parts of the project (each adds itself to the parser)."""
+    from .hub_upload.cli import add_subcommand as push_cmd
     from .tokenization.cli import add_subcommand as tokenizer_cmd
 
-    return [tokenizer_cmd]
+    return [tokenizer_cmd, push_cmd]
 
 
 def _torch_dtype(name: str):

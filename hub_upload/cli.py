@@ -1,0 +1,71 @@
+"""`llama-hybrid push`: the command-line face of hub_upload (the main CLI calls `add_subcommand`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .folder import DEFAULT_MAX_SHARD_SIZE
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
+    push = subparsers.add_parser(
+        "push",
+        help="build, verify and upload a LlamaHybrid model folder to the Hugging Face Hub",
+        description=(
+            "Build a Hub-ready folder from MODEL_DIR (sharded safetensors, config with auto_map, the modeling code "
+            "for trust_remote_code, tokenizer, generation config, model card), verify it loads and gives the same "
+            "logits in a fresh Python process without llama-hybrid, then upload it with huggingface_hub. "
+            "With --dry-run nothing is sent and no token or network is needed."
+        ),
+    )
+    push.add_argument("model_dir", metavar="MODEL_DIR", help="a LlamaHybrid folder (e.g. from `llama-hybrid convert`)")
+    push.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/my-model")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default="main", metavar="R", help="branch to commit to (created if missing)")
+    push.add_argument("--dry-run", action="store_true", help="build and verify, list what would be sent, send nothing")
+    push.add_argument(
+        "--staging-dir", default=None, metavar="DIR", help="build the folder here and keep it (default: a temp dir)"
+    )
+    push.add_argument("--overwrite", action="store_true", help="replace a non-empty --staging-dir")
+    push.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="S",
+        help=f"largest safetensors shard, e.g. 500MB, 2GB or a byte count (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    push.add_argument(
+        "--token-env",
+        default=None,
+        metavar="NAME",
+        help="environment variable holding the Hub token (default: HF_TOKEN or the `hf auth login` token)",
+    )
+    push.add_argument("--base-model", default=None, metavar="ID", help="Hub id of the model these weights come from")
+    push.add_argument("--license", default=None, metavar="ID", help="license of the weights, e.g. apache-2.0")
+    push.set_defaults(func=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Run `push`; anything the user can fix becomes `error: ...` and exit code 2, not a traceback."""
+    from .publish import HubUploadError, push
+    from .verify import VerificationError
+
+    try:
+        push(
+            args.model_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            dry_run=args.dry_run,
+            staging_dir=args.staging_dir,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            token_env=args.token_env,
+            base_model=args.base_model,
+            license=args.license,
+        )
+    except (HubUploadError, VerificationError, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
