@@ -31,6 +31,53 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 2,5,8, got {text!r}") from err
+
+
+def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "upcycling (function-preserving at step 0; without these the result is plain LLaMA)",
+        "--preset names an upcycle recipe; the explicit options below override its fields. Layer indices refer to "
+        "the source model.",
+    )
+    group.add_argument("--preset", choices=("hybrid", "seed"), default=None, help="upcycle recipe")
+    group.add_argument("--sparse-layers", type=_layer_list, help="source layers whose attention becomes sparse")
+    group.add_argument("--global-attention", choices=("full", "compressed"), help="global branch of sparse layers")
+    group.add_argument("--window", type=int, dest="sliding_window", help="local window of sparse layers")
+    group.add_argument("--compress-block-size", type=int, help="block size of the compressed global branch")
+    group.add_argument("--moe-layers", type=_layer_list, help="source layers whose MLP becomes a Mixture of Experts")
+    group.add_argument("--num-experts", type=int)
+    group.add_argument("--top-k", type=int, dest="num_experts_per_tok", help="experts per token")
+    group.add_argument("--moe-init", choices=("copy", "shared"), help="copies of the MLP, or MLP as shared expert")
+    group.add_argument("--insert-conv-after", type=_layer_list, help="insert an identity conv block after these")
+    group.add_argument("--conv-kernel-size", type=int)
+    group.add_argument("--expert-noise", type=float, help="symmetry breaking: relative noise on expert copies")
+    group.add_argument("--drop-upcycling", type=float, help="symmetry breaking: re-initialised fraction of units")
+    group.add_argument("--seed", type=int)
+
+
+UPCYCLE_FIELDS = (
+    "sparse_layers global_attention sliding_window compress_block_size moe_layers num_experts num_experts_per_tok "
+    "moe_init insert_conv_after conv_kernel_size expert_noise drop_upcycling seed"
+).split()
+
+
+def _recipe_from_args(args, num_layers_of):
+    """None for a plain conversion; else the named recipe (or an empty one) with explicit options applied."""
+    overrides = {name: getattr(args, name) for name in UPCYCLE_FIELDS if getattr(args, name, None) is not None}
+    if args.preset is None and not overrides:
+        return None
+    from .upcycle import UpcycleRecipe, recipe_for
+
+    if args.preset is None:
+        return UpcycleRecipe(**overrides)
+    return recipe_for(args.preset, num_layers_of(), **overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-hybrid",
@@ -43,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output_dir")
     convert.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    _add_upcycle_args(convert)
     convert.set_defaults(func=_cmd_convert)
 
     export = sub.add_parser(
@@ -66,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_cmd_chat)
 
+    from .demo import add_subcommand as demo_cmd
+
+    demo_cmd(sub)
     for extension in _extensions():
         extension(sub)
     return parser
@@ -88,7 +139,17 @@ def _torch_dtype(name: str):
 def _cmd_convert(args) -> int:
     from .convert import convert_llama
 
-    folder = convert_llama(args.source, args.output_dir, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite)
+    def num_source_layers() -> int:
+        from transformers import AutoConfig
+
+        from .convert import source_location
+
+        location, kwargs = source_location(args.source)
+        return AutoConfig.from_pretrained(location, **kwargs).num_hidden_layers
+
+    recipe = _recipe_from_args(args, num_source_layers)
+    dtype = _torch_dtype(args.dtype)
+    folder = convert_llama(args.source, args.output_dir, dtype=dtype, overwrite=args.overwrite, recipe=recipe)
     print(f"Wrote LlamaHybrid model to {folder}")
     return 0
 

@@ -16,7 +16,17 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfi
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 # Keys of a saved config that describe the file, not the model.
-_NOT_MODEL_FIELDS = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype"}
+# `quantization_config` too: a GGUF source is dequantised on load, so the saved weights are plain tensors.
+_NOT_MODEL_FIELDS = {
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "_model_name_or_path",
+    "auto_map",
+    "dtype",
+    "quantization_config",
+}
 # The pipeline's default of 20 new tokens cuts chat answers short.
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -108,11 +118,28 @@ def save_atomically(output_dir: str | Path, write, overwrite: bool = False) -> P
 
 
 def convert_llama(
-    source: str, output_dir: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+    source: str,
+    output_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    recipe=None,
+    report: bool = True,
 ) -> Path:
-    """Write a LlamaHybrid folder (safetensors, config, tokenizer + chat template, generation config)."""
-    llama, tokenizer, generation = load_llama(source, dtype)
-    hybrid = llama_to_hybrid(llama)
+    """Write a LlamaHybrid folder (safetensors, config, tokenizer + chat template, generation config).
+
+    With an `upcycle.UpcycleRecipe` the model is upcycled into a hybrid (function-preserving at step 0) and, unless
+    `report=False`, a table of its layers, parameters and measured deviation from the source is printed.
+    """
+    llama, tokenizer, generation = load_llama(source, None if recipe is not None else dtype)
+    if recipe is None:
+        hybrid = llama_to_hybrid(llama)
+    else:
+        from .upcycle import describe, measure_deviation, plan_layers, upcycle
+
+        hybrid = upcycle(llama, recipe)
+        deviation = measure_deviation(llama, hybrid, tokenizer, recipe.sliding_window) if report else None
+        print(describe(hybrid, plan_layers(llama.config.num_hidden_layers, recipe), deviation))
+        hybrid = hybrid.to(dtype or llama.dtype)  # measured in fp32, saved in the requested dtype
     hybrid.generation_config = generation
 
     def write(folder: Path) -> None:

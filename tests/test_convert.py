@@ -108,3 +108,9 @@ def test_export_llama_refuses_a_hybrid(tmp_path):
 
     with pytest.raises(ValueError, match="1: conv/dense"):
         export_llama(tmp_path / "hybrid", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_default_model_config_carries_no_gguf_leftovers(default_model_dir):
+    saved = json.loads((default_model_dir / "config.json").read_text())
+    assert "quantization_config" not in saved and "_model_name_or_path" not in saved

@@ -1,0 +1,306 @@
+"""Upcycle a LLaMA checkpoint into a LlamaHybrid without losing what it knows (function-preserving at step 0).
+
+What each conversion does to the source model (DESIGN §5):
+
+- attention -> sparse attention: the same q/k/v/o weights. With a `"full"` global branch the gate starts fully
+  global (`alpha = 0`, so `g = 1` exactly): the layer *is* the source attention at any length. With a
+  `"compressed"` global branch the gate starts fully local (`alpha = 1`, gate bias +12, so `g = 6e-6`): the layer
+  equals the source attention only while the context fits in the window; beyond it the deviation is measured and
+  reported. In both cases the gate still learns: d g / d alpha = -sigmoid(.) is not small.
+- dense MLP -> MoE, `moe_init="copy"` (sparse upcycling): every expert is a copy of the dense MLP, top-k weights
+  renormalised to sum to 1 (`norm_topk_prob=True`) and a small random router, so the mixture equals the MLP.
+  `moe_init="shared"`: the dense MLP becomes the shared expert and routed experts start with zero `down_proj`.
+- conv blocks are *inserted* as new layers whose `conv.out_proj` and `mlp.down_proj` are zero, so each new block is
+  the identity at step 0 (LLaMA-Pro block expansion). Replacing attention by a conv would lose the source's function.
+
+Identical expert copies specialise slowly; `expert_noise` (multiplicative Gaussian noise on each copy) and
+`drop_upcycling` (re-initialise a random fraction of each expert's intermediate units) break the symmetry at the
+price of exactness; both are off by default.
+
+Upcycle recipes (`--preset`) are not the config presets of the same name (`LlamaHybridConfig.from_preset`): a config
+preset lays out a *new* model (e.g. `hybrid` = short conv in most layers), whereas an upcycle recipe keeps every
+source layer (turning some attention into sparse attention and some MLPs into MoE) and *inserts* conv blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+
+from .convert import hybrid_config_from_llama
+
+GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
+ROUTER_STD = 0.01
+
+
+@dataclass
+class UpcycleRecipe:
+    """Which source layers change and how. Layer indices refer to the *source* model."""
+
+    sparse_layers: list[int] = field(default_factory=list)
+    global_attention: str = "full"
+    sliding_window: int = 128
+    compress_block_size: int = 32
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_init: str = "copy"
+    insert_conv_after: list[int] = field(default_factory=list)
+    conv_kernel_size: int = 4
+    expert_noise: float = 0.0
+    drop_upcycling: float = 0.0
+    seed: int = 0
+
+    def check(self, num_source_layers: int) -> None:
+        for name in ("sparse_layers", "moe_layers", "insert_conv_after"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < num_source_layers]
+            if bad:
+                raise ValueError(f"{name} has {bad}: the source has layers 0..{num_source_layers - 1}")
+        if self.moe_init not in ("copy", "shared"):
+            raise ValueError(f"moe_init={self.moe_init!r}; choose 'copy' or 'shared'")
+        if not 0 <= self.drop_upcycling < 1:
+            raise ValueError(f"drop_upcycling={self.drop_upcycling} must be in [0, 1)")
+        if self.expert_noise < 0:
+            raise ValueError(f"expert_noise={self.expert_noise} must be >= 0")
+
+    @property
+    def exact(self) -> bool:
+        return self.expert_noise == 0 and self.drop_upcycling == 0
+
+
+def recipe_for(preset: str, num_layers: int, **overrides) -> UpcycleRecipe:
+    """Named upcycle recipes over a source of `num_layers` layers; `overrides` replace any field.
+
+    - `hybrid`: every third layer's attention becomes sparse attention with a compressed global branch (the form
+      that saves compute at long context), the upper half's MLPs become 8-expert top-2 MoE, and a conv block is
+      inserted after every fourth layer: all three mixer kinds and MoE.
+    - `seed`: the article's stage order over four quarters: attention kept; sparse attention (full global);
+      conv blocks inserted after each layer of the third quarter; MoE in the last quarter.
+    """
+    if preset == "hybrid":
+        recipe = UpcycleRecipe(
+            sparse_layers=[i for i in range(num_layers) if i % 3 == 2],
+            global_attention="compressed",
+            moe_layers=list(range(num_layers // 2, num_layers)),
+            insert_conv_after=[i for i in range(num_layers) if i % 4 == 3],
+        )
+    elif preset == "seed":
+        quarter = [min(4 * i // num_layers, 3) for i in range(num_layers)]
+        recipe = UpcycleRecipe(
+            sparse_layers=[i for i, q in enumerate(quarter) if q == 1],
+            global_attention="full",
+            insert_conv_after=[i for i, q in enumerate(quarter) if q == 2],
+            moe_layers=[i for i, q in enumerate(quarter) if q == 3],
+        )
+    else:
+        raise ValueError(f"upcycle preset must be 'hybrid' or 'seed', got {preset!r}")
+    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    source: int | None  # source layer copied into this one; None = an inserted conv block
+    mixer: str
+    mlp: str
+
+
+def plan_layers(num_source_layers: int, recipe: UpcycleRecipe) -> list[TargetLayer]:
+    plan = []
+    for i in range(num_source_layers):
+        mixer = "sparse_attention" if i in recipe.sparse_layers else "attention"
+        plan.append(TargetLayer(i, mixer, "sparse" if i in recipe.moe_layers else "dense"))
+        if i in recipe.insert_conv_after:
+            plan.append(TargetLayer(None, "conv", "dense"))
+    return plan
+
+
+def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridConfig, list[TargetLayer]]:
+    recipe.check(llama_config.num_hidden_layers)
+    if recipe.moe_layers and getattr(llama_config, "mlp_bias", False):
+        raise ValueError("the source MLPs have biases; fused experts have none, so MoE upcycling would not be exact")
+    plan = plan_layers(llama_config.num_hidden_layers, recipe)
+    base = hybrid_config_from_llama(llama_config).to_dict()
+    for key in ("model_type", "transformers_version", "layer_types", "mixer_types", "mlp_layer_types"):
+        base.pop(key, None)
+    base.update(
+        num_hidden_layers=len(plan),
+        mixer_types=[t.mixer for t in plan],
+        mlp_layer_types=[t.mlp for t in plan],
+        sliding_window=recipe.sliding_window,
+        global_attention=recipe.global_attention,
+        compress_block_size=recipe.compress_block_size,
+        sparse_gate_init=0.0 if recipe.global_attention == "full" else 1.0,
+        conv_kernel_size=recipe.conv_kernel_size,
+        num_experts=recipe.num_experts,
+        num_experts_per_tok=recipe.num_experts_per_tok,
+        moe_intermediate_size=llama_config.intermediate_size,
+        num_shared_experts=1 if recipe.moe_init == "shared" else 0,
+        norm_topk_prob=True,
+    )
+    return LlamaHybridConfig(**base), plan
+
+
+@torch.no_grad()
+def upcycle(llama: nn.Module, recipe: UpcycleRecipe) -> LlamaHybridForCausalLM:
+    """The hybrid whose step-0 function equals `llama`'s (exactly, up to the documented gate saturation)."""
+    config, plan = upcycled_config(llama.config, recipe)
+    torch.manual_seed(recipe.seed)
+    hybrid = LlamaHybridForCausalLM(config).to(llama.dtype).eval()
+    source, target = llama.model, hybrid.model
+    target.embed_tokens.weight.copy_(source.embed_tokens.weight)
+    target.norm.weight.copy_(source.norm.weight)
+    if not config.tie_word_embeddings:
+        hybrid.lm_head.weight.copy_(llama.lm_head.weight)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    for layer, spec in zip(target.layers, plan, strict=True):
+        if spec.source is None:
+            _init_inserted_conv_block(layer)
+            continue
+        src = source.layers[spec.source]
+        layer.input_layernorm.load_state_dict(src.input_layernorm.state_dict())
+        layer.post_attention_layernorm.load_state_dict(src.post_attention_layernorm.state_dict())
+        missing, unexpected = layer.self_attn.load_state_dict(src.self_attn.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("branch_gate.") for key in missing):
+            raise RuntimeError(f"layer {spec.source}: attention weights do not line up ({missing=}, {unexpected=})")
+        if spec.mixer == "sparse_attention":
+            _init_gate(layer.self_attn.branch_gate, config.global_attention)
+        if spec.mlp == "sparse":
+            _init_experts_from_dense(layer.mlp, src.mlp, recipe, generator)
+        else:
+            layer.mlp.load_state_dict(src.mlp.state_dict())
+    return hybrid
+
+
+def _init_gate(gate: nn.Module, global_attention: str) -> None:
+    """`g = 1 - alpha * sigmoid(W x + b)`: alpha 0 gives g = 1 (global); alpha 1, W 0, b +12 gives g ~ 6e-6 (local)."""
+    nn.init.zeros_(gate.weight)
+    if global_attention == "full":
+        nn.init.zeros_(gate.bias)
+        nn.init.zeros_(gate.alpha)
+    else:
+        nn.init.constant_(gate.bias, GATE_SATURATION)
+        nn.init.ones_(gate.alpha)
+
+
+def _init_experts_from_dense(moe: nn.Module, dense: nn.Module, recipe: UpcycleRecipe, generator) -> None:
+    gate_up_2IH = torch.cat([dense.gate_proj.weight, dense.up_proj.weight], dim=0)  # rows: gate first, then up
+    down_HI = dense.down_proj.weight
+    experts = moe.experts
+    nn.init.normal_(moe.gate.weight, std=ROUTER_STD, generator=generator)
+    if recipe.moe_init == "shared":
+        moe.shared_experts.load_state_dict(dense.state_dict())
+        nn.init.zeros_(experts.down_proj)  # routed experts add nothing until trained
+        return
+    experts.gate_up_proj.copy_(gate_up_2IH.expand_as(experts.gate_up_proj))
+    experts.down_proj.copy_(down_HI.expand_as(experts.down_proj))
+    if recipe.expert_noise > 0:
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.mul_(1 + recipe.expert_noise * torch.randn(weight.shape, generator=generator).to(weight))
+    if recipe.drop_upcycling > 0:
+        _drop_upcycle(experts, recipe.drop_upcycling, generator)
+
+
+def _drop_upcycle(experts: nn.Module, ratio: float, generator) -> None:
+    """Drop-Upcycling: per expert, re-initialise a random `ratio` of intermediate units (their gate/up rows and
+    down columns) with the statistics of the copied weights, so experts differ from the first step."""
+    num_experts, two_width, _ = experts.gate_up_proj.shape
+    width = two_width // 2
+    count = int(round(ratio * width))
+    for e in range(num_experts):
+        units = torch.randperm(width, generator=generator)[:count]
+        for rows in (units, units + width):  # gate rows, then the matching up rows
+            block = experts.gate_up_proj[e, rows]
+            experts.gate_up_proj[e, rows] = _like(block, experts.gate_up_proj[e], generator)
+        block = experts.down_proj[e, :, units]
+        experts.down_proj[e, :, units] = _like(block, experts.down_proj[e], generator)
+
+
+def _like(block: torch.Tensor, reference: torch.Tensor, generator) -> torch.Tensor:
+    noise = torch.randn(block.shape, generator=generator).to(block)
+    return reference.mean() + reference.std() * noise
+
+
+def _init_inserted_conv_block(layer: nn.Module) -> None:
+    """An identity block: zero the two output projections, so both residual branches add exactly zero."""
+    nn.init.zeros_(layer.conv.out_proj.weight)
+    nn.init.zeros_(layer.mlp.down_proj.weight)
+    for proj in (layer.conv.out_proj, layer.mlp.down_proj):
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+
+
+def parameter_counts(model: LlamaHybridForCausalLM) -> tuple[int, int]:
+    """(total, active per token): routed experts count only `num_experts_per_tok` of `num_experts`."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // config.num_experts
+            inactive += per_expert * (config.num_experts - config.num_experts_per_tok)
+    return total, total - inactive
+
+
+@dataclass
+class DeviationReport:
+    within_window: float  # max |Δlogit| over prompts that fit in the sparse window
+    beyond_window: float  # same for a prompt several windows long
+    within_tokens: int
+    beyond_tokens: int
+
+
+def held_out_prose(characters: int = 20000) -> str:
+    """Real English technical prose that ships with CPython (pydoc's topic help)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[:characters]
+
+
+@torch.no_grad()
+def measure_deviation(source: nn.Module, hybrid: nn.Module, tokenizer, window: int) -> DeviationReport:
+    """max |Δlogit| (fp32) of `hybrid` vs `source` on real prompts inside the window and one past it."""
+    text = held_out_prose()
+    within = [
+        "The capital of France is",
+        "def add(a, b):\n    return",
+        text[:300],
+        "LLaMA原理与代码实例讲解：稀疏Transformer与混合专家",
+    ]
+    worst_within, within_tokens = 0.0, 0
+    for prompt in within:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids[:, :window]
+        worst_within = max(worst_within, _max_delta(source, hybrid, ids))
+        within_tokens = max(within_tokens, ids.shape[1])
+    long_ids = tokenizer(text, return_tensors="pt").input_ids[:, : 4 * window]
+    return DeviationReport(worst_within, _max_delta(source, hybrid, long_ids), within_tokens, long_ids.shape[1])
+
+
+def _max_delta(source: nn.Module, hybrid: nn.Module, ids: torch.Tensor) -> float:
+    ids = ids.to(hybrid.device)
+    return (hybrid(ids).logits.float() - source(ids).logits.float()).abs().max().item()
+
+
+def describe(hybrid: LlamaHybridForCausalLM, plan: list[TargetLayer], report: DeviationReport | None) -> str:
+    """The converter's table: every layer with its kinds and origin, parameters, measured deviation."""
+    config = hybrid.config
+    lines = [f"{'layer':>5}  {'mixer':<17}{'ffn':<8}origin"]
+    for i, spec in enumerate(plan):
+        ffn = f"moe{config.num_experts}/top{config.num_experts_per_tok}" if spec.mlp == "sparse" else "dense"
+        origin = "inserted (identity at init)" if spec.source is None else f"source layer {spec.source}"
+        mixer = spec.mixer if spec.mixer != "sparse_attention" else f"sparse/{config.global_attention}"
+        lines.append(f"{i:>5}  {mixer:<17}{ffn:<8}{origin}")
+    total, active = parameter_counts(hybrid)
+    lines.append(f"parameters: {total / 1e6:.1f}M total, {active / 1e6:.1f}M active per token")
+    if report is not None:
+        lines.append(
+            f"max |Δlogit| vs source (fp32): {report.within_window:.2e} within the window "
+            f"(prompts <= {report.within_tokens} tokens, window {config.sliding_window}); "
+            f"{report.beyond_window:.2e} beyond it ({report.beyond_tokens} tokens)"
+        )
+    return "\n".join(lines)

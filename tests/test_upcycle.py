@@ -1,0 +1,156 @@
+"""Upcycling a LLaMA into a hybrid is function-preserving at step 0, and the hybrid then trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_pair
+
+from llama_hybrid.cli import main
+from llama_hybrid.upcycle import UpcycleRecipe, parameter_counts, plan_layers, recipe_for, upcycle
+
+WINDOW, BLOCK = 16, 4
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_pair(seed=2, attn="eager", num_hidden_layers=8)[0]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids(length, seed=0):
+    return torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hybrid_recipe_has_every_kind_and_is_exact_within_the_window(llama):
+    recipe = recipe_for("hybrid", 8, sliding_window=WINDOW, compress_block_size=BLOCK)
+    hybrid = upcycle(llama, recipe)
+    assert set(hybrid.config.mixer_types) == {"attention", "sparse_attention", "conv"}
+    assert "sparse" in hybrid.config.mlp_layer_types
+    assert hybrid.config.num_hidden_layers == 8 + len(recipe.insert_conv_after)
+    ids = _ids(WINDOW)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
+    beyond = (_logits(hybrid, _ids(4 * WINDOW)) - _logits(llama, _ids(4 * WINDOW))).abs().max()
+    assert beyond > 1e-3  # compressed global != full attention past the window: reported, not hidden
+
+
+@pytest.mark.parametrize("moe_init", ["copy", "shared"])
+def test_full_global_recipe_is_exact_at_any_length(llama, moe_init):
+    recipe = recipe_for("seed", 8, sliding_window=WINDOW, moe_init=moe_init)
+    hybrid = upcycle(llama, recipe)
+    assert hybrid.config.global_attention == "full"
+    ids = _ids(5 * WINDOW, seed=1)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-5)
+
+
+def test_inserted_conv_blocks_are_identity_layers(llama):
+    recipe = UpcycleRecipe(insert_conv_after=[1, 5])
+    hybrid = upcycle(llama, recipe)
+    ids = _ids(12)
+    with torch.no_grad():
+        ours = hybrid(ids, output_hidden_states=True).hidden_states
+        theirs = llama(ids, output_hidden_states=True).hidden_states
+    plan = plan_layers(8, recipe)
+    inserted = [i for i, spec in enumerate(plan) if spec.source is None]
+    assert inserted == [2, 7]
+    for i in inserted:  # hidden state after an inserted block == the one before it
+        torch.testing.assert_close(ours[i + 1], ours[i], rtol=0, atol=0)
+    for i, spec in enumerate(plan):  # and every copied layer reproduces its source layer's output
+        if spec.source is not None:
+            torch.testing.assert_close(ours[i + 1], theirs[spec.source + 1], rtol=0, atol=1e-5)
+
+
+def test_gates_and_experts_still_learn_from_an_exact_start(llama):
+    hybrid = upcycle(llama, recipe_for("hybrid", 8, sliding_window=WINDOW, compress_block_size=BLOCK)).train()
+    ids = _ids(3 * WINDOW)
+    hybrid(ids, labels=ids).loss.backward()
+    layer = next(layer for layer in hybrid.model.layers if layer.mixer_type == "sparse_attention")
+    assert layer.self_attn.branch_gate.alpha.grad.abs().sum() > 0  # alpha is the gate's live handle
+    moe = next(layer.mlp for layer in hybrid.model.layers if hasattr(layer.mlp, "experts"))
+    assert moe.gate.weight.grad.abs().sum() > 0
+    conv = next(layer for layer in hybrid.model.layers if layer.mixer_type == "conv")
+    assert conv.conv.out_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("option", [{"expert_noise": 0.05}, {"drop_upcycling": 0.25}])
+def test_symmetry_breaking_makes_experts_differ(llama, option):
+    recipe = UpcycleRecipe(moe_layers=[3], num_experts=4, **option)
+    assert not recipe.exact
+    experts = upcycle(llama, recipe).model.layers[3].mlp.experts
+    assert not torch.equal(experts.gate_up_proj[0], experts.gate_up_proj[1])
+    exact = upcycle(llama, UpcycleRecipe(moe_layers=[3], num_experts=4)).model.layers[3].mlp.experts
+    assert torch.equal(exact.gate_up_proj[0], exact.gate_up_proj[1])
+
+
+def test_parameter_counts_separate_total_and_active(llama):
+    recipe = UpcycleRecipe(moe_layers=[0, 1], num_experts=4, num_experts_per_tok=1)
+    hybrid = upcycle(llama, recipe)
+    total, active = parameter_counts(hybrid)
+    per_expert = 3 * llama.config.hidden_size * llama.config.intermediate_size
+    assert total - active == 2 * 3 * per_expert
+    assert total == sum(p.numel() for p in hybrid.parameters())
+
+
+def test_bad_recipe_is_refused(llama):
+    with pytest.raises(ValueError, match=r"moe_layers has \[9\]"):
+        upcycle(llama, UpcycleRecipe(moe_layers=[9]))
+    with pytest.raises(ValueError, match="moe_init"):
+        upcycle(llama, UpcycleRecipe(moe_layers=[1], moe_init="split"))
+
+
+def test_upcycled_tiny_model_trains(llama):
+    hybrid = upcycle(llama, recipe_for("hybrid", 8, sliding_window=WINDOW, compress_block_size=BLOCK)).train()
+    ids = torch.randint(3, 12, (4, 3 * WINDOW), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW(hybrid.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = hybrid(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_cli_convert_with_preset_prints_table_and_saves(tmp_path, capsys):
+    from llama_hybrid.tokenization import save_tokenizer, train_tokenizer_from_iterator
+
+    tokenizer = train_tokenizer_from_iterator(["the quick brown fox jumps over the lazy dog " * 10] * 30, 300)
+    source = tmp_path / "llama"
+    tiny_pair(num_hidden_layers=8, vocab_size=len(tokenizer))[0].save_pretrained(source)
+    save_tokenizer(tokenizer, source)
+    args = ["convert", str(source), str(tmp_path / "out"), "--preset", "hybrid", "--window", "16"]
+    assert main([*args, "--compress-block-size", "4", "--num-experts", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "inserted (identity at init)" in out and "moe4/top2" in out and "within the window" in out
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert loaded.config.num_experts == 4 and "conv" in loaded.config.mixer_types
+
+
+@pytest.mark.slow
+def test_real_smollm2_upcycled_hybrid_matches_within_the_window(smollm2_llama, default_model_dir):
+    from transformers import AutoTokenizer
+
+    from llama_hybrid.upcycle import measure_deviation
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    smollm2_llama.set_attn_implementation("sdpa")
+    recipe = recipe_for("hybrid", smollm2_llama.config.num_hidden_layers)
+    hybrid = upcycle(smollm2_llama, recipe)
+    assert set(hybrid.config.mixer_types) == {"attention", "sparse_attention", "conv"}
+    report = measure_deviation(smollm2_llama, hybrid, tokenizer, recipe.sliding_window)
+    print(f"SmolLM2 upcycled: within {report.within_window:.2e}, beyond {report.beyond_window:.2e}")
+    assert report.within_window <= 1e-3
+    for question in ["What is the capital of France?", "Write a haiku about the sea."]:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        assert ids["input_ids"].shape[1] + 64 <= recipe.sliding_window  # the whole answer stays in the window
+        settings = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(hybrid.generate(**ids, **settings), smollm2_llama.generate(**ids, **settings))
