@@ -1,0 +1,138 @@
+"""The main job on the embedded default model (SmolLM2-135M-Instruct):
+
+1. upcycle it into a hybrid (sparse attention + inserted conv blocks + MoE) and print the layer table;
+2. show that both models give the same greedy chat answers (step 0 is function-preserving);
+3. fine-tune the hybrid briefly with transformers' Trainer on CPython's pydoc text (progress bar);
+4. report held-out perplexity of the source, the upcycled model at step 0, and after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+QUESTIONS = ["What is the capital of France?", "Give me one tip for writing readable Python code."]
+
+
+def add_subcommand(subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="the main job: upcycle the default model, compare, fine-tune, evaluate")
+    demo.add_argument("--preset", choices=("hybrid", "seed"), default="hybrid", help="upcycle recipe")
+    demo.add_argument("--steps", type=int, default=30, help="fine-tuning steps")
+    demo.add_argument("--seq-len", type=int, default=256, help="training / evaluation sequence length")
+    demo.add_argument("--learning-rate", type=float, default=5e-5)
+    demo.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored for perplexity")
+    demo.add_argument("--answer-tokens", type=int, default=64, help="greedy tokens per chat answer")
+    demo.add_argument("--output", default=None, help="save the fine-tuned hybrid here (default: not saved)")
+    demo.add_argument("--json", action="store_true", help="print the results as one JSON object at the end")
+    demo.set_defaults(func=run_demo)
+
+
+def pydoc_split(tokenizer, seq_len: int) -> tuple[list[list[int]], list[str]]:
+    """(training blocks of `seq_len` token ids, held-out texts): split by topic so no text is in both."""
+    from pydoc_data.topics import topics
+
+    from .tokenization.compare import split_topics
+
+    train_keys, heldout_keys = split_topics(topics)
+    stream = tokenizer("\n\n".join(topics[k] for k in train_keys))["input_ids"]
+    blocks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return blocks, [topics[k] for k in heldout_keys]
+
+
+def perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> float:
+    from .training.evaluation import evaluate_perplexity
+
+    stream = tokenizer("\n\n".join(texts))["input_ids"][:max_tokens]
+    text = tokenizer.decode(stream)
+    return evaluate_perplexity(model, tokenizer, [text], max_length=seq_len, batch_size=4).perplexity
+
+
+def greedy_answer(model, tokenizer, question: str, tokens: int) -> str:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def fine_tune(model, blocks: list[list[int]], args) -> list[float]:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    data = Dataset.from_dict({"input_ids": blocks, "labels": blocks}).shuffle(seed=0)
+    with tempfile.TemporaryDirectory() as scratch:
+        training = TrainingArguments(
+            output_dir=scratch,
+            max_steps=args.steps,
+            per_device_train_batch_size=1,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(5, args.steps // 5),
+            logging_steps=max(1, args.steps // 10),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=False,
+        )
+        trainer = Trainer(model=model, args=training, train_dataset=data)
+        trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .convert import load_llama
+    from .default_model import default_gguf_path
+    from .upcycle import describe, measure_deviation, plan_layers, recipe_for, upcycle
+
+    print("== 1. upcycle the default model (SmolLM2-135M-Instruct, dequantised Q4_1) ==", flush=True)
+    source, tokenizer, generation = load_llama(str(default_gguf_path()))
+    recipe = recipe_for(args.preset, source.config.num_hidden_layers)
+    hybrid = upcycle(source, recipe)
+    hybrid.generation_config = generation
+    deviation = measure_deviation(source, hybrid, tokenizer, recipe.sliding_window)
+    print(describe(hybrid, plan_layers(source.config.num_hidden_layers, recipe), deviation), flush=True)
+
+    print(f"\n== 2. greedy chat answers ({args.answer_tokens} tokens), source vs upcycled ==", flush=True)
+    same = []
+    for question in QUESTIONS:
+        theirs = greedy_answer(source, tokenizer, question, args.answer_tokens)
+        ours = greedy_answer(hybrid, tokenizer, question, args.answer_tokens)
+        same.append(theirs == ours)
+        print(f"Q: {question}\nsource : {theirs!r}\nhybrid : {ours!r}\nidentical: {theirs == ours}\n", flush=True)
+
+    print(f"== 3. fine-tune the hybrid: {args.steps} steps of {args.seq_len} tokens of pydoc text ==", flush=True)
+    blocks, heldout = pydoc_split(tokenizer, args.seq_len)
+    ppl_source = perplexity(source, tokenizer, heldout, args.seq_len, args.eval_tokens)
+    ppl_before = perplexity(hybrid, tokenizer, heldout, args.seq_len, args.eval_tokens)
+    del source
+    losses = fine_tune(hybrid.train(), blocks, args)
+    ppl_after = perplexity(hybrid, tokenizer, heldout, args.seq_len, args.eval_tokens)
+
+    print(
+        f"\n== 4. held-out perplexity ({args.eval_tokens} tokens of unseen pydoc topics, windows of {args.seq_len}) =="
+    )
+    print(f"{'model':<34}{'perplexity':>12}")
+    print(f"{'source LLaMA':<34}{ppl_source:>12.2f}")
+    print(f"{'upcycled hybrid, step 0':<34}{ppl_before:>12.2f}")
+    print(f"{f'upcycled hybrid, {args.steps} steps':<34}{ppl_after:>12.2f}")
+    if args.output:
+        hybrid.save_pretrained(args.output)
+        tokenizer.save_pretrained(args.output)
+        print(f"saved the fine-tuned hybrid to {Path(args.output)}")
+    if args.json:
+        result = {
+            "max_abs_dlogit_within_window": deviation.within_window,
+            "max_abs_dlogit_beyond_window": deviation.beyond_window,
+            "answers_identical": all(same),
+            "perplexity_source": ppl_source,
+            "perplexity_step0": ppl_before,
+            "perplexity_finetuned": ppl_after,
+            "train_losses": losses,
+        }
+        print(json.dumps(result))
+    return 0
