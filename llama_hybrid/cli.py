@@ -126,8 +126,9 @@ def _extensions():
     """Subcommands owned by other parts of the project (each adds itself to the parser)."""
     from .hub_upload.cli import add_subcommand as push_cmd
     from .tokenization.cli import add_subcommand as tokenizer_cmd
+    from .training.cli import add_subcommand as training_cmds
 
-    return [tokenizer_cmd, push_cmd]
+    return [tokenizer_cmd, push_cmd, training_cmds]
 
 
 def _torch_dtype(name: str):
