@@ -18,18 +18,19 @@ from .io import write_json, write_jsonl
 
 SIZES = {
     # name: documents, pretrain steps, steps per self-train round, sft steps, model flags
-    "demo": dict(docs=None, pretrain_steps=300, round_steps=40, sft_steps=40, prompts=48, hidden=96, layers=6),
-    "tiny": dict(docs=40, pretrain_steps=6, round_steps=2, sft_steps=2, prompts=4, hidden=32, layers=3),
+    "demo": dict(
+        docs=None, chars=None, pretrain_steps=200, round_steps=30, sft_steps=30, prompts=32, hidden=96, layers=6
+    ),
+    "tiny": dict(docs=40, chars=600, pretrain_steps=6, round_steps=2, sft_steps=2, prompts=4, hidden=32, layers=3),
+    "test": dict(docs=14, chars=300, pretrain_steps=2, round_steps=1, sft_steps=1, prompts=2, hidden=32, layers=2),
 }
 
 
-def build_raw_corpus(out: Path, max_docs: int | None) -> Path:
+def build_raw_corpus(out: Path, max_docs: int | None, max_chars: int | None = None) -> Path:
     """pydoc topics as documents, plus the kinds of bad data cleaning must catch (so its report has something to say)."""
     from pydoc_data.topics import topics
 
-    texts = [topics[key] for key in sorted(topics)][:max_docs]
-    if max_docs is not None:  # the quick size: short documents too
-        texts = [text[:600] for text in texts]
+    texts = [topics[key][:max_chars] for key in sorted(topics)][:max_docs]
     noisy = list(texts)
     noisy += texts[:3]  # exact duplicates
     noisy += [texts[3].replace("the", "a", 1) + " "]  # a near duplicate
@@ -69,7 +70,7 @@ def run_pipeline(output: str | Path, size: str = "demo", preset: str = "hybrid")
     began = time.perf_counter()
     quiet = ["--disable_tqdm", "true", "--logging_steps", "10" if size == "demo" else "1"]
 
-    raw = build_raw_corpus(out, cfg["docs"])
+    raw = build_raw_corpus(out, cfg["docs"], cfg["chars"])
     command = ["clean", "--input", str(raw), "--output_dir", str(out / "clean"), "--overwrite_output_dir", "true"]
     _stage("1. clean", command)
     (clean_args,) = parse_stage_args("clean", [clean.CleanArguments], command[1:])
@@ -104,7 +105,6 @@ def run_pipeline(output: str | Path, size: str = "demo", preset: str = "hybrid")
     rounds = self_train.run_self_train(
         *parse_stage_args("self-train", self_train_main_types(), command[1:], TRAINING_DEFAULTS)
     )
-    print(self_train.format_rounds_table(rounds))
 
     sample = out / "data" / "augment_sample.jsonl"
     write_jsonl(sample, [{"text": t[:300]} for t in kept[heldout_count : heldout_count + 4]])

@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parse_stage_args(
         "self-train", [ModelArguments, DataArguments, SelfTrainArguments, TrainingArguments], argv, TRAINING_DEFAULTS
     )
-    rows = run_self_train(*parsed)
-    print(format_rounds_table(rows))
+    run_self_train(*parsed)  # prints the table after every round
     return 0
 
 
