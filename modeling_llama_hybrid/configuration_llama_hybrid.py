@@ -118,7 +118,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     config_format_version: int | None = None  # None: not in the file (format 0) or a fresh config
 
     def __post_init__(self, **kwargs):
-        _migrate(self, kwargs)
+        _migrate(self)
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -178,12 +178,13 @@ def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
     return mixers, mlps
 
 
-def _migrate(config: LlamaHybridConfig, kwargs: dict) -> None:
+def _migrate(config: LlamaHybridConfig) -> None:
     """Bring a config saved by an older format version up to CONFIG_FORMAT_VERSION (in place).
 
-    Format 0 is a `config.json` written before the version field existed: a LLaMA config with
-    `model_type="llama_hybrid"`, possibly with a `hybrid_layer_types` list naming mixers. Its legacy
-    `rope_theta` / `rope_scaling` keys are folded into `rope_parameters` by transformers itself.
+    Format 0 is a `config.json` without the version field, e.g. a LLaMA `config.json` whose `model_type` was
+    switched to `"llama_hybrid"` by hand: no layer lists (they default to plain LLaMA) and possibly legacy
+    `rope_theta` / `rope_scaling` keys, which transformers folds into `rope_parameters`. Nothing to rewrite yet;
+    a format 2 would add its steps here, keyed by the version it upgrades from.
     """
     version = config.config_format_version or 0
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
@@ -193,10 +194,6 @@ def _migrate(config: LlamaHybridConfig, kwargs: dict) -> None:
             f"config_format_version={version} was written by a newer llama-hybrid (this one reads up to "
             f"{CONFIG_FORMAT_VERSION}); upgrade with `pip install -U llama-hybrid`."
         )
-    if version == 0:
-        legacy = kwargs.pop("hybrid_layer_types", None)
-        if legacy is not None and config.mixer_types is None:
-            config.mixer_types = list(legacy)
     config.config_format_version = CONFIG_FORMAT_VERSION
 
 

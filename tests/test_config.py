@@ -101,18 +101,17 @@ def test_round_trip_through_json(tmp_path):
 
 
 def test_loads_a_config_saved_by_format_version_0(tmp_path):
-    """Format 0: no version field, legacy rope_theta/rope_scaling keys, mixers under `hybrid_layer_types`."""
+    """Format 0: no version field, no layer lists, legacy rope_theta/rope_scaling keys (a hand-edited LLaMA config)."""
     legacy = {
         "model_type": "llama_hybrid",
         **SMALL,
         "rope_theta": 50000.0,
         "rope_scaling": {"rope_type": "linear", "factor": 2.0},
-        "hybrid_layer_types": ["attention", "attention", "conv", "attention"],
     }
     (tmp_path / "config.json").write_text(json.dumps(legacy))
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.config_format_version == CONFIG_FORMAT_VERSION
-    assert config.mixer_types == legacy["hybrid_layer_types"]
+    assert config.is_plain_llama
     assert config.rope_parameters["rope_theta"] == 50000.0 and config.rope_parameters["rope_type"] == "linear"
 
 
