@@ -7,6 +7,11 @@ mixer and feed-forward; `layer_types` (the cache/mask vocabulary transformers un
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import math
+
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -15,6 +20,16 @@ MIXER_TYPES = ("attention", "sparse_attention", "conv")
 MLP_LAYER_TYPES = ("dense", "sparse")
 GLOBAL_ATTENTION_TYPES = ("full", "compressed")
 PRESETS = ("llama", "seed", "hybrid")
+
+# model_type values whose config.json maps field by field onto this config: LlamaHybrid itself, and LLaMA (the
+# default layout *is* LLaMA and the parameter names are LLaMA's, so its weights load exactly).
+LOADABLE_MODEL_TYPES = ("llama_hybrid", "llama")
+
+
+class ConfigTypeError(ValueError, TypeError):
+    """A config field holds a value of the wrong type. A ValueError like every other config error (and a TypeError,
+    which is what transformers' strict dataclass checks raise for upstream configs)."""
+
 
 # Cache/mask vocabulary of transformers for each mixer: sparse attention keeps one ordinary KV entry (its two
 # branches differ only in their masks); the short conv keeps its state in a LinearAttentionLayer.
@@ -118,6 +133,10 @@ class LlamaHybridConfig(PreTrainedConfig):
     config_format_version: int | None = None  # None: not in the file (format 0) or a fresh config
 
     def __post_init__(self, **kwargs):
+        # Types first: the defaults below do arithmetic on the fields. (The strict-dataclass type checks never run
+        # for this class: with `from __future__ import annotations` its field types are strings, which
+        # huggingface_hub's validators skip, on transformers 5.17 and 5.24 alike.)
+        check_field_types(self)
         _migrate(self)
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -133,7 +152,24 @@ class LlamaHybridConfig(PreTrainedConfig):
         # naming the field (strict-dataclass validators would wrap it in a StrictDataclass*Error).
         check_hybrid_config(self)
         self.layer_types = [_CACHE_LAYER_TYPE[kind] for kind in self.mixer_types]
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # folds legacy rope_theta / rope_scaling into rope_parameters
+        _check_rope(self.rope_parameters)
+        try:  # transformers' own rope check runs again in validate(), but reports missing keys as a KeyError
+            self.validate_rope()
+        except KeyError as err:
+            raise ValueError(f"rope_parameters={self.rope_parameters!r} is incomplete: {err.args[0]}") from err
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Refuse a config.json of another architecture instead of reading its fields with our meaning."""
+        source_type = config_dict.get("model_type")
+        if source_type is not None and source_type not in LOADABLE_MODEL_TYPES:
+            raise ValueError(
+                f"this checkpoint is a {source_type!r} model, not LlamaHybrid (model_type must be one of "
+                f"{list(LOADABLE_MODEL_TYPES)}). Load it with its own class (AutoModelForCausalLM), or convert a "
+                f"LLaMA-family checkpoint with `llama-hybrid convert SOURCE OUTPUT_DIR`."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def validate_hybrid_layout(self):
         """Re-run the checks when the config is validated again (transformers does so in `save_pretrained`)."""
@@ -219,12 +255,69 @@ def _choice_list(config, name: str, allowed: tuple[str, ...]) -> None:
             raise ValueError(f"{name}[{i}]={value!r} is not allowed; choose one of {list(allowed)}")
 
 
+def _annotation_options(annotation: str) -> list[str]:
+    """`"int | list[int] | None"` -> `["int", "list[int]", "None"]` (dataclass field types are strings here)."""
+    return [part.strip() for part in annotation.split("|")]
+
+
+_TYPE_TESTS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "dict": lambda v: isinstance(v, dict),
+    "torch.dtype": lambda v: isinstance(v, torch.dtype),
+}
+
+
+def _matches(value, option: str) -> bool:
+    if option.startswith("Literal["):
+        return value in ast.literal_eval(f"[{option[len('Literal[') : -1]}]")
+    if option.startswith("list["):
+        inner = option[len("list[") : -1]
+        return isinstance(value, (list, tuple)) and all(_matches(item, inner) for item in value)
+    if option.startswith("dict["):
+        return isinstance(value, dict)
+    test = _TYPE_TESTS.get(option)
+    return test is None or test(value)  # an annotation this checker does not know is not checked
+
+
+def check_field_types(config: LlamaHybridConfig) -> None:
+    """Raise ConfigTypeError (a ValueError) naming the first field whose value does not have its declared type."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        options = _annotation_options(str(field.type))
+        if not any(_matches(value, option) for option in options):
+            raise ConfigTypeError(
+                f"{field.name} must be {' or '.join(options)}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def _check_rope(rope: dict) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    allowed = sorted({"default", *ROPE_INIT_FUNCTIONS})
+    if rope.get("rope_type", "default") not in allowed:
+        raise ValueError(f"rope_parameters['rope_type']={rope.get('rope_type')!r} is not known; choose one of {allowed}")
+    theta = rope.get("rope_theta")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (0 < theta < math.inf):
+        raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}")
+    factor = rope.get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1):
+        raise ValueError(f"rope_parameters['factor'] must be a number >= 1, got {factor!r}")
+
+
 def check_hybrid_config(config: LlamaHybridConfig) -> None:
     """Raise ValueError naming the field and the allowed values for every impossible setting."""
+    check_field_types(config)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         _positive_int(config, name)
     for name in ("num_key_value_heads", "head_dim", "max_position_embeddings", "conv_kernel_size"):
         _positive_int(config, name)
+    _positive_int(config, "pretraining_tp", allow_none=True)
+    if not (0 <= config.initializer_range < math.inf):
+        raise ValueError(f"initializer_range must be a finite number >= 0, got {config.initializer_range!r}")
     if config.num_attention_heads % config.num_key_value_heads != 0:
         raise ValueError(
             f"num_attention_heads={config.num_attention_heads} must be a multiple of "
@@ -242,9 +335,8 @@ def check_hybrid_config(config: LlamaHybridConfig) -> None:
     _choice_list(config, "mlp_layer_types", MLP_LAYER_TYPES)
     if config.global_attention not in GLOBAL_ATTENTION_TYPES:
         raise ValueError(f"global_attention={config.global_attention!r}; choose one of {list(GLOBAL_ATTENTION_TYPES)}")
-    if "sparse_attention" in config.mixer_types:
-        _positive_int(config, "sliding_window")
-        _positive_int(config, "compress_block_size")
+    _positive_int(config, "sliding_window", allow_none="sparse_attention" not in config.mixer_types)
+    _positive_int(config, "compress_block_size")
     if not (isinstance(config.sparse_gate_init, (int, float)) and 0 <= config.sparse_gate_init <= 1):
         raise ValueError(f"sparse_gate_init must be in [0, 1], got {config.sparse_gate_init!r}")
     _check_moe(config)
@@ -279,4 +371,4 @@ def _activations() -> set[str]:
     return set(ACT2FN.keys())
 
 
-__all__ = ["LlamaHybridConfig", "CONFIG_FORMAT_VERSION", "MIXER_TYPES", "MLP_LAYER_TYPES", "preset_layout"]
+__all__ = ["LlamaHybridConfig", "ConfigTypeError", "CONFIG_FORMAT_VERSION", "MIXER_TYPES", "MLP_LAYER_TYPES", "preset_layout"]
