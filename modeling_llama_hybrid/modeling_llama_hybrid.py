@@ -22,9 +22,19 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import LlamaHybridAttention
+from .checks import (
+    CheckpointError,
+    check_attention_mask,
+    check_checkpoint_folder,
+    check_input_ids,
+    check_inputs_embeds,
+    check_loaded_weights,
+    check_position_ids,
+    warn_beyond_max_positions,
+)
 from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache
 from .configuration_llama_hybrid import LlamaHybridConfig
-from .masks import MASK_KIND, build_masks, create_masks_for_generate, default_position_ids
+from .masks import MASK_KIND, build_masks, create_masks_for_generate, default_position_ids, first_layer_of
 from .mlp import LlamaHybridMLP
 from .moe import LlamaHybridExperts, LlamaHybridRouter, LlamaHybridSparseMoeBlock, load_balancing_loss, router_z_loss
 from .rotary import LlamaHybridRotaryEmbedding
@@ -136,17 +146,29 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LlamaHybridBranchGate):
             init.constant_(module.alpha, self.config.sparse_gate_init)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' `from_pretrained`, made strict: safetensors only unless `use_safetensors=False` is passed,
+        corrupt / truncated / incomplete checkpoints refused, and a checkpoint whose weights do not fill the model
+        built from its config refused (stock loading would initialise the missing layers randomly) unless
+        `allow_missing_weights=True`. Raises `CheckpointError` (a ValueError); never returns a half-loaded model."""
+        if kwargs.get("gguf_file") is None and kwargs.get("state_dict") is None:
+            kwargs.setdefault("use_safetensors", True)
+        check_checkpoint_folder(pretrained_model_name_or_path, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        from safetensors import SafetensorError
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse out-of-range token ids before any kernel sees them (on GPU they become a device-side assert)."""
-    if input_ids.shape[-1] == 0:
-        raise ValueError("input_ids is empty: give at least one token")
-    if torch.compiler.is_compiling():
-        return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: a weights file is corrupt or truncated ({err})"
+            ) from err
+        if not allow_missing_weights:
+            check_loaded_weights(cls, info, pretrained_model_name_or_path)
+        return (model, info) if want_info else model
 
 
 class LlamaHybridModel(LlamaHybridPreTrainedModel):
@@ -177,13 +199,22 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        # every input is checked before the first kernel (on GPU a bad id is a device-side assert, not an error)
         if inputs_embeds is None:
             check_input_ids(input_ids, self.vocab_size)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size)
+        batch, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        check_attention_mask(attention_mask, batch, seq_len, self.cached_tokens(cache))
+        if position_ids is not None:
+            check_position_ids(position_ids, batch, seq_len)
+        if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             position_ids = default_position_ids(self.config, inputs_embeds, cache)
+        warn_beyond_max_positions(position_ids, self.config.max_position_embeddings)
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
         masks = self.with_block_rotary(masks, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
@@ -199,6 +230,16 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_output(cache))
+
+    def cached_tokens(self, cache) -> int | None:
+        """Tokens already in the cache, or None where the 2-D mask length cannot be checked against it (static
+        caches, whose masks generate() prebuilds; conv-only stacks, which count no tokens; compiled code)."""
+        if cache is None:
+            return 0
+        attention_idx = first_layer_of(self.config, "attention", "sparse_attention")
+        if attention_idx is None or cache.is_compileable or torch.compiler.is_compiling():
+            return None
+        return cache.get_seq_length(attention_idx)
 
     def with_block_rotary(self, masks: dict, inputs_embeds: torch.Tensor) -> dict:
         """Give the compressed block layout the RoPE tables of its keys and summaries (once per forward)."""
@@ -298,6 +339,8 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
 
 class LlamaHybridForSequenceClassification(GenericForSequenceClassification, LlamaHybridPreTrainedModel):
     """Classifies a sequence from its last non-padding token (transformers' generic head)."""
+
+    _heads_trained_from_scratch = ("score.",)  # loading a language-model checkpoint gives a fresh classifier
 
 
 __all__ = [

@@ -26,6 +26,35 @@ def short_conv_reference(gated_input: torch.Tensor, weight: torch.Tensor, bias: 
     return out[..., : gated_input.shape[-1]]
 
 
+def document_taps(position_ids, seq_idx, seq_len: int, kernel_size: int) -> torch.Tensor | None:
+    """(B or 1, T, K) bool: tap j of token t (input t - (K-1-j)) lies in t's document.
+
+    Packed rows restart their position ids at every document (`DataCollatorWithFlattening`), so the input k steps
+    back belongs to the same document iff the token's position is >= k; `seq_idx` (same collator with
+    `return_seq_idx=True`) names the document directly. With plain 0..T-1 positions every existing tap is kept.
+    """
+    shifts = torch.arange(kernel_size - 1, -1, -1)  # tap j reads the input K-1-j steps back
+    if seq_idx is not None:
+        seq_idx = seq_idx[:, -seq_len:]
+        padded = F.pad(seq_idx, (kernel_size - 1, 0), value=-1)  # (B, K-1+T)
+        windows = padded.unfold(-1, kernel_size, 1)  # (B, T, K): the document of every tap's input
+        return windows == seq_idx[..., None]
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[-1] != seq_len:
+        return None
+    return position_ids[..., None] >= shifts.to(position_ids.device)  # (B or 1, T, K)
+
+
+def short_conv_packed(
+    gated_input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: torch.Tensor
+) -> torch.Tensor:
+    """`short_conv_reference` with each tap kept only where `taps` (B or 1, T, K) says it stays in the document."""
+    kernel_size = weight.shape[-1]
+    windows = F.pad(gated_input, (kernel_size - 1, 0)).unfold(-1, kernel_size, 1)  # (B, C, T, K)
+    windows = windows * taps[:, None].to(windows.dtype)
+    out = torch.einsum("bctk,ck->bct", windows, weight)  # (B, C, T)
+    return out if bias is None else out + bias[:, None]
+
+
 def short_conv_step(
     gated_input: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -69,10 +98,15 @@ class LlamaHybridShortConv(nn.Module):
         if self._is_decode_step(cache, seq_len):
             state = cache.layers[self.layer_idx].conv_states[0]
             mixed = short_conv_step(gated, state, weight, self.conv.bias)
-        else:
-            if cache is not None:  # returns [previous state | new inputs]; keeps the tail as the next state
-                gated = cache.update_conv_state(gated, self.layer_idx, conv_kernel_size=self.kernel_size)
+        elif cache is not None:  # returns [previous state | new inputs]; keeps the tail as the next state
+            gated = cache.update_conv_state(gated, self.layer_idx, conv_kernel_size=self.kernel_size)
             mixed = short_conv_reference(gated, weight, self.conv.bias)[..., -seq_len:]
+        else:  # no cache: the row may pack several documents; no tap reaches into the previous one
+            taps = document_taps(kwargs.get("position_ids"), kwargs.get("seq_idx"), seq_len, self.kernel_size)
+            if taps is None:
+                mixed = short_conv_reference(gated, weight, self.conv.bias)
+            else:
+                mixed = short_conv_packed(gated, weight, self.conv.bias, taps)
         out = (gate_c * mixed).transpose(1, 2)  # (B, T, C)
         return self.out_proj(out), None
 

@@ -44,21 +44,7 @@ def test_llama_layout_packed_equals_separate_rows(attn):
     assert logit_diff < 1e-5 and loss_diff < 1e-5
 
 
-@pytest.mark.parametrize(
-    "mixer",
-    [
-        "sparse_full",
-        "sparse_compressed",
-        pytest.param(
-            "conv",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="missing in modeling_llama_hybrid: LlamaHybridShortConv ignores document boundaries in packed "
-                "rows (needs seq_idx / position-id resets to zero the conv history at each document start)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mixer", ["sparse_full", "sparse_compressed", "conv"])
 def test_hybrid_mixers_do_not_leak_across_packed_documents(mixer):
     """Layer 0 is the mixer under test, layer 1 full attention with an MoE FFN (conv for "attention")."""
     model = tiny_model(mixer, attn="sdpa")
