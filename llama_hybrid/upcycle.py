@@ -269,7 +269,7 @@ def measure_deviation(source: nn.Module, hybrid: nn.Module, tokenizer, window: i
     within = [
         "The capital of France is",
         "def add(a, b):\n    return",
-        text[:300],
+        text[:2000],  # cut to exactly the window below: the longest prompt that fits
         "LLaMA原理与代码实例讲解：稀疏Transformer与混合专家",
     ]
     worst_within, within_tokens = 0.0, 0
@@ -289,12 +289,12 @@ def _max_delta(source: nn.Module, hybrid: nn.Module, ids: torch.Tensor) -> float
 def describe(hybrid: LlamaHybridForCausalLM, plan: list[TargetLayer], report: DeviationReport | None) -> str:
     """The converter's table: every layer with its kinds and origin, parameters, measured deviation."""
     config = hybrid.config
-    lines = [f"{'layer':>5}  {'mixer':<17}{'ffn':<8}origin"]
+    lines = [f"{'layer':>5}  {'mixer':<19}{'ffn':<11}origin"]
     for i, spec in enumerate(plan):
         ffn = f"moe{config.num_experts}/top{config.num_experts_per_tok}" if spec.mlp == "sparse" else "dense"
         origin = "inserted (identity at init)" if spec.source is None else f"source layer {spec.source}"
         mixer = spec.mixer if spec.mixer != "sparse_attention" else f"sparse/{config.global_attention}"
-        lines.append(f"{i:>5}  {mixer:<17}{ffn:<8}{origin}")
+        lines.append(f"{i:>5}  {mixer:<19}{ffn:<11}{origin}")
     total, active = parameter_counts(hybrid)
     lines.append(f"parameters: {total / 1e6:.1f}M total, {active / 1e6:.1f}M active per token")
     if report is not None:
