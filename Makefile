@@ -17,10 +17,12 @@ $(BIN)/llama-hybrid: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: chat with the default model, then upcycle it into a hybrid, compare, fine-tune, evaluate.
 demo: setup
 	$(BIN)/llama-hybrid generate --max-new-tokens 96 \
 		--prompt "What is the capital of France?" \
 		--prompt "Explain in two sentences what a Mixture of Experts layer does."
+	$(BIN)/llama-hybrid demo
 
 chat: setup
 	$(BIN)/llama-hybrid chat
