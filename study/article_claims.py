@@ -1,7 +1,7 @@
 """Measure the source article's claims (issue 10) and write the numbers the verdicts in docs/claims.md rest on.
 
-    python study/article_claims.py            # the published run: ~15 min on 2 busy CPU cores
-    python study/article_claims.py --quick    # smoke test: same code paths, ~2 min, numbers meaningless
+    python study/article_claims.py --docs     # the published run (11 min on the shared 2-core CPU), PNGs into docs/
+    python study/article_claims.py --quick    # smoke test: same code paths, about a minute, numbers meaningless
 
 Three studies, each built from the project's own parts (nothing here re-implements training or scoring):
 
@@ -68,7 +68,7 @@ class Size:
 
 SIZES = {
     "full": Size(
-        seeds=3, steps=100, batch=8, rounds=2, round_steps=30, self_train_seeds=2, prompts=32, cost_max_len=4096
+        seeds=3, steps=200, batch=8, rounds=3, round_steps=30, self_train_seeds=3, prompts=32, cost_max_len=4096
     ),
     "quick": Size(
         seeds=1,
@@ -221,11 +221,10 @@ def check_equal_active(runs: list[dict], tolerance: float = 0.05) -> None:
 # ----------------------------------------------------------------------------------------------------- self-training
 
 
-# (pseudo-labels, augmentation) per arm. "control" is the same stage with no prompts (nothing generated, nothing
-# kept): training continues on the same data for the same steps, the control for "self-training only adds steps".
-# Augmentation is measured on top of self-training (the article's recipe runs both); a control + augment arm
-# would separate the two but costs another ~90 s per base model in the stage's batch-1 evaluations.
-ARMS = ((False, False), (True, False), (True, True))
+# (pseudo-labels, augmentation) per arm, a 2 x 2 design. "control" is the same stage with no prompts (nothing
+# generated, nothing kept): training continues on the same data for the same steps, the control for "self-training
+# only adds steps".
+ARMS = ((False, False), (True, False), (False, True), (True, True))
 
 
 def self_train_study(train, heldout, quality: list[dict], out: Path, size: Size) -> list[dict]:
@@ -372,9 +371,12 @@ def summarise(quality: list[dict], self_train: list[dict]) -> dict:
                 "train_seconds": spread([r["train_seconds"] for r in rows]),
             }
     arms = {}
+    control = {r["seed"]: r["rounds"][-1]["heldout_perplexity"] for r in self_train if r["arm"] == "control"}
     for arm in dict.fromkeys(r["arm"] for r in self_train):
         runs = [r["rounds"] for r in self_train if r["arm"] == arm]
+        paired = [r["rounds"][-1]["heldout_perplexity"] - control[r["seed"]] for r in self_train if r["arm"] == arm]
         arms[arm] = {
+            "last_round_minus_control": {"per_seed": paired, **spread(paired)},
             "perplexity_per_round": [
                 spread([run[i]["heldout_perplexity"] for run in runs]) for i in range(len(runs[0]))
             ],
@@ -397,12 +399,20 @@ def format_markdown(summary: dict, cost: dict, meta: dict) -> str:
         )
     lines += ["", "## Self-training (held-out ppl per round, mean ± std over base models)", ""]
     rounds = max(len(a["perplexity_per_round"]) for a in summary["self_train"].values()) if summary["self_train"] else 0
-    lines += ["| arm | " + " | ".join(f"round {i}" for i in range(rounds)) + " | pseudo-labels kept per round |"]
-    lines += ["|---|" + "---:|" * rounds + "---|"]
+    lines += [
+        "| arm | "
+        + " | ".join(f"round {i}" for i in range(rounds))
+        + " | last round − control, same base model (per seed) | pseudo-labels kept per round |"
+    ]
+    lines += ["|---|" + "---:|" * rounds + "---|---|"]
     for arm, row in summary["self_train"].items():
         cells = [f"{p['mean']:.2f} ± {p['std']:.2f}" for p in row["perplexity_per_round"]]
+        diff = row["last_round_minus_control"]
+        per_seed = ", ".join(f"{d:+.2f}" for d in diff["per_seed"])
         kept = ", ".join(f"{k['mean']:.0f}" for k in row["kept_per_round"])
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {kept} |")
+        lines.append(
+            f"| {arm} | " + " | ".join(cells) + f" | {diff['mean']:+.2f} ± {diff['std']:.2f} ({per_seed}) | {kept} |"
+        )
     lines += ["", f"## Cost of one layer (CPU, fixed W = b = {cost['window']})", ""]
     names = list(cost["measured"])
     lines += ["| n | " + " | ".join(f"{n} ms / GFLOP" for n in names) + " |", "|---:|" + "---:|" * len(names)]
@@ -416,7 +426,7 @@ def format_markdown(summary: dict, cost: dict, meta: dict) -> str:
     kinds = list(next(iter(cost["asymptotic"].values())))
     lines += ["| n | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
     for n, row in cost["asymptotic"].items():
-        lines.append(f"| {n:,} | " + " | ".join(f"{row[k]:.2f}" for k in kinds) + " |")
+        lines.append(f"| {int(n):,} | " + " | ".join(f"{row[k]:.2f}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -500,12 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test (~2 min): 1 seed, a few steps")
     parser.add_argument("--out", default=str(REPO / "out" / "claims"), help="run folder (default: out/claims)")
     parser.add_argument("--docs", action="store_true", help="also copy the PNGs into docs/ (the published run)")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw results.md and the PNGs from an earlier run's results.json"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see main())")
     parser.add_argument("--skip", nargs="*", default=[], choices=["cost", "quality", "self-train"])
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.render:
+        saved = json.loads((out / "results.json").read_text())
+        return publish(out, saved["quality"], saved["self_train"], saved["cost"], saved["meta"], args.docs)
+    # One thread: on a CPU shared with other jobs, torch's default (one thread per core) spends its time in OpenMP
+    # barriers waiting for preempted threads; measured here, 1 thread trained 6x faster than 2 at load average ~6.
+    torch.set_num_threads(args.threads)
     began = time.perf_counter()
 
     stage_seconds = {}
@@ -525,7 +544,6 @@ def main(argv: list[str] | None = None) -> int:
     quality = timed("quality", lambda: quality_study(tokenizer, train, heldout, out, size), [])
     self_train = timed("self-train", lambda: self_train_study(train, heldout, quality, out, size), [])
 
-    summary = summarise(quality, self_train)
     setup = (
         f"{len(train)} train topics ({sum(map(len, train)):,} chars), {len(heldout)} held-out topics "
         f"({', '.join(heldout_topics)}); byte-level BPE {VOCAB}; {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads; "
@@ -538,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         "stage_seconds": stage_seconds,
         "setup": setup,
     }
+    return publish(out, quality, self_train, cost, meta, args.docs)
+
+
+def publish(out: Path, quality: list[dict], self_train: list[dict], cost: dict, meta: dict, to_docs: bool) -> int:
+    summary = summarise(quality, self_train)
     write_json(
         out / "results.json",
         {"meta": meta, "summary": summary, "quality": quality, "self_train": self_train, "cost": cost},
@@ -548,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         pngs.append(plot_loss_curves(quality, summary, out / "claims_loss_curves.png"))
     if cost["measured"]:
         pngs.append(plot_cost(cost, out / "claims_cost.png"))
-    if args.docs:
+    if to_docs:
         for png in pngs:
             shutil.copy(png, REPO / "docs" / png.name)
     print((out / "results.md").read_text())
