@@ -10,9 +10,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import types
+import typing
 
 import torch
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
 CONFIG_FORMAT_VERSION = 1
@@ -199,6 +202,43 @@ class LlamaHybridConfig(PreTrainedConfig):
         return cls(mixer_types=mixers, mlp_layer_types=mlps, **kwargs)
 
 
+_strict_setattr = LlamaHybridConfig.__setattr__
+
+
+def _setattr_with_value_errors(self, name: str, value) -> None:
+    """huggingface_hub's strict `__setattr__` type-checks the fields whose annotations are real types (the base
+    config's fields on transformers 5.17) and raises StrictDataclassFieldValidationError, which is no ValueError:
+    re-raise it as ConfigTypeError with the same message style as `check_field_types`."""
+    try:
+        _strict_setattr(self, name, value)
+    except StrictDataclassFieldValidationError as err:
+        raise ConfigTypeError(f"{name} must be {_declared_type(name)}, got {value!r} ({type(value).__name__})") from err
+
+
+LlamaHybridConfig.__setattr__ = _setattr_with_value_errors
+
+
+def _declared_type(name: str) -> str:
+    field = next((f for f in dataclasses.fields(LlamaHybridConfig) if f.name == name), None)
+    return "the declared type" if field is None else " or ".join(_annotation_options(_type_name(field.type)))
+
+
+def _type_name(annotation) -> str:
+    """A field type as the source spells it (`int | None`); 5.17 keeps real types for the base config's fields."""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, typing.ForwardRef):
+        return annotation.__forward_arg__
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        module = annotation.__module__
+        return annotation.__name__ if module == "builtins" else f"{module}.{annotation.__name__}"
+    return str(annotation).replace("typing.", "")  # list[str], dict[...], Literal[...]
+
+
 def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
     """Per-layer (mixer_types, mlp_layer_types) of a preset for `num_layers` layers."""
     if preset == "llama":
@@ -287,7 +327,7 @@ def check_field_types(config: LlamaHybridConfig) -> None:
     """Raise ConfigTypeError (a ValueError) naming the first field whose value does not have its declared type."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name, None)
-        options = _annotation_options(str(field.type))
+        options = _annotation_options(_type_name(field.type))
         if not any(_matches(value, option) for option in options):
             raise ConfigTypeError(
                 f"{field.name} must be {' or '.join(options)}, got {value!r} ({type(value).__name__})"
@@ -299,7 +339,9 @@ def _check_rope(rope: dict) -> None:
 
     allowed = sorted({"default", *ROPE_INIT_FUNCTIONS})
     if rope.get("rope_type", "default") not in allowed:
-        raise ValueError(f"rope_parameters['rope_type']={rope.get('rope_type')!r} is not known; choose one of {allowed}")
+        raise ValueError(
+            f"rope_parameters['rope_type']={rope.get('rope_type')!r} is not known; choose one of {allowed}"
+        )
     theta = rope.get("rope_theta")
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (0 < theta < math.inf):
         raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}")
@@ -371,4 +413,11 @@ def _activations() -> set[str]:
     return set(ACT2FN.keys())
 
 
-__all__ = ["LlamaHybridConfig", "ConfigTypeError", "CONFIG_FORMAT_VERSION", "MIXER_TYPES", "MLP_LAYER_TYPES", "preset_layout"]
+__all__ = [
+    "LlamaHybridConfig",
+    "ConfigTypeError",
+    "CONFIG_FORMAT_VERSION",
+    "MIXER_TYPES",
+    "MLP_LAYER_TYPES",
+    "preset_layout",
+]
