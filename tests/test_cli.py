@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,9 @@ def test_over_long_prompt_is_a_clear_error(model_folder, capsys):
 
 
 def test_console_script_help_lists_subcommands():
-    out = subprocess.run(["llama-hybrid", "--help"], capture_output=True, text=True, check=True).stdout
+    script = (
+        Path(sys.executable).parent / "llama-hybrid"
+    )  # the console script of this environment (PATH may not have it)
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("convert", "generate", "chat", "tokenizer"):
         assert command in out
