@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from ..default_model import DEFAULT_MODEL_NAME, cache_dir
+from ..upcycle import parameter_counts  # one definition of total vs active parameters
 
 EVAL_RESULTS_FILE = "eval_results.json"
 MIXER_TAGS = {"sparse_attention": "sparse-attention", "conv": "short-convolution"}
@@ -83,17 +84,6 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, float | int | str]:
         elif isinstance(value, (int, float, str)):
             flat[name] = value
     return flat
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token): of each MoE layer's routed experts only `num_experts_per_tok` run per token."""
-    config = model.config
-    total = active = 0
-    for name, param in model.named_parameters():  # tied weights are yielded once
-        total += param.numel()
-        routed = ".mlp.experts." in f".{name}" and param.dim() > 0 and param.shape[0] == config.num_experts
-        active += param.numel() * config.num_experts_per_tok // config.num_experts if routed else param.numel()
-    return total, active
 
 
 def _count(n: int) -> str:

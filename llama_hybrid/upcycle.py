@@ -234,17 +234,19 @@ def _init_inserted_conv_block(layer: nn.Module) -> None:
             nn.init.zeros_(proj.bias)
 
 
-def parameter_counts(model: LlamaHybridForCausalLM) -> tuple[int, int]:
-    """(total, active per token): routed experts count only `num_experts_per_tok` of `num_experts`."""
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token): of each MoE layer's routed experts only `num_experts_per_tok` of `num_experts` run.
+
+    Works on any module holding LlamaHybrid layers (the causal LM, the base model, a PEFT wrapper): routed expert
+    tensors are recognised by name (`.mlp.experts.`) and their leading `num_experts` dimension.
+    """
     config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is not None:
-            per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // config.num_experts
-            inactive += per_expert * (config.num_experts - config.num_experts_per_tok)
-    return total, total - inactive
+    total = active = 0
+    for name, param in model.named_parameters():  # tied weights are yielded once
+        total += param.numel()
+        routed = ".mlp.experts." in f".{name}" and param.dim() > 0 and param.shape[0] == config.num_experts
+        active += param.numel() * config.num_experts_per_tok // config.num_experts if routed else param.numel()
+    return total, active
 
 
 @dataclass
