@@ -37,7 +37,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
     if torch.compiler.is_compiling():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device->host sync per forward, not two
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
@@ -87,11 +87,12 @@ def check_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int) -> 
         raise ValueError(f"position_ids must be integers, got dtype {position_ids.dtype}")
 
 
-def warn_beyond_max_positions(position_ids: torch.Tensor, max_position_embeddings: int) -> None:
+def warn_beyond_max_positions(position_ids: torch.Tensor, max_position_embeddings: int) -> bool:
     """Allow positions past `max_position_embeddings`, as LLaMA does (RoPE is defined for every position), but say
-    once that they are beyond the trained length."""
+    once that they are beyond the trained length. Returns True once it has warned, so the caller can stop asking
+    (each call is a device->host sync)."""
     if torch.compiler.is_compiling() or position_ids.numel() == 0:
-        return
+        return False
     highest = int(position_ids.max())
     if highest >= max_position_embeddings:
         logger.warning_once(
@@ -99,6 +100,8 @@ def warn_beyond_max_positions(position_ids: torch.Tensor, max_position_embedding
             "rotary positions extrapolate there and quality usually drops. For a model trained or scaled to a longer "
             "context, set config.max_position_embeddings (and rope_parameters, e.g. rope_type 'yarn' with a factor)."
         )
+        return True
+    return False
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

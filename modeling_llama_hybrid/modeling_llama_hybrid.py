@@ -181,6 +181,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         self.norm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaHybridRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self._warned_beyond_max_positions = False
         self.post_init()
 
     @merge_with_config_defaults
@@ -214,7 +215,10 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             position_ids = default_position_ids(self.config, inputs_embeds, cache)
-        warn_beyond_max_positions(position_ids, self.config.max_position_embeddings)
+        if not self._warned_beyond_max_positions:  # stop syncing every decode step once the warning is out
+            self._warned_beyond_max_positions = warn_beyond_max_positions(
+                position_ids, self.config.max_position_embeddings
+            )
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
         masks = self.with_block_rotary(masks, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
