@@ -84,5 +84,6 @@ def test_half_precision_agrees_with_fp32_on_smollm2(default_model_dir, dtype):
     logits = half(ids).logits
     assert torch.isfinite(logits).all()
     top1, mean_kl, max_kl = agreement(full, logits)
+    print(f"{dtype} vs fp32 on SmolLM2: top-1 {top1:.3f}, mean KL {mean_kl:.1e}, max KL {max_kl:.1e}")  # README
     min_top1, max_mean_kl, max_max_kl = BOUNDS[dtype]
     assert top1 >= min_top1 and mean_kl <= max_mean_kl and max_kl <= max_max_kl, (top1, mean_kl, max_kl)
