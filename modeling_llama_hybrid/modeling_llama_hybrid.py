@@ -19,7 +19,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention import LlamaHybridAttention
 from .checks import (
@@ -91,6 +91,7 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer_attribute = MIXER_ATTRIBUTE[self.mixer_type]
         setattr(self, self.mixer_attribute, build_mixer(config, layer_idx))
         self.mlp = build_ffn(config, layer_idx)
+        self.is_moe = config.mlp_layer_types[layer_idx] == "sparse"
         self.input_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -101,13 +102,23 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and, for an MoE layer, its router logits (N, E) (None for a dense layer).
+
+        Router logits are returned rather than captured by an output hook: hooks read a ContextVar that
+        torch.compile cannot trace, so a hook inside every layer would split each compiled layer into pieces.
+        """
         mixer = getattr(self, self.mixer_attribute)
         mixed, _ = mixer(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + mixed
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        ffn_input = self.post_attention_layernorm(hidden_states)
+        if self.is_moe:
+            ffn_out, router_logits = self.mlp(ffn_input)
+        else:
+            ffn_out, router_logits = self.mlp(ffn_input), None
+        return hidden_states + ffn_out, router_logits
 
 
 class LlamaHybridPreTrainedModel(PreTrainedModel):
@@ -124,8 +135,7 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": LlamaHybridDecoderLayer,
         "attentions": LlamaHybridAttention,  # sparse attention subclasses it
-        "router_logits": OutputRecorder(LlamaHybridRouter, index=0),
-    }
+    }  # router logits are returned by the layers (see LlamaHybridDecoderLayer.forward), not hooked
     # Router and sparse-attention gate math stays fp32 even when the model is loaded in fp16/bf16.
     _keep_in_fp32_modules_strict = ["mlp.gate.weight", "self_attn.branch_gate"]
 
@@ -195,9 +205,12 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         cache = pick_cache(cache, past_key_values)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         # every input is checked before the first kernel (on GPU a bad id is a device-side assert, not an error)
@@ -211,7 +224,9 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
             check_position_ids(position_ids, batch, seq_len)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
+        # a training step never reads a cache back; creating one would only cost memory (and, with compiled layers,
+        # a guard on every layer's cache entry, i.e. one recompile per layer)
+        if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             position_ids = default_position_ids(self.config, inputs_embeds, cache)
@@ -224,8 +239,9 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
+        router_logits = []
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, layer_router_logits = layer(
                 hidden_states,
                 attention_mask=masks.get(layer.mask_kind),
                 position_embeddings=position_embeddings,
@@ -233,7 +249,13 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_output(cache))
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            router_logits=tuple(router_logits) if output_router_logits and router_logits else None,
+            **cache_output(cache),
+        )
 
     def cached_tokens(self, cache) -> int | None:
         """Tokens already in the cache, or None where the 2-D mask length cannot be checked against it (static

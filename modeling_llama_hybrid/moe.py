@@ -71,7 +71,10 @@ _dispatch_experts = LlamaHybridExperts.forward
 def _grouped_mm_aligned(experts: LlamaHybridExperts, hidden_NH: torch.Tensor) -> bool:
     """torch's grouped_mm needs 16-byte aligned rows: H and I must be multiples of 4 (fp32) or 8 (fp16/bf16)."""
     itemsize = experts.down_proj.element_size()
-    return all(dim * itemsize % 16 == 0 for dim in experts.down_proj.shape[1:]) and hidden_NH.data_ptr() % 16 == 0
+    if not all(dim * itemsize % 16 == 0 for dim in experts.down_proj.shape[1:]):
+        return False
+    # compiled code cannot read pointers; the buffers torch.compile allocates are aligned
+    return torch.compiler.is_compiling() or hidden_NH.data_ptr() % 16 == 0
 
 
 def _experts_forward(self: LlamaHybridExperts, hidden_NH, experts_Nk, weights_Nk) -> torch.Tensor:
@@ -112,14 +115,15 @@ class LlamaHybridSparseMoeBlock(nn.Module):
         if config.num_shared_experts > 0:
             self.shared_experts = LlamaHybridMLP(config, config.moe_intermediate_size * config.num_shared_experts)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) -> output (B, T, H) and the router logits (N, E) in fp32, for the router losses."""
         batch, seq_len, hidden = hidden_states.shape
         hidden_NH = hidden_states.reshape(-1, hidden)
-        _, weights_Nk, experts_Nk = self.gate(hidden_NH)
+        logits_NE, weights_Nk, experts_Nk = self.gate(hidden_NH)
         out_NH = self.experts(hidden_NH, experts_Nk, weights_Nk.to(hidden_NH.dtype))
         if self.shared_experts is not None:
             out_NH = out_NH + self.shared_experts(hidden_NH)
-        return out_NH.reshape(batch, seq_len, hidden)
+        return out_NH.reshape(batch, seq_len, hidden), logits_NE
 
 
 def _token_mask(router_logits_NE: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,140 @@
+"""Regional compilation (`llama_hybrid.compilation`) and compiled static-cache decode give the eager results.
+
+CPU twins of the GPU compile checks: `aot_eager` traces exactly what inductor would compile (so `fullgraph=True`
+proves a layer has no graph break) without paying inductor's C++ build; the inductor run is marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hybrid_mixer_fixtures import MIXERS, tiny_model, tokens
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+from llama_hybrid.compilation import compile_decoder_layers, decoder_layers
+
+
+def train_step(model, ids, attention_mask=None):
+    """Loss (CE + router losses) and every parameter gradient of one training forward/backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=attention_mask, labels=ids)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def assert_same_step(expected, actual, atol=1e-6):
+    torch.testing.assert_close(actual[0], expected[0], atol=atol, rtol=0)
+    torch.testing.assert_close(actual[1], expected[1], atol=atol, rtol=0)
+    assert actual[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(actual[2][name], grad, atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_compiled_layers_train_like_eager_without_graph_breaks(mixer):
+    """Every mixer kind, dense and MoE (grouped_mm), compiles whole (fullgraph) and trains exactly like eager."""
+    model = tiny_model(mixer, "sdpa").train()
+    model.set_experts_implementation("grouped_mm")
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the conv and the block layout see a real mask
+    expected = train_step(model, ids, mask)
+    assert compile_decoder_layers(model, fullgraph=True, backend="aot_eager") == 2
+    assert_same_step(expected, train_step(model, ids, mask))
+    assert_same_step(expected, train_step(model, ids, mask))  # second call reuses the graphs
+
+
+def test_router_losses_flow_through_compiled_layers():
+    """Router logits come back from compiled MoE layers: the balancing loss is in `loss` and trains the router."""
+    model = tiny_model("attention", "sdpa", router_z_loss_coef=0.01).train()
+    model.set_experts_implementation("grouped_mm")
+    compile_decoder_layers(model, fullgraph=True, backend="aot_eager")
+    ids = tokens(2, 7)
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out.aux_loss is not None and len(out.router_logits) == 1
+    out.loss.backward()
+    router_grad = model.model.layers[1].mlp.gate.weight.grad
+    assert router_grad is not None and router_grad.abs().sum() > 0
+
+
+def test_layers_of_one_kind_share_a_graph():
+    """Regional compilation costs one graph per layer kind, not per layer (dynamo inlines the module's parameters)."""
+    layout = dict(num_hidden_layers=4, mixer_types=["attention"] * 4, mlp_layer_types=["dense"] * 4)
+    model = tiny_model("attention", "sdpa", **layout).train()
+    compile_decoder_layers(model, fullgraph=True, backend="aot_eager")
+    before = counters["stats"]["unique_graphs"]
+    model(tokens(1, 6))  # training mode: no cache, whose per-layer entries would be guarded layer by layer
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_hidden_states_and_gradient_checkpointing_with_compiled_layers():
+    """Asking for hidden states (output hooks) and gradient checkpointing still give eager's numbers."""
+    model = tiny_model("sparse_full", "sdpa").train()
+    model.set_experts_implementation("grouped_mm")
+    ids = tokens(2, 8)
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    expected = train_step(model, ids)
+    compile_decoder_layers(model, backend="aot_eager")
+    compiled_hidden = model(ids, output_hidden_states=True).hidden_states
+    assert len(compiled_hidden) == len(hidden) == 3
+    for got, want in zip(compiled_hidden, hidden, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_same_step(expected, train_step(model, ids))
+
+
+def test_fullgraph_refuses_the_eager_experts_loop():
+    model = tiny_model("attention", "sdpa")
+    model.set_experts_implementation("eager")
+    with pytest.raises(ValueError, match="grouped_mm"):
+        compile_decoder_layers(model, fullgraph=True)
+
+
+def test_decoder_layers_names_a_model_without_them():
+    with pytest.raises(ValueError, match="no LlamaHybridDecoderLayer"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("mixer", ["attention", "sparse_full", "conv"])
+@torch.no_grad()
+def test_static_cache_decode_compiles_whole(mixer):
+    """generate() compiles the one-token forward for static caches: with fullgraph=True (no graph break anywhere:
+    masks, conv state, MoE grouped_mm) and no recompile over many steps, it returns the eager dynamic-cache tokens."""
+    model = tiny_model(mixer, "sdpa")
+    model.set_experts_implementation("grouped_mm")
+    model.generation_config.eos_token_id = None
+    ids = tokens(2, 6)
+    expected = model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=12)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager")
+    compile_config._compile_all_devices = True  # CPU is not auto-compiled otherwise
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=2):
+        compiled = model.generate(
+            ids,
+            do_sample=False,
+            pad_token_id=0,
+            max_new_tokens=12,
+            cache_implementation="static",
+            compile_config=compile_config,
+        )
+    assert torch.equal(compiled, expected)
+    assert model._compiled_call is not None
+
+
+@pytest.mark.slow
+def test_inductor_compiled_layers_train_like_eager():
+    """The real backend (inductor, C++ on CPU): fused kernels agree with eager to float rounding."""
+    model = tiny_model("sparse_compressed", "sdpa").train()
+    model.set_experts_implementation("grouped_mm")
+    ids = tokens(2, 9)
+    expected = train_step(model, ids)
+    compile_decoder_layers(model)
+    assert_same_step(expected, train_step(model, ids), atol=1e-5)
