@@ -116,7 +116,7 @@ def decode_section(section: str, run: dict, measured: dict) -> None:
                     settings["compile_config"] = cpu_compile_config()
             outputs = []
             reset_peak_memory(device)
-            with torch.inference_mode():
+            with torch.no_grad():  # as the anchors ran it (generate() adds its own no_grad)
                 timing = median_time(
                     lambda: outputs.append(model.generate(ids, **settings)[:, ids.shape[1] :]),
                     device,
