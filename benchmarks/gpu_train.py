@@ -229,6 +229,7 @@ def measure_training(model, run: Run, section: str, label: str, **extra) -> Meas
         warmup_s=timing.warmup_s,
         tok_s=measured.tok_s,
         flops_per_token=flops,
+        flops_formula="6 x active matmul params (LM head in, embedding out, experts k/E) + 12 x attn width x keys seen",
         tflops=flops * measured.tok_s / 1e12,
         mfu=measured.mfu,
         peak_gib=measured.peak_gib,
