@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from hybrid_mixer_fixtures import MIXERS, tiny_model, tokens
+from packaging import version
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from llama_hybrid.compilation import compile_decoder_layers, decoder_layers
+
+# transformers 5.17's grouped_mm fallback (used off-GPU and for fp32) has a backward that dynamo cannot trace
+# (a data-dependent guard in _grouped_mm_fallback_backward); on 5.24 it compiles. On a GPU in bf16 both versions
+# use torch's native grouped_mm kernel instead of the fallback.
+TRAIN_EXPERTS = "grouped_mm" if version.parse(transformers.__version__) >= version.parse("5.24") else "batched_mm"
 
 
 def train_step(model, ids, attention_mask=None):
@@ -43,7 +50,7 @@ def fresh_dynamo():
 def test_compiled_layers_train_like_eager_without_graph_breaks(mixer):
     """Every mixer kind, dense and MoE (grouped_mm), compiles whole (fullgraph) and trains exactly like eager."""
     model = tiny_model(mixer, "sdpa").train()
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(TRAIN_EXPERTS)
     ids = tokens(2, 9)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the conv and the block layout see a real mask
@@ -56,7 +63,7 @@ def test_compiled_layers_train_like_eager_without_graph_breaks(mixer):
 def test_router_losses_flow_through_compiled_layers():
     """Router logits come back from compiled MoE layers: the balancing loss is in `loss` and trains the router."""
     model = tiny_model("attention", "sdpa", router_z_loss_coef=0.01).train()
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(TRAIN_EXPERTS)
     compile_decoder_layers(model, fullgraph=True, backend="aot_eager")
     ids = tokens(2, 7)
     out = model(ids, labels=ids, output_router_logits=True)
@@ -79,7 +86,7 @@ def test_layers_of_one_kind_share_a_graph():
 def test_hidden_states_and_gradient_checkpointing_with_compiled_layers():
     """Asking for hidden states (output hooks) and gradient checkpointing still give eager's numbers."""
     model = tiny_model("sparse_full", "sdpa").train()
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(TRAIN_EXPERTS)
     ids = tokens(2, 8)
     hidden = model(ids, output_hidden_states=True).hidden_states
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -133,8 +140,23 @@ def test_static_cache_decode_compiles_whole(mixer):
 def test_inductor_compiled_layers_train_like_eager():
     """The real backend (inductor, C++ on CPU): fused kernels agree with eager to float rounding."""
     model = tiny_model("sparse_compressed", "sdpa").train()
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(TRAIN_EXPERTS)
     ids = tokens(2, 9)
     expected = train_step(model, ids)
     compile_decoder_layers(model)
     assert_same_step(expected, train_step(model, ids), atol=1e-5)
+
+
+def test_recipe_flags_pick_the_experts_kernel_and_compile_the_layers():
+    """`llama-hybrid train ... --experts_implementation grouped_mm --compile_layers` reaches the model."""
+    from llama_hybrid.training.arguments import ModelArguments
+    from llama_hybrid.training.loading import select_kernels
+
+    model = tiny_model("attention", "sdpa")
+    args = ModelArguments(experts_implementation="batched_mm", compile_layers=True)
+    assert select_kernels(model, args) is model
+    assert model.config._experts_implementation == "batched_mm"
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    untouched = tiny_model("attention", "sdpa")
+    select_kernels(untouched, ModelArguments())
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(untouched))

@@ -47,6 +47,20 @@ class ModelArguments:
     sliding_window: int = field(default=32, metadata={"help": "local window of sparse-attention layers"})
     max_position_embeddings: int = field(default=2048)
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa, flex_attention, ..."})
+    experts_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "MoE kernel: eager (a loop over experts), batched_mm or grouped_mm (default: transformers' pick)",
+            "choices": ["eager", "batched_mm", "grouped_mm"],
+        },
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer (regional compilation: one compile per layer kind; pays off "
+            "on a GPU, see BENCHMARKS.md). TrainingArguments' --torch_compile compiles the whole model instead"
+        },
+    )
 
 
 @dataclass

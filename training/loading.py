@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llama_hybrid.compilation import compile_decoder_layers
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 from .arguments import ModelArguments
@@ -73,11 +74,22 @@ def model_and_tokenizer(args: ModelArguments, texts: Sequence[str] | None = None
             raise ValueError("a new model needs a tokenizer: pass --tokenizer_name_or_path or training text")
         torch.manual_seed(0)
         model = LlamaHybridForCausalLM(preset_config(args, tokenizer))
-        return model, tokenizer, f"new {args.preset!r} model ({count_parameters(model):,} parameters)"
-    path = resolve_model_path(args.model_name_or_path)
-    model = load_model(path, args.attn_implementation)
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or path)
-    return model, tokenizer, f"{path} ({count_parameters(model):,} parameters)"
+        description = f"new {args.preset!r} model ({count_parameters(model):,} parameters)"
+    else:
+        path = resolve_model_path(args.model_name_or_path)
+        model = load_model(path, args.attn_implementation)
+        tokenizer = load_tokenizer(args.tokenizer_name_or_path or path)
+        description = f"{path} ({count_parameters(model):,} parameters)"
+    return select_kernels(model, args), tokenizer, description
+
+
+def select_kernels(model: LlamaHybridForCausalLM, args: ModelArguments) -> LlamaHybridForCausalLM:
+    """Apply --experts_implementation and --compile_layers (in that order: compiling traces the chosen kernel)."""
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
+    if args.compile_layers:
+        compile_decoder_layers(model)
+    return model
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
