@@ -9,6 +9,8 @@ Checks (each reports its numbers and passes or fails against the tolerance of it
 - backends: sdpa and flex_attention vs eager attention, a model holding every mixer kind (both global branches).
 - compiled_layers: regionally compiled decoder layers (inductor on GPU) vs eager: loss and gradients of a step.
 - static_decode: generate() with a static cache, compiled whole (fullgraph), vs the eager dynamic-cache tokens.
+- fused_loss: the chunked loss (and Liger-Kernel's fused linear cross-entropy where installed, CUDA) vs the plain
+  loss: loss value and every gradient.
 
 Tolerances: logits are compared as top-1 agreement and max |difference| relative to the reference logits' spread.
 In bf16 a fast path and its reference round differently, so agreement is measured, not bit equality; in fp32 on the
@@ -239,12 +241,45 @@ def check_static_decode(size, device, dtype) -> dict:
     return result
 
 
+def check_fused_loss(size, device, dtype) -> dict:
+    """Loss implementations that never hold all logits vs the plain loss: loss value and every gradient."""
+    config = model_config(size, mixer_types=ALL_MIXERS, mlp_layer_types=["dense", "sparse", "dense", "sparse"])
+    ids = sample_ids(size, config.vocab_size, device)
+    model = build(config, device, dtype, attn="sdpa").train()
+
+    def step(implementation):
+        model.set_loss_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step("plain")
+    implementations = ["chunked"]
+    try:
+        import liger_kernel  # noqa: F401
+
+        implementations += ["liger"] if device.startswith("cuda") else []
+    except ImportError:
+        pass
+    result, ok = {"checked": ",".join(implementations)}, True
+    for implementation in implementations:
+        other_loss, other_grads = step(implementation)
+        loss_err = ((other_loss - loss).abs() / loss.abs()).item()
+        grad_err = max(((other_grads[n] - g).norm() / g.norm().clamp(min=1e-12)).item() for n, g in grads.items())
+        result[f"{implementation}_loss_rel_err"], result[f"{implementation}_worst_grad_rel_err"] = loss_err, grad_err
+        ok = ok and loss_err <= (1e-6 if dtype == torch.float32 else 1e-2) and grad_err <= TOLERANCE[dtype][1]
+    result["ok"] = ok
+    return result
+
+
 CHECKS = {
     "llama_parity": check_llama_parity,
     "experts": check_experts,
     "backends": check_backends,
     "compiled_layers": check_compiled_layers,
     "static_decode": check_static_decode,
+    "fused_loss": check_fused_loss,
 }
 
 

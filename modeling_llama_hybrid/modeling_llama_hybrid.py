@@ -34,6 +34,7 @@ from .checks import (
 )
 from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache
 from .configuration_llama_hybrid import LlamaHybridConfig
+from .loss import LOSS_IMPLEMENTATIONS, linear_cross_entropy
 from .masks import MASK_KIND, build_masks, create_masks_for_generate, default_position_ids, first_layer_of
 from .mlp import LlamaHybridMLP
 from .moe import LlamaHybridExperts, LlamaHybridRouter, LlamaHybridSparseMoeBlock, load_balancing_loss, router_z_loss
@@ -291,7 +292,14 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
         self.model = LlamaHybridModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_implementation = "plain"
         self.post_init()
+
+    def set_loss_implementation(self, implementation: str) -> None:
+        """How training forwards turn hidden states into the loss: "plain", "chunked" or "liger" (see loss.py)."""
+        if implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"loss implementation {implementation!r}; choose one of {list(LOSS_IMPLEMENTATIONS)}")
+        self.loss_implementation = implementation
 
     # generate() calls this (when present) to prebuild masks for compileable caches; ours knows every layer kind.
     create_masks_for_generate = staticmethod(create_masks_for_generate)
@@ -326,14 +334,20 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
             output_router_logits=collect_router_logits,
             **kwargs,
         )
-        logits = self.lm_head(keep_last_logits(outputs.last_hidden_state, logits_to_keep))
-        loss = aux_loss = None
+        loss = aux_loss = logits = None
+        hidden_states = outputs.last_hidden_state
+        if self.fuses_loss(labels, logits_to_keep):  # the logits are never held whole: none are returned
+            loss = linear_cross_entropy(
+                self.loss_implementation, hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch")
+            )
+        else:
+            logits = self.lm_head(keep_last_logits(hidden_states, logits_to_keep))
         if collect_router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
-        if labels is not None:
+        if labels is not None and loss is None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if has_moe:
-                loss = loss + self.router_loss_term(outputs.router_logits, aux_loss, attention_mask, labels, kwargs)
+        if labels is not None and has_moe:
+            loss = loss + self.router_loss_term(outputs.router_logits, aux_loss, attention_mask, labels, kwargs)
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -343,6 +357,11 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits if output_router_logits else None,
             **cache_output(getattr(outputs, CACHE_FIELD)),
         )
+
+    def fuses_loss(self, labels, logits_to_keep) -> bool:
+        """A training forward over all positions with labels, and a loss implementation other than "plain"."""
+        wants_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        return labels is not None and self.training and self.loss_implementation != "plain" and wants_all_logits
 
     def router_loss_term(self, router_logits, aux_loss, attention_mask, labels, kwargs) -> torch.Tensor:
         """`aux_coef * balancing + z_coef * z_loss`, weighted by this micro-batch's share of the label tokens.

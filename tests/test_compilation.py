@@ -153,9 +153,9 @@ def test_recipe_flags_pick_the_experts_kernel_and_compile_the_layers():
     from llama_hybrid.training.loading import select_kernels
 
     model = tiny_model("attention", "sdpa")
-    args = ModelArguments(experts_implementation="batched_mm", compile_layers=True)
+    args = ModelArguments(experts_implementation="batched_mm", compile_layers=True, loss_implementation="chunked")
     assert select_kernels(model, args) is model
-    assert model.config._experts_implementation == "batched_mm"
+    assert model.config._experts_implementation == "batched_mm" and model.loss_implementation == "chunked"
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
     untouched = tiny_model("attention", "sdpa")
     select_kernels(untouched, ModelArguments())

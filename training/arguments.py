@@ -54,6 +54,14 @@ class ModelArguments:
             "choices": ["eager", "batched_mm", "grouped_mm"],
         },
     )
+    loss_implementation: str = field(
+        default="plain",
+        metadata={
+            "help": "plain (logits, then cross-entropy), chunked (never all logits at once; any device) or liger "
+            "(Liger-Kernel's fused linear cross-entropy; CUDA, pip install liger-kernel)",
+            "choices": ["plain", "chunked", "liger"],
+        },
+    )
     compile_layers: bool = field(
         default=False,
         metadata={

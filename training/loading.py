@@ -84,9 +84,11 @@ def model_and_tokenizer(args: ModelArguments, texts: Sequence[str] | None = None
 
 
 def select_kernels(model: LlamaHybridForCausalLM, args: ModelArguments) -> LlamaHybridForCausalLM:
-    """Apply --experts_implementation and --compile_layers (in that order: compiling traces the chosen kernel)."""
+    """Apply --experts_implementation, --loss_implementation and --compile_layers (compiling comes last: it traces
+    the chosen kernels)."""
     if args.experts_implementation:
         model.set_experts_implementation(args.experts_implementation)
+    model.set_loss_implementation(args.loss_implementation)
     if args.compile_layers:
         compile_decoder_layers(model)
     return model
