@@ -4,7 +4,10 @@ Both branches share LLaMA's q/k/v/o projections, so a LLaMA attention layer init
 - local: causal sliding window, transformers' meaning of `sliding_window = W` (the token and the W - 1 before it);
 - global, `global_attention="full"`: ordinary causal attention (`LlamaHybridSparseAttention`);
 - global, `global_attention="compressed"`: attention over mean-pooled block summaries
-  (`LlamaHybridCompressedSparseAttention`, see `compressed_attention` for the block rule).
+  (`LlamaHybridCompressedSparseAttention`; `group_blocks` holds the block rule). Pooling
+  (`pool_summaries`) is shared by two kernels: the plain reference `dense_summary_attention`, a (B, H, T, G) score
+  matrix (eager / sdpa), and one block-sparse FlexAttention call over a BlockMask that masks.py builds once per
+  forward (`attn_implementation="flex_attention"`, `LlamaHybridCompressedSparseAttention.summary_attention`).
 - gate: `g = 1 - alpha * sigmoid(W x + b)` with a learned per-head `alpha` (`branch_gate.alpha`). With alpha = 0 the
   layer is exactly its global branch (exact upcycling), and d out / d alpha = -sigmoid(.) * (global - local) != 0,
   so the gate still learns; a sigmoid pushed to +-10 would not (slope ~5e-5). alpha is not clamped (a clamp would
@@ -15,12 +18,15 @@ Shape legend: B batch, T queries, S cached keys, G block summaries, H query head
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .attention import LlamaHybridAttention, repeat_kv
 from .rotary import rotate_half
@@ -39,23 +45,48 @@ class BlockLayout:
     """Which keys form which block summary and which summaries each query sees; shared by all compressed layers.
 
     Built once per forward from position ids (masks.py), so left padding does not shift blocks, padded keys are never
-    pooled, and packed documents (a position that does not continue the previous one) restart their blocks.
+    pooled, and packed documents (a position that does not continue the previous one) restart their blocks. Summaries
+    are numbered in key order, so a document's summaries are consecutive and the ones a query sees are a range
+    [first_visible, end_visible) of them; the range is expanded once per forward into what the backend needs: the
+    dense `visible` for the reference path, or a FlexAttention `block_mask`.
     """
 
     key_positions: torch.Tensor  # (B, S) position id of each key slot, -1 where the slot holds no valid key
-    summary_of_key: torch.Tensor  # (B, S) summary slot of each key in [0, G); invalid keys go to the spare slot G
+    summary_of_key: torch.Tensor  # (B, S) summary slot of each key in [0, G); padding / overflow go to spare slot G
     summary_positions: torch.Tensor  # (B, G) first position j*b of each block: where its summary is rotated
-    visible: torch.Tensor  # (B, T, G) query t sees summary g: same document and (j + 1) * b - 1 <= t
+    visible: torch.Tensor | None = None  # (B, T, G) query t sees summary g (reference path only)
     key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, S, D) at key_positions
     summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, G, D) at summary_positions
+    first_visible: torch.Tensor | None = None  # (B, T) first summary of the query's document
+    end_visible: torch.Tensor | None = None  # (B, T) one past its last complete block: (j + 1) * b - 1 <= t
+    block_mask: BlockMask | None = None  # FlexAttention mask (B, 1, T, G) of `sees_summary`, flex path only
+
+    @property
+    def query_has_block(self) -> torch.Tensor:
+        """(B, T): the query sees at least one (stored) summary."""
+        return self.end_visible.clamp(max=self.summary_positions.shape[1]) > self.first_visible
 
 
-def build_block_layout(
-    key_positions: torch.Tensor, query_slots: torch.Tensor, query_positions: torch.Tensor, block_size: int
+def sees_summary(first_visible: torch.Tensor, end_visible: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """A query sees summary g iff first_visible <= g < end_visible (shapes broadcast)."""
+    return (summary >= first_visible) & (summary < end_visible)
+
+
+def group_blocks(
+    key_positions: torch.Tensor,
+    query_slots: torch.Tensor,
+    query_positions: torch.Tensor,
+    block_size: int,
+    max_summaries: int | None = None,
 ) -> BlockLayout:
     """Group valid keys into (document, block j) summaries; block j holds positions [j*b, (j+1)*b).
 
     key_positions (B, S) with -1 for invalid slots; query_slots (B, T) key slot of each query; query_positions (B, T).
+    Block j is visible to a query at position t of the same document iff it is complete: (j + 1) * b - 1 <= t.
+    G is the largest summary count of a row (one host sync), or `max_summaries` when given (static caches: a fixed G
+    keeps compiled shapes fixed); unused summary slots are invisible. A row needing more than `max_summaries` raises
+    outside torch.compile; inside it (no host sync possible) the extra summaries are dropped, never scattered out of
+    range, and queries that would see only dropped ones fall back to the local branch.
     """
     valid = key_positions >= 0
     block = torch.where(valid, key_positions.div(block_size, rounding_mode="floor"), -1)
@@ -64,16 +95,51 @@ def build_block_layout(
     prev_block = F.pad(block[:, :-1], (1, 0), value=-1)
     doc_start = valid & (~prev_valid | (key_positions != prev_pos + 1))
     summary_start = valid & (doc_start | (block != prev_block))
-    document = doc_start.long().cumsum(1)  # (B, S): 1, 2, ... per document; 0 before the first valid key
-    num_summaries = max(int(summary_start.sum(1).max()), 1)  # G (one host sync per forward, shared by all layers)
-    summary = torch.where(valid, summary_start.long().cumsum(1) - 1, num_summaries)
-    spare = num_summaries + 1
-    summary_block = block.new_full((block.shape[0], spare), -1).scatter(1, summary, block)[:, :-1]  # (B, G)
-    summary_doc = document.new_zeros(block.shape[0], spare).scatter(1, summary, document)[:, :-1]  # (B, G)
-    query_doc = document.gather(1, query_slots)  # (B, T)
-    complete = (summary_block[:, None, :] + 1) * block_size - 1 <= query_positions[:, :, None]
-    visible = (summary_block[:, None, :] >= 0) & (summary_doc[:, None, :] == query_doc[:, :, None]) & complete
-    return BlockLayout(key_positions, summary, summary_block.clamp(min=0) * block_size, visible)
+    summary = summary_start.long().cumsum(1) - 1  # (B, S) summary number of each valid key
+    num_summaries = summary_count(summary_start, max_summaries)  # G
+    summary_of_key = torch.where(valid & (summary < num_summaries), summary, num_summaries)
+    summary_block = summary_of_key.new_zeros(key_positions.shape[0], num_summaries + 1)
+    summary_block = summary_block.scatter(1, summary_of_key, block)[:, :-1]  # (B, G) block j of each summary
+    slots = torch.arange(key_positions.shape[1], device=key_positions.device).expand_as(key_positions)
+    doc_first_slot = torch.where(doc_start, slots, 0).cummax(1).values.gather(1, query_slots)  # (B, T)
+    first_visible = summary.gather(1, doc_first_slot)  # the document's first summary holds its first block
+    complete = (query_positions + 1).div(block_size, rounding_mode="floor") - block.gather(1, doc_first_slot)
+    end_visible = first_visible + torch.where(valid.gather(1, query_slots), complete.clamp(min=0), 0)
+    return BlockLayout(
+        key_positions,
+        summary_of_key,
+        summary_block * block_size,
+        first_visible=first_visible,
+        end_visible=end_visible,
+    )
+
+
+def summary_count(summary_start: torch.Tensor, max_summaries: int | None) -> int:
+    """G: the exact count (a host sync), or the static bound, checked where a check does not break compilation."""
+    if max_summaries is not None and torch.compiler.is_compiling():
+        return max_summaries
+    needed = max(int(summary_start.sum(1).max()), 1)
+    if max_summaries is not None and needed > max_summaries:
+        raise ValueError(
+            f"a row holds {needed} blocks of compressed sparse attention, more than the {max_summaries} a static "
+            "cache of this size holds for one document per row (packed documents in one row need more); use a "
+            "dynamic cache (cache_implementation='dynamic') or a larger max_cache_len"
+        )
+    return max_summaries or needed
+
+
+def with_visible(layout: BlockLayout) -> BlockLayout:
+    """The reference path's dense (B, T, G) visibility."""
+    summary = torch.arange(layout.summary_positions.shape[1], device=layout.summary_positions.device)
+    visible = sees_summary(layout.first_visible[:, :, None], layout.end_visible[:, :, None], summary)
+    return dataclasses.replace(layout, visible=visible)
+
+
+def build_block_layout(
+    key_positions: torch.Tensor, query_slots: torch.Tensor, query_positions: torch.Tensor, block_size: int
+) -> BlockLayout:
+    """The reference layout: `group_blocks` plus the dense visibility (exact G)."""
+    return with_visible(group_blocks(key_positions, query_slots, query_positions, block_size))
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,32 +148,104 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return keys * cos + rotate_half(keys) * sin
 
 
+def block_means(states: torch.Tensor, summary_of_key: torch.Tensor, num_summaries: int) -> torch.Tensor:
+    """(B, KV, S, D) -> (B, KV, G, D): mean of each summary's keys, summed in fp32 (a block is b terms long)."""
+    batch, heads, _, dim = states.shape
+    index = summary_of_key[:, None, :, None].expand_as(states)  # (B, KV, S, D)
+    sums = states.new_zeros(batch, heads, num_summaries + 1, dim, dtype=torch.float32)
+    sums = sums.scatter_add_(2, index, states.float())[:, :, :-1]
+    counts = sums.new_zeros(batch, num_summaries + 1).scatter_add_(
+        1, summary_of_key, torch.ones_like(summary_of_key, dtype=sums.dtype)
+    )
+    return (sums / counts[:, None, :-1, None].clamp(min=1)).to(states.dtype)
+
+
+def pool_summaries(
+    raw_key: torch.Tensor, value: torch.Tensor, layout: BlockLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block summaries of both paths: key and value means, the key mean then rotated at its block's first position.
+
+    raw_key (B, KV, S, D) *before* RoPE (mean-pooling rotated keys would cancel their high frequencies);
+    value (B, KV, S, D). Returns summary_key, summary_value (B, KV, G, D).
+    """
+    num_summaries = layout.summary_positions.shape[1]
+    mean_key = block_means(raw_key, layout.summary_of_key, num_summaries)
+    mean_value = block_means(value, layout.summary_of_key, num_summaries)
+    return rotate_keys(mean_key, *layout.summary_rotary), mean_value
+
+
+def dense_summary_attention(
+    query: torch.Tensor, summary_key: torch.Tensor, summary_value: torch.Tensor, layout: BlockLayout, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference: (B, H, T, G) scores masked with `layout.visible`.
+
+    query (B, H, T, D) rotated; summaries (B, KV, G, D). Returns out (B, T, H, D) and has_block (B, T, 1, 1); rows
+    without any visible block hold finite garbage and must be replaced by the caller (the layer uses the local branch).
+    """
+    groups = query.shape[1] // summary_key.shape[1]
+    summary_key, summary_value = repeat_kv(summary_key, groups), repeat_kv(summary_value, groups)  # (B, H, G, D)
+    scores = torch.matmul(query, summary_key.transpose(2, 3)).float() * scaling  # (B, H, T, G)
+    scores = scores.masked_fill(~layout.visible[:, None], torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1).to(summary_value.dtype)  # all-masked rows: uniform and finite, never NaN
+    out = torch.matmul(weights, summary_value).transpose(1, 2)  # (B, T, H, D)
+    return out, layout.visible.any(dim=-1)[:, :, None, None]
+
+
+def summary_attention(
+    query: torch.Tensor, summary_key: torch.Tensor, summary_value: torch.Tensor, layout: BlockLayout, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B, H, T, D) over summaries (B, KV, G, D) -> out (B, T, H, D), has_block (B, T, 1, 1).
+
+    FlexAttention when the layout carries a BlockMask (masks.py builds one under `attn_implementation=
+    "flex_attention"`), the dense reference otherwise.
+    """
+    if layout.block_mask is None:
+        return dense_summary_attention(query, summary_key, summary_value, layout, scaling)
+    out = flex_summary_attention(query, summary_key, summary_value, layout.block_mask, scaling)
+    return out, layout.query_has_block[:, :, None, None]
+
+
+def flex_summary_attention(
+    query: torch.Tensor, summary_key: torch.Tensor, summary_value: torch.Tensor, block_mask: BlockMask, scaling: float
+) -> torch.Tensor:
+    """One block-sparse FlexAttention call over the blocks each query sees: (B, H, T, D) -> (B, T, H, D).
+
+    Rows without a visible block come back as zeros. GQA without repeating KV where the group size allows. Compiled once per process as transformers compiles flex (plain
+    flex inside an outer torch.compile), but through a function of our own so its compile cache and dynamic-shape
+    state stay apart from transformers' window kernel (sharing them, our key lengths turn that kernel's shapes
+    dynamic, which CPU inductor in torch 2.13 miscompiles).
+    """
+    groups = query.shape[1] // summary_key.shape[1]
+    if groups & (groups - 1):  # flex's decoding kernel shares a KV head between a power-of-two number of heads only
+        summary_key, summary_value, groups = repeat_kv(summary_key, groups), repeat_kv(summary_value, groups), 1
+    kernel = flex_kernel if torch.compiler.is_compiling() else compiled_flex_kernel()
+    return kernel(query, summary_key, summary_value, block_mask, scaling, groups > 1).transpose(1, 2)
+
+
+def flex_kernel(query, key, value, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.cache
+def compiled_flex_kernel():
+    return torch.compile(flex_kernel)
+
+
 def compressed_attention(
     query: torch.Tensor, raw_key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over the summaries of its visible blocks.
+    """Reference global branch end to end: pooling, then dense attention over the summaries.
 
-    query (B, H, T, D) rotated; raw_key (B, KV, S, D) *before* RoPE (mean-pooling rotated keys would cancel their
-    high frequencies); value (B, KV, S, D). Returns out (B, T, H, D) and has_block (B, T, 1, 1); rows without any
-    visible block hold finite garbage and must be replaced by the caller (the layer falls back to the local branch).
+    query (B, H, T, D) rotated; raw_key, value (B, KV, S, D), keys before RoPE. Returns out (B, T, H, D), has_block.
     """
-    batch, kv_heads, _, head_dim = raw_key.shape
-    spare = layout.visible.shape[-1] + 1
-    index = layout.summary_of_key[:, None, :, None].expand_as(raw_key)  # (B, KV, S, D)
-    counts = raw_key.new_zeros(batch, spare).scatter_add_(
-        1, layout.summary_of_key, torch.ones_like(layout.summary_of_key, dtype=raw_key.dtype)
-    )
-    counts = counts.clamp(min=1)[:, None, :-1, None]  # (B, 1, G, 1)
-    mean_key = raw_key.new_zeros(batch, kv_heads, spare, head_dim).scatter_add_(2, index, raw_key)[:, :, :-1] / counts
-    mean_value = value.new_zeros(batch, kv_heads, spare, head_dim).scatter_add_(2, index, value)[:, :, :-1] / counts
-    summary_key = rotate_keys(mean_key, *layout.summary_rotary)  # (B, KV, G, D)
-    groups = query.shape[1] // kv_heads
-    summary_key, mean_value = repeat_kv(summary_key, groups), repeat_kv(mean_value, groups)  # (B, H, G, D)
-    scores = torch.matmul(query, summary_key.transpose(2, 3)).float() * scaling  # (B, H, T, G)
-    scores = scores.masked_fill(~layout.visible[:, None], torch.finfo(torch.float32).min)
-    weights = scores.softmax(dim=-1).to(value.dtype)  # all-masked rows: uniform and finite, never NaN
-    out = torch.matmul(weights, mean_value).transpose(1, 2)  # (B, T, H, D)
-    return out, layout.visible.any(dim=-1)[:, :, None, None]
+    summary_key, summary_value = pool_summaries(raw_key, value, layout)
+    return dense_summary_attention(query, summary_key, summary_value, layout, scaling)
+
+
+def gate_mix(gate: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+    """g * global + (1 - g) * local in fp32: gate (B, T, H), branch outputs (B, T, H, D) -> (B, T, H, D)."""
+    gate = gate[..., None]  # (B, T, H, 1)
+    return (gate * global_out.float() + (1 - gate) * local_out.float()).to(global_out.dtype)
 
 
 class LlamaHybridBranchGate(nn.Linear):
@@ -146,10 +284,9 @@ class LlamaHybridSparseAttention(LlamaHybridAttention):
         return self.attend(query, key, value, masks.local, kwargs, sliding_window=self.sliding_window)[0]
 
     def mix(self, hidden_states, global_out, local_out) -> torch.Tensor:
-        """g * global + (1 - g) * local in fp32, then o_proj. Branch outputs (B, T, H, D)."""
-        gate = self.branch_gate(hidden_states)[..., None]  # (B, T, H, 1)
-        mixed = gate * global_out.float() + (1 - gate) * local_out.float()
-        return self.o_proj(mixed.to(global_out.dtype).reshape(*hidden_states.shape[:-1], -1))
+        """g * global + (1 - g) * local, then o_proj. Branch outputs (B, T, H, D)."""
+        mixed = gate_mix(self.branch_gate(hidden_states), global_out, local_out)
+        return self.o_proj(mixed.reshape(*hidden_states.shape[:-1], -1))
 
     def forward(self, hidden_states, position_embeddings, attention_mask: SparseMasks, cache=None, **kwargs):
         query, key, value = self.project_qkv(hidden_states, position_embeddings, cache, kwargs)
@@ -174,9 +311,16 @@ class LlamaHybridCompressedSparseAttention(LlamaHybridSparseAttention):
         query = rotate_keys(query, *position_embeddings)  # same RoPE as apply_rotary_pos_emb, queries only
         if cache is not None:
             raw_key, value = cache.update(raw_key, value, self.layer_idx, kwargs=kwargs)  # (B, KV, S, D)
-        layout = attention_mask.blocks
-        key = rotate_keys(raw_key, *layout.key_rotary)
-        local_out = self.local_branch(query, key, value, attention_mask, kwargs)
-        global_out, has_block = compressed_attention(query, raw_key, value, layout, self.scaling)
-        global_out = torch.where(has_block, global_out, local_out)  # no complete block yet: global := local
+        global_out, local_out = self.branches(query, raw_key, value, attention_mask, kwargs)
         return self.mix(hidden_states, global_out, local_out), None
+
+    def branches(self, query, raw_key, value, masks: SparseMasks, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branch outputs (B, T, H, D) from rotated queries (B, H, T, D) and pre-RoPE keys, values (B, KV, S, D).
+
+        Both global kernels (`summary_attention`) share the pooling.
+        """
+        layout = masks.blocks
+        local_out = self.local_branch(query, rotate_keys(raw_key, *layout.key_rotary), value, masks, kwargs)
+        summary_key, summary_value = pool_summaries(raw_key, value, layout)
+        global_out, has_block = summary_attention(query, summary_key, summary_value, layout, self.scaling)
+        return torch.where(has_block, global_out, local_out), local_out  # no complete block yet: global := local

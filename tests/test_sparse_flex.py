@@ -1,0 +1,308 @@
+"""The compressed global branch on FlexAttention against its dense reference, and the static summary count.
+
+CPU twins of the GPU path (forward only: CPU FlexAttention has no backward): the BlockMask tiles, the flex summary
+attention, whole-model logits and decoding under flex, the static bound on G under compiled static-cache generate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hybrid_mixer_fixtures import tiny_model, tokens
+from torch.nn.attention.flex_attention import create_block_mask
+from transformers import CompileConfig, DynamicCache, StaticCache
+
+from modeling_llama_hybrid import masks as masks_module
+from modeling_llama_hybrid.masks import static_summary_bound, summary_block_mask
+from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
+from modeling_llama_hybrid.sparse_attention import (
+    group_blocks,
+    pool_summaries,
+    sees_summary,
+    summary_attention,
+    with_visible,
+)
+
+# flex running uncompiled (past the recompile limit) would test the dense fallback instead of the kernels
+pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def roomy_compile_caches():
+    """This module compiles FlexAttention (ours and transformers' mask and window kernels) for many head counts,
+    shapes and mask variants; past dynamo's default of 8 compiles per function it would silently run flex
+    uncompiled and leave the compiled kernels untested. Start and end with empty caches."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch._dynamo.reset()
+
+
+# name -> rows of (documents' lengths, left padding); every row of a case has the same width
+ROWS = {
+    "plain": [([13], 0), ([13], 0)],
+    "left_padded": [([13], 0), ([8], 5)],
+    "packed": [([6, 7], 0), ([4, 4, 5], 0)],
+    "no_complete_block_yet": [([3], 0), ([2], 1)],
+    "many_tiles": [([300], 0), ([120, 143], 37)],  # > 128 queries and summaries: full, partial and empty tiles
+}
+
+
+def positions_of(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions (B, S) with -1 for padding, and the valid mask, of rows of packed documents."""
+    out = []
+    for documents, padding in rows:
+        out.append(torch.cat([torch.full((padding,), -1)] + [torch.arange(n) for n in documents]))
+    positions = torch.stack(out)
+    return positions, positions >= 0
+
+
+def layouts(rows, block: int, head_dim: int, max_summaries: int | None = None):
+    """(reference layout, flex layout) of one forward without a cache, with RoPE tables for the summaries."""
+    positions, _ = positions_of(rows)
+    slots = torch.arange(positions.shape[1]).expand_as(positions)
+    layout = group_blocks(positions, slots, positions.clamp(min=0), block, max_summaries)
+    config = tiny_model().config
+    config.head_dim = head_dim
+    rotary = LlamaHybridRotaryEmbedding(config)
+    probe = torch.zeros(1, 1, head_dim)
+    layout.key_rotary = rotary(probe, positions.clamp(min=0))
+    layout.summary_rotary = rotary(probe, layout.summary_positions)
+    return with_visible(layout), dataclasses.replace(layout, block_mask=summary_block_mask(layout))
+
+
+def global_branch(layout, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
+    """Pooling + summary attention of random q, k, v through `layout`: out (B, T, H, D), has_block (B, T, 1, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, length = layout.key_positions.shape
+    query = torch.randn(batch, heads, length, head_dim, generator=generator)
+    raw_key = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
+    value = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
+    return summary_attention(query, *pool_summaries(raw_key, value, layout), layout, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+@torch.no_grad()
+def test_flex_summary_attention_matches_reference(case):
+    """Left padding, packed documents, rows without a complete block, odd sizes (3 heads sharing one KV head: KV
+    repeated), several BlockMask tiles."""
+    check_flex_summary_attention(case, heads=3, kv_heads=1)
+
+
+@pytest.mark.parametrize("case", ["left_padded", "many_tiles"])
+@torch.no_grad()
+def test_flex_summary_attention_gqa_matches_reference(case):
+    """4 heads on 2 KV heads: flex's own GQA, no repeated KV."""
+    check_flex_summary_attention(case, heads=4, kv_heads=2)
+
+
+def check_flex_summary_attention(case: str, heads: int, kv_heads: int) -> None:
+    block = 2 if case == "many_tiles" else 4
+    reference, flex = layouts(ROWS[case], block, head_dim=8)
+    want, want_has = global_branch(reference, heads, kv_heads, 8)
+    got, got_has = global_branch(flex, heads, kv_heads, 8)
+    _, valid = positions_of(ROWS[case])
+    assert torch.equal(got_has, want_has)
+    assert torch.isfinite(got).all()
+    keep = valid[:, :, None, None] & want_has  # rows without a block are replaced by the local branch
+    torch.testing.assert_close(torch.where(keep, got, 0), torch.where(keep, want, 0), atol=1e-5, rtol=0)
+    if case == "no_complete_block_yet":
+        assert not want_has.any()
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_block_mask_tiles_cover_exactly_the_visible_summaries(case):
+    """Our analytic tiles vs torch's create_block_mask over the same rule: never miss a visible tile, never call a
+    tile full that is not; with one document per row the tiles are the same."""
+    reference, flex = layouts(ROWS[case], 2, head_dim=8)
+    first, end = flex.first_visible, flex.end_visible
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return sees_summary(first[batch, q_idx], end[batch, q_idx], kv_idx)
+
+    batch, length = first.shape
+    exact = create_block_mask(mask_mod, batch, None, length, reference.visible.shape[-1], device="cpu")
+    ours = flex.block_mask
+    assert torch.equal(ours.to_dense().bool() | exact.to_dense().bool(), ours.to_dense().bool())
+    ours_full = dense_tiles(ours.full_kv_num_blocks, ours.full_kv_indices, ours.kv_indices.shape[-1])
+    exact_full = dense_tiles(exact.full_kv_num_blocks, exact.full_kv_indices, exact.kv_indices.shape[-1])
+    assert not (ours_full & ~exact_full).any()
+    if all(len(documents) == 1 for documents, _ in ROWS[case]):
+        assert torch.equal(ours.to_dense(), exact.to_dense()) and torch.equal(ours_full, exact_full)
+
+
+def dense_tiles(num_blocks: torch.Tensor, indices: torch.Tensor, columns: int) -> torch.Tensor:
+    """(B, H, rows) counts + (B, H, rows, cols) indices -> dense bool tiles."""
+    keep = torch.arange(indices.shape[-1]) < num_blocks[..., None]
+    dense = torch.zeros(*indices.shape[:-1], columns + 1, dtype=torch.bool)
+    return dense.scatter(-1, torch.where(keep, indices.long(), columns), True)[..., :columns]
+
+
+def test_static_bound_layout_matches_exact_layout():
+    """A fixed G larger than needed changes nothing: the unused summaries are invisible on both paths."""
+    rows = ROWS["left_padded"]
+    exact_ref, exact_flex = layouts(rows, 4, head_dim=8)
+    bound = static_summary_bound(StaticCache(config=tiny_model().config, max_cache_len=13), 13, 4)
+    assert bound == 5 and bound > exact_ref.visible.shape[-1]
+    bound_ref, bound_flex = layouts(rows, 4, head_dim=8, max_summaries=bound)
+    assert bound_ref.visible.shape[-1] == bound and not bound_ref.visible[..., exact_ref.visible.shape[-1] :].any()
+    _, valid = positions_of(rows)
+    with torch.no_grad():
+        for exact, bounded in ((exact_ref, bound_ref), (exact_flex, bound_flex)):
+            (out, has), (out_b, has_b) = global_branch(exact, 3, 1, 8), global_branch(bounded, 3, 1, 8)
+            keep = valid[:, :, None, None] & has
+            assert torch.equal(has, has_b)
+            torch.testing.assert_close(torch.where(keep, out_b, 0), torch.where(keep, out, 0), atol=1e-6, rtol=0)
+
+
+def test_rows_beyond_the_static_bound_raise_eagerly_and_drop_under_compile():
+    """Packed documents can need more summaries than a static cache's bound: an error outside torch.compile; inside
+    it no host check is possible, so the extra summaries are dropped (never an out-of-range scatter) and queries
+    that would see only dropped ones fall back to the local branch."""
+    positions, _ = positions_of([([3, 3, 3, 3], 0)])  # 4 documents of 3 tokens, block 2: 8 summaries
+    slots = torch.arange(12)[None]
+    with pytest.raises(ValueError, match="static"):
+        group_blocks(positions, slots, positions, 2, max_summaries=6)
+
+    def layout_ranges(positions, slots):
+        layout = group_blocks(positions, slots, positions, 2, max_summaries=6)
+        return layout.summary_of_key, layout.query_has_block
+
+    summary_of_key, has_block = torch.compile(layout_ranges, backend="eager", fullgraph=True)(positions, slots)
+    assert summary_of_key.max() == 6 and (summary_of_key[0, 9:] == 6).all()  # the spare slot: dropped
+    assert has_block[0, 7] and not has_block[0, 10:].any()  # the last document's blocks were summaries 7 and 8
+
+
+def run_layer_twice(rows, **overrides):
+    """The sparse layer of the same model under eager and flex: outputs on valid rows, both (B, T, hidden)."""
+    from test_sparse_attention import run_layer
+
+    positions, valid = positions_of(rows)
+    attention_mask = valid.long() if not valid.all() else None
+    hidden = torch.randn(*positions.shape, 24, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for attn in ("eager", "flex_attention"):
+        model = tiny_model("sparse_compressed", attn, **overrides)
+        outs.append(run_layer(model, hidden, attention_mask, positions.clamp(min=0)))
+    return outs, valid
+
+
+@pytest.mark.parametrize("case", ["left_padded", "packed", "no_complete_block_yet"])
+@torch.no_grad()
+def test_flex_layer_matches_eager_layer(case):
+    (eager, flex), valid = run_layer_twice(ROWS[case], compress_block_size=4)
+    assert torch.isfinite(flex).all()
+    torch.testing.assert_close(flex[valid], eager[valid], atol=1e-5, rtol=0)
+
+
+TWO_SPARSE = dict(
+    num_hidden_layers=3,
+    mixer_types=["sparse_attention", "attention", "sparse_attention"],
+    mlp_layer_types=["dense", "sparse", "dense"],
+)
+
+
+@torch.no_grad()
+def test_model_logits_flex_match_eager_with_left_padding_and_packing():
+    flex, eager = tiny_model("sparse_compressed", "flex_attention", **TWO_SPARSE), tiny_model(**TWO_SPARSE)
+    ids = tokens(2, 14)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    padded = flex(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[0][mask.bool()], padded[1][mask.bool()], atol=1e-5, rtol=0)
+    packed = torch.cat([torch.arange(6), torch.arange(8)])[None].expand(2, -1)
+    kwargs = dict(position_ids=packed, use_cache=False)
+    torch.testing.assert_close(flex(ids, **kwargs).logits, eager(ids, **kwargs).logits, atol=1e-5, rtol=0)
+
+
+def count_calls(monkeypatch, name: str) -> list:
+    calls = []
+    original = getattr(masks_module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(masks_module, name, counted)
+    return calls
+
+
+@torch.no_grad()
+def test_block_mask_is_built_once_per_forward_and_only_under_flex(monkeypatch):
+    block_masks, dense = count_calls(monkeypatch, "summary_block_mask"), count_calls(monkeypatch, "with_visible")
+    ids = tokens(2, 11)
+    tiny_model("sparse_compressed", "flex_attention", **TWO_SPARSE)(ids)
+    assert (len(block_masks), len(dense)) == (1, 0)  # two compressed layers, one BlockMask
+    tiny_model(**TWO_SPARSE)(ids)
+    assert (len(block_masks), len(dense)) == (1, 1)
+
+
+# Left padding only with the static cache: with a dynamic cache the key length changes every step, and CPU inductor
+# (torch 2.13) miscompiles transformers' own padded window / causal flex kernels once their shapes turn dynamic
+# (LlamaHybrid with only full attention layers fails the same way).
+@pytest.mark.parametrize("cache_kind, padding", [("dynamic", 0), ("static", 3)])
+@torch.no_grad()
+def test_flex_decode_matches_full_forward_over_many_blocks(cache_kind, padding):
+    """One token at a time for several blocks: every step's G and BlockMask are right."""
+    model = tiny_model("sparse_compressed", "flex_attention", **TWO_SPARSE)
+    ids = tokens(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :padding] = 0
+    full = model(ids, attention_mask=mask).logits
+    if cache_kind == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=19)
+    steps = [model(ids[:, :4], attention_mask=mask[:, :4], cache=cache).logits]
+    for t in range(4, ids.shape[1]):
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    stepped = torch.cat(steps, dim=1)
+    torch.testing.assert_close(stepped[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+@torch.no_grad()
+def test_compiled_static_generate_compiles_once_and_matches_dynamic_eager(attn):
+    """The static summary bound keeps G fixed: one fullgraph compile serves every decode step (a G growing every
+    block would recompile each time; the graph count shows it) and the tokens equal dynamic-cache eager generate."""
+    reference = tiny_model()
+    reference.generation_config.eos_token_id = None
+    ids = tokens(2, 7)
+    expected = reference.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=16)
+    model = tiny_model("sparse_compressed", attn)
+    model.set_experts_implementation("batched_mm")  # the eager expert loop is data-dependent, not fullgraph
+    model.generation_config.eos_token_id = None
+    graphs = []
+
+    def counting_backend(graph, example_inputs, **options):  # generate passes mode=...
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_backend)
+    config._compile_all_devices = True  # CPU is not auto-compiled otherwise
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        out = model.generate(
+            ids,
+            do_sample=False,
+            pad_token_id=0,
+            max_new_tokens=16,  # 15 decode steps over 5+ blocks of 3
+            cache_implementation="static",
+            compile_config=config,
+        )
+    assert torch.equal(out, expected)
+    assert len(graphs) == 1
+
+
+def test_reference_pooling_is_the_mean_of_unrotated_keys():
+    """pool_summaries: the plain mean of each block's keys, rotated at the block's first position."""
+    reference, _ = layouts([([7], 0)], 3, head_dim=4)
+    raw_key = torch.randn(1, 1, 7, 4)
+    value = torch.randn(1, 1, 7, 4)
+    summary_key, summary_value = pool_summaries(raw_key, value, reference)
+    torch.testing.assert_close(summary_value[0, 0, 1], value[0, 0, 3:6].mean(0))
+    cos, sin = reference.summary_rotary
+    mean = raw_key[0, 0, 6:7].mean(0)
+    rotated = mean * cos[0, 2] + torch.cat([-mean[2:], mean[:2]]) * sin[0, 2]
+    torch.testing.assert_close(summary_key[0, 0, 2], rotated)
