@@ -200,3 +200,10 @@ def test_fresh_gate_starts_at_config_init():
     config = tiny_config("sparse_full", sparse_gate_init=0.0)
     model = LlamaHybridForCausalLM(config)
     assert torch.all(model.model.layers[0].self_attn.branch_gate.alpha == 0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compressed_layer_under_flex_matches_naive_reference(case):
+    """The FlexAttention path (a BlockMask of the block summaries, see tests/test_sparse_flex.py) against the same
+    per-query reference as the eager and sdpa paths (forward only: CPU FlexAttention has no backward)."""
+    test_sparse_layer_matches_naive_reference("compressed", "flex_attention", case)
