@@ -51,7 +51,8 @@ ROWS = {
     "left_padded": [([13], 0), ([8], 5)],
     "packed": [([6, 7], 0), ([4, 4, 5], 0)],
     "no_complete_block_yet": [([3], 0), ([2], 1)],
-    "many_tiles": [([300], 0), ([120, 143], 37)],  # > 128 queries and summaries: full, partial and empty tiles
+    "many_tiles": [([520], 0), ([483], 37)],  # > 128 queries and summaries: full, partial and empty tiles
+    "many_tiles_packed": [([520], 0), ([200, 283], 37)],
 }
 
 
@@ -104,7 +105,7 @@ def test_flex_summary_attention_gqa_matches_reference(case):
 
 
 def check_flex_summary_attention(case: str, heads: int, kv_heads: int) -> None:
-    block = 2 if case == "many_tiles" else 4
+    block = 2 if case.startswith("many_tiles") else 4
     reference, flex = layouts(ROWS[case], block, head_dim=8)
     want, want_has = global_branch(reference, heads, kv_heads, 8)
     got, got_has = global_branch(flex, heads, kv_heads, 8)
@@ -136,6 +137,8 @@ def test_block_mask_tiles_cover_exactly_the_visible_summaries(case):
     assert not (ours_full & ~exact_full).any()
     if all(len(documents) == 1 for documents, _ in ROWS[case]):
         assert torch.equal(ours.to_dense(), exact.to_dense()) and torch.equal(ours_full, exact_full)
+    if case.startswith("many_tiles"):  # all three kinds of tile occur
+        assert ours_full.any() and (ours.kv_num_blocks > 0).any() and not ours.to_dense().all()
 
 
 def dense_tiles(num_blocks: torch.Tensor, indices: torch.Tensor, columns: int) -> torch.Tensor:
