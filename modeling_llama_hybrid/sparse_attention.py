@@ -6,8 +6,8 @@ Both branches share LLaMA's q/k/v/o projections, so a LLaMA attention layer init
 - global, `global_attention="compressed"`: attention over mean-pooled block summaries
   (`LlamaHybridCompressedSparseAttention`; `group_blocks` holds the block rule). Pooling
   (`pool_summaries`) is shared by two kernels: the plain reference `dense_summary_attention`, a (B, H, T, G) score
-  matrix (eager / sdpa), and one block-sparse FlexAttention call over a BlockMask that masks.py builds once per
-  forward (`attn_implementation="flex_attention"`, `LlamaHybridCompressedSparseAttention.summary_attention`).
+  matrix (eager / sdpa), and `flex_summary_attention`, one block-sparse FlexAttention call over a BlockMask that
+  masks.py builds once per forward (`attn_implementation="flex_attention"`); `summary_attention` picks one.
 - gate: `g = 1 - alpha * sigmoid(W x + b)` with a learned per-head `alpha` (`branch_gate.alpha`). With alpha = 0 the
   layer is exactly its global branch (exact upcycling), and d out / d alpha = -sigmoid(.) * (global - local) != 0,
   so the gate still learns; a sigmoid pushed to +-10 would not (slope ~5e-5). alpha is not clamped (a clamp would
@@ -210,10 +210,10 @@ def flex_summary_attention(
 ) -> torch.Tensor:
     """One block-sparse FlexAttention call over the blocks each query sees: (B, H, T, D) -> (B, T, H, D).
 
-    Rows without a visible block come back as zeros. GQA without repeating KV where the group size allows. Compiled once per process as transformers compiles flex (plain
-    flex inside an outer torch.compile), but through a function of our own so its compile cache and dynamic-shape
-    state stay apart from transformers' window kernel (sharing them, our key lengths turn that kernel's shapes
-    dynamic, which CPU inductor in torch 2.13 miscompiles).
+    Rows without a visible block come back as zeros. GQA without repeating KV where the group size allows. Compiled
+    once per process as transformers compiles flex (plain flex inside an outer torch.compile), but through a function
+    of our own so its compile cache and dynamic-shape state stay apart from transformers' window kernel (sharing
+    them, our key lengths turn that kernel's shapes dynamic, which CPU inductor in torch 2.13 miscompiles).
     """
     groups = query.shape[1] // summary_key.shape[1]
     if groups & (groups - 1):  # flex's decoding kernel shares a KV head between a power-of-two number of heads only
