@@ -202,8 +202,17 @@ def test_fresh_gate_starts_at_config_init():
     assert torch.all(model.model.layers[0].self_attn.branch_gate.alpha == 0)
 
 
+@pytest.fixture
+def own_compile_caches():
+    """Flex compiles are process-wide: a test compiling other shapes turns later tests' kernels dynamic (which CPU
+    inductor in torch 2.13 miscompiles for transformers' window kernel) and spends their recompile budget."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_compressed_layer_under_flex_matches_naive_reference(case):
+def test_compressed_layer_under_flex_matches_naive_reference(case, own_compile_caches):
     """The FlexAttention path (a BlockMask of the block summaries, see tests/test_sparse_flex.py) against the same
     per-query reference as the eager and sdpa paths (forward only: CPU FlexAttention has no backward)."""
     test_sparse_layer_matches_naive_reference("compressed", "flex_attention", case)
