@@ -27,9 +27,9 @@ step() {  # step SECONDS COMMAND...: run one script under a limit and say how it
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "${1:-1}" in
 1)
-    step 100 python3 benchmarks/gpu_checks.py
-    step 150 python3 benchmarks/gpu_sparse.py
-    step 290 python3 benchmarks/gpu_train.py --sections llama,moe --fused-loss "$fused_loss" --deadline-s 230
+    step 90 python3 benchmarks/gpu_checks.py
+    step 200 python3 benchmarks/gpu_sparse.py --deadline-s 150
+    step 280 python3 benchmarks/gpu_train.py --sections llama,moe --fused-loss "$fused_loss" --deadline-s 220
     ;;
 2)
     step 200 python3 benchmarks/gpu_decode.py --deadline-s 160
