@@ -160,3 +160,18 @@ def test_recipe_flags_pick_the_experts_kernel_and_compile_the_layers():
     untouched = tiny_model("attention", "sdpa")
     select_kernels(untouched, ModelArguments())
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(untouched))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_router_losses_train_the_router_under_gradient_checkpointing(reentrant):
+    """Router logits returned by checkpointed layers carry gradients: the router's gradient with gradient
+    checkpointing equals the one without (a hook inside a reentrant checkpoint would see no-grad tensors)."""
+    model = tiny_model("attention", "sdpa", router_aux_loss_coef=0.5).train()
+    ids = tokens(2, 7)
+    router = model.model.layers[1].mlp.gate.weight
+    model(ids, labels=ids).loss.backward()
+    expected = router.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(router.grad, expected, atol=1e-6, rtol=0)
