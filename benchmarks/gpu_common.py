@@ -308,3 +308,17 @@ class Results:
         """The last record and the table, printed last."""
         self.record("done", results=self.path)
         print_table(self.rows)
+
+
+def start_benchmark(
+    args: argparse.Namespace, name: str, sections: tuple[str, ...]
+) -> tuple[list[str], str, Results, Ceilings]:
+    """What every benchmark does first: pick sections and device, open `$OUT/<name>.jsonl`, record the machine and
+    the measured ceilings. Returns (sections, device, results, ceilings)."""
+    chosen = chosen_sections(args, sections)
+    device = select_device(args.smoke)
+    results = Results(name, args.deadline_s)
+    results.record("env", **machine_info(device), smoke=args.smoke, sections=chosen)
+    ceilings = measure_ceilings(device, args.smoke)
+    results.record("ceilings", **ceilings.as_record())
+    return chosen, device, results, ceilings

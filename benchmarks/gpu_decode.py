@@ -27,13 +27,10 @@ from gpu_common import (
     Results,
     Row,
     benchmark_parser,
-    chosen_sections,
-    machine_info,
-    measure_ceilings,
     median_time,
     peak_memory_gib,
     reset_peak_memory,
-    select_device,
+    start_benchmark,
 )
 from gpu_train import SMOKE_TRUNK, TRUNK, keep_fp32_modules
 from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig
@@ -178,12 +175,7 @@ def main() -> None:
     parser.add_argument("--sliding-window", type=int, default=512)
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=("grouped_mm", "batched_mm", "eager"))
     args = parser.parse_args()
-    sections = chosen_sections(args, SECTIONS)
-    device = select_device(args.smoke)
-    results = Results("gpu_decode", args.deadline_s)
-    results.record("env", **machine_info(device), smoke=args.smoke, sections=sections)
-    ceilings = measure_ceilings(device, args.smoke)
-    results.record("ceilings", **ceilings.as_record())
+    sections, device, results, ceilings = start_benchmark(args, "gpu_decode", SECTIONS)
     run = dict(
         results=results,
         device=device,

@@ -29,14 +29,11 @@ from gpu_common import (
     Results,
     Row,
     benchmark_parser,
-    chosen_sections,
     free_memory,
-    machine_info,
-    measure_ceilings,
     median_time,
     peak_memory_gib,
     reset_peak_memory,
-    select_device,
+    start_benchmark,
 )
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 from transformers.models.lfm2_moe import Lfm2MoeConfig
@@ -483,12 +480,7 @@ def main() -> None:
         help="also time ours with this loss implementation (liger needs liger-kernel; see BENCHMARKS.md)",
     )
     args = parser.parse_args()
-    sections = chosen_sections(args, SECTIONS)
-    device = select_device(args.smoke)
-    results = Results("gpu_train", args.deadline_s)
-    results.record("env", **machine_info(device), smoke=args.smoke, sections=sections)
-    ceilings = measure_ceilings(device, args.smoke)
-    results.record("ceilings", **ceilings.as_record())
+    sections, device, results, ceilings = start_benchmark(args, "gpu_train", SECTIONS)
     run = Run(
         device=device,
         dtype=torch.float32 if args.smoke else torch.bfloat16,
