@@ -10,7 +10,8 @@ Variants (batch 1, one layer's attention core plus its q/k/v/o projections, forw
                       FlexAttention block masks / flash-attention windows on GPU)
 
 The local branch here is a banded window kernel (query chunks of W attend to their own and the previous chunk),
-the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the model's own `compressed_attention`.
+the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the model's own
+reference (`pool_summaries` + `dense_summary_attention`).
 
     python benchmarks/sparse_cost.py                 # 256 ... 16384, a few minutes on 2 cores
     python benchmarks/sparse_cost.py --max-len 4096  # quicker
@@ -19,13 +20,20 @@ the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_hybrid.sparse_attention import BlockLayout, build_block_layout, compressed_attention
+from modeling_llama_hybrid.sparse_attention import (
+    BlockLayout,
+    dense_summary_attention,
+    group_blocks,
+    pool_summaries,
+    with_visible,
+)
 
 HEADS, HEAD_DIM = 4, 32
 HIDDEN = HEADS * HEAD_DIM
@@ -54,16 +62,13 @@ def banded_local_attention(query, key, value, window: int) -> torch.Tensor:
 
 def layout_for(length: int, block: int) -> BlockLayout:
     positions = torch.arange(length)[None]
-    layout = build_block_layout(positions, positions, positions, block)
+    layout = with_visible(group_blocks(positions, positions, positions, block))
     cos = torch.ones(1, length, HEAD_DIM)  # rotation cost is O(n*D); identity tables keep the timing about attention
     summaries = layout.visible.shape[-1]
-    return BlockLayout(
-        layout.key_positions,
-        layout.summary_of_key,
-        layout.summary_positions,
-        layout.visible,
-        (cos, torch.zeros_like(cos)),
-        (torch.ones(1, summaries, HEAD_DIM), torch.zeros(1, summaries, HEAD_DIM)),
+    return dataclasses.replace(
+        layout,
+        key_rotary=(cos, torch.zeros_like(cos)),
+        summary_rotary=(torch.ones(1, summaries, HEAD_DIM), torch.zeros(1, summaries, HEAD_DIM)),
     )
 
 
@@ -104,7 +109,7 @@ def variants(length: int, window: int):
         def run():
             q, k, v = qkv()
             local = banded_local_attention(q, k, v, w)
-            glob, has_block = compressed_attention(q, k, v, layouts[w], HEAD_DIM**-0.5)
+            glob, has_block = dense_summary_attention(q, *pool_summaries(k, v, layouts[w]), layouts[w], HEAD_DIM**-0.5)
             glob = torch.where(has_block, glob, local.transpose(1, 2)).transpose(1, 2)
             return out(0.5 * glob + 0.5 * local)
 

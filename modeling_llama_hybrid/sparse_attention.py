@@ -135,13 +135,6 @@ def with_visible(layout: BlockLayout) -> BlockLayout:
     return dataclasses.replace(layout, visible=visible)
 
 
-def build_block_layout(
-    key_positions: torch.Tensor, query_slots: torch.Tensor, query_positions: torch.Tensor, block_size: int
-) -> BlockLayout:
-    """The reference layout: `group_blocks` plus the dense visibility (exact G)."""
-    return with_visible(group_blocks(key_positions, query_slots, query_positions, block_size))
-
-
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (B, heads, N, D) with cos, sin (B, N, D)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -229,17 +222,6 @@ def flex_kernel(query, key, value, block_mask, scale: float, enable_gqa: bool) -
 @functools.cache
 def compiled_flex_kernel():
     return torch.compile(flex_kernel)
-
-
-def compressed_attention(
-    query: torch.Tensor, raw_key: torch.Tensor, value: torch.Tensor, layout: BlockLayout, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference global branch end to end: pooling, then dense attention over the summaries.
-
-    query (B, H, T, D) rotated; raw_key, value (B, KV, S, D), keys before RoPE. Returns out (B, T, H, D), has_block.
-    """
-    summary_key, summary_value = pool_summaries(raw_key, value, layout)
-    return dense_summary_attention(query, summary_key, summary_value, layout, scaling)
 
 
 def gate_mix(gate: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
