@@ -118,32 +118,20 @@ def save_atomically(output_dir: str | Path, write, overwrite: bool = False) -> P
 
 
 def convert_llama(
-    source: str,
-    output_dir: str | Path,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    recipe=None,
-    report: bool = True,
+    source: str, output_dir: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
-    """Write a LlamaHybrid folder (safetensors, config, tokenizer + chat template, generation config).
+    """Write a LlamaHybrid folder (safetensors, config, tokenizer + chat template, generation config) whose layers
+    are all LLaMA's: the same logits as the source. `upcycle.upcycle_llama` writes a hybrid instead."""
+    llama, tokenizer, generation = load_llama(source, dtype)
+    return write_model_folder(llama_to_hybrid(llama), tokenizer, generation, output_dir, overwrite)
 
-    With an `upcycle.UpcycleRecipe` the model is upcycled into a hybrid (function-preserving at step 0) and, unless
-    `report=False`, a table of its layers, parameters and measured deviation from the source is printed.
-    """
-    llama, tokenizer, generation = load_llama(source, None if recipe is not None else dtype)
-    if recipe is None:
-        hybrid = llama_to_hybrid(llama)
-    else:
-        from .upcycle import describe, measure_deviation, plan_layers, upcycle
 
-        hybrid = upcycle(llama, recipe)
-        deviation = measure_deviation(llama, hybrid, tokenizer, recipe.sliding_window) if report else None
-        print(describe(hybrid, plan_layers(llama.config.num_hidden_layers, recipe), deviation))
-        hybrid = hybrid.to(dtype or llama.dtype)  # measured in fp32, saved in the requested dtype
-    hybrid.generation_config = generation
+def write_model_folder(model, tokenizer, generation: GenerationConfig, output_dir: str | Path, overwrite: bool) -> Path:
+    """Save model, tokenizer and generation config into `output_dir` in one atomic step."""
+    model.generation_config = generation
 
     def write(folder: Path) -> None:
-        hybrid.save_pretrained(folder)
+        model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     return save_atomically(output_dir, write, overwrite)

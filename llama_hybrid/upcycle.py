@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
-from .convert import hybrid_config_from_llama
+from .convert import hybrid_config_from_llama, load_llama, write_model_folder
 
 GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
 ROUTER_STD = 0.01
@@ -117,6 +118,25 @@ def plan_layers(num_source_layers: int, recipe: UpcycleRecipe) -> list[TargetLay
         if i in recipe.insert_conv_after:
             plan.append(TargetLayer(None, "conv", "dense"))
     return plan
+
+
+def upcycle_llama(
+    source: str,
+    output_dir: str | Path,
+    recipe: UpcycleRecipe,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    report: bool = True,
+) -> Path:
+    """Convert a LLaMA checkpoint (folder, Hub id or GGUF) and upcycle it into a hybrid folder: function-preserving
+    at step 0. Unless `report=False`, prints a table of its layers, parameters and measured deviation from the
+    source (measured in fp32; the weights are saved in `dtype`, default the source's)."""
+    llama, tokenizer, generation = load_llama(source, None)
+    hybrid = upcycle(llama, recipe)
+    deviation = measure_deviation(llama, hybrid, tokenizer, recipe.sliding_window) if report else None
+    print(describe(hybrid, plan_layers(llama.config.num_hidden_layers, recipe), deviation))
+    hybrid = hybrid.to(dtype or llama.dtype)
+    return write_model_folder(hybrid, tokenizer, generation, output_dir, overwrite)
 
 
 def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridConfig, list[TargetLayer]]:

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_LLAMA
 
 from llama_hybrid.cli import main
-from llama_hybrid.session import fit_history
+from llama_hybrid.cli.session import fit_history
 from llama_hybrid.tokenization import save_tokenizer, train_tokenizer_from_iterator
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 

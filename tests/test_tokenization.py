@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from llama_hybrid.cli import main
+from llama_hybrid.cli.tokenizer import add_subcommand
 from llama_hybrid.tokenization import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -27,7 +29,6 @@ from llama_hybrid.tokenization import (
     train_tokenizer,
     train_tokenizer_from_iterator,
 )
-from llama_hybrid.tokenization.cli import add_subcommand
 from llama_hybrid.tokenization.compare import split_topics
 
 VOCAB_SIZE = 800
@@ -234,9 +235,10 @@ def test_cli_requires_an_action() -> None:
 
 def test_cli_reports_bad_input_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.txt"
-    args = _parse(["tokenizer", "train", "--input", str(missing), "--vocab-size", "600", "--output", str(tmp_path)])
-    assert args.func(args) == 2
-    assert str(missing) in capsys.readouterr().err
+    argv = ["tokenizer", "train", "--input", str(missing), "--vocab-size", "600", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import modeling_llama_hybrid  # noqa: F401  (registers LlamaHybrid with the Auto classes)
-
-from .default_model import default_model_dir
+from llama_hybrid.default_model import default_model_dir
 
 
 @dataclass

@@ -7,10 +7,9 @@ The main CLI owns the top-level parser and calls `add_subcommand(subparsers)`; e
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from .trainer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from llama_hybrid.tokenization.trainer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -55,18 +54,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train, save and summarise; bad input becomes a one-line error and exit code 2, not a traceback."""
-    try:
-        tokenizer = train_tokenizer(
-            args.input,
-            vocab_size=args.vocab_size,
-            min_frequency=args.min_frequency,
-            show_progress=args.progress,
-        )
-        out = save_tokenizer(tokenizer, args.output)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Train, save and summarise (bad input raises; `main` turns it into one `error:` line and exit code 2)."""
+    tokenizer = train_tokenizer(
+        args.input,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        show_progress=args.progress,
+    )
+    out = save_tokenizer(tokenizer, args.output)
     print(f"Trained byte-level BPE tokenizer: vocab size {len(tokenizer)} (requested {args.vocab_size})")
     if len(tokenizer) < args.vocab_size:
         print("  (the corpus ran out of pairs to merge before the requested size: add text or lower --min-frequency)")

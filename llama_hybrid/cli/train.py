@@ -69,16 +69,16 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     module_name, _ = STAGES[args.stage]
-    module = importlib.import_module(f"{__package__}.{module_name}")
+    module = importlib.import_module(f"llama_hybrid.training.{module_name}")
     return module.main(args.stage_args)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation import evaluate_perplexity
-    from .io import read_texts
-    from .loading import load_model, load_tokenizer, resolve_model_path
+    from llama_hybrid.training.evaluation import evaluate_perplexity
+    from llama_hybrid.training.io import read_texts
+    from llama_hybrid.training.loading import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from llama_hybrid.training.plot import plot_run
 
     print(f"wrote {plot_run(args.run_dir, args.output, args.title)}")
     return 0

@@ -35,7 +35,7 @@ def pydoc_split(tokenizer, seq_len: int) -> tuple[list[list[int]], list[str]]:
     """(training blocks of `seq_len` token ids, held-out texts): split by topic so no text is in both."""
     from pydoc_data.topics import topics
 
-    from .tokenization.compare import split_topics
+    from llama_hybrid.tokenization.compare import split_topics
 
     train_keys, heldout_keys = split_topics(topics)
     stream = tokenizer("\n\n".join(topics[k] for k in train_keys))["input_ids"]
@@ -44,7 +44,7 @@ def pydoc_split(tokenizer, seq_len: int) -> tuple[list[list[int]], list[str]]:
 
 
 def perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> float:
-    from .training.evaluation import evaluate_perplexity
+    from llama_hybrid.training.evaluation import evaluate_perplexity
 
     stream = tokenizer("\n\n".join(texts))["input_ids"][:max_tokens]
     text = tokenizer.decode(stream)
@@ -85,9 +85,9 @@ def fine_tune(model, blocks: list[list[int]], args) -> list[float]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .convert import load_llama
-    from .default_model import default_gguf_path
-    from .upcycle import describe, measure_deviation, plan_layers, recipe_for, upcycle
+    from llama_hybrid.convert import load_llama
+    from llama_hybrid.default_model import default_gguf_path
+    from llama_hybrid.upcycle import describe, measure_deviation, plan_layers, recipe_for, upcycle
 
     print("== 1. upcycle the default model (SmolLM2-135M-Instruct, dequantised Q4_1) ==", flush=True)
     source, tokenizer, generation = load_llama(str(default_gguf_path()))

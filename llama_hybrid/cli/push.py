@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from .folder import DEFAULT_MAX_SHARD_SIZE
+from llama_hybrid.hub_upload.folder import DEFAULT_MAX_SHARD_SIZE
+from llama_hybrid.hub_upload.publish import push
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -47,25 +47,18 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    """Run `push`; anything the user can fix becomes `error: ...` and exit code 2, not a traceback."""
-    from .publish import HubUploadError, push
-    from .verify import VerificationError
-
-    try:
-        push(
-            args.model_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            dry_run=args.dry_run,
-            staging_dir=args.staging_dir,
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-            token_env=args.token_env,
-            base_model=args.base_model,
-            license=args.license,
-        )
-    except (HubUploadError, VerificationError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Run `push` (what the user can fix raises; `main` turns it into one `error:` line and exit code 2)."""
+    push(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        staging_dir=args.staging_dir,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        token_env=args.token_env,
+        base_model=args.base_model,
+        license=args.license,
+    )
     return 0

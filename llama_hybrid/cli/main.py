@@ -1,9 +1,21 @@
-"""`llama-hybrid` command line: convert, generate, chat (and the subcommands other parts of the project add)."""
+"""`llama-hybrid` command line: convert, generate, chat (and the subcommands other parts of the project add).
+
+The library is imported inside the command functions: it loads torch and transformers, which `--help` and
+argument errors need not wait for.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from llama_hybrid.hub_upload.publish import HubUploadError
+from llama_hybrid.hub_upload.verify import VerificationError
+
+from . import demo, push, tokenizer, train
+
+# What a user can fix (a missing file, a bad value, an upload refused): one `error:` line and exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, HubUploadError, VerificationError)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -71,7 +83,7 @@ def _recipe_from_args(args, num_layers_of):
     overrides = {name: getattr(args, name) for name in UPCYCLE_FIELDS if getattr(args, name, None) is not None}
     if args.preset is None and not overrides:
         return None
-    from .upcycle import UpcycleRecipe, recipe_for
+    from llama_hybrid.upcycle import UpcycleRecipe, recipe_for
 
     if args.preset is None:
         return UpcycleRecipe(**overrides)
@@ -114,21 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_cmd_chat)
 
-    from .demo import add_subcommand as demo_cmd
-
-    demo_cmd(sub)
-    for extension in _extensions():
-        extension(sub)
+    for add_subcommands in (demo.add_subcommand, tokenizer.add_subcommand, push.add_subcommand, train.add_subcommand):
+        add_subcommands(sub)
     return parser
-
-
-def _extensions():
-    """Subcommands owned by other parts of the project (each adds itself to the parser)."""
-    from .hub_upload.cli import add_subcommand as push_cmd
-    from .tokenization.cli import add_subcommand as tokenizer_cmd
-    from .training.cli import add_subcommand as training_cmds
-
-    return [tokenizer_cmd, push_cmd, training_cmds]
 
 
 def _torch_dtype(name: str):
@@ -138,25 +138,27 @@ def _torch_dtype(name: str):
 
 
 def _cmd_convert(args) -> int:
-    from .convert import convert_llama
+    from llama_hybrid.convert import convert_llama, source_location
+    from llama_hybrid.upcycle import upcycle_llama
 
     def num_source_layers() -> int:
         from transformers import AutoConfig
-
-        from .convert import source_location
 
         location, kwargs = source_location(args.source)
         return AutoConfig.from_pretrained(location, **kwargs).num_hidden_layers
 
     recipe = _recipe_from_args(args, num_source_layers)
     dtype = _torch_dtype(args.dtype)
-    folder = convert_llama(args.source, args.output_dir, dtype=dtype, overwrite=args.overwrite, recipe=recipe)
+    if recipe is None:
+        folder = convert_llama(args.source, args.output_dir, dtype=dtype, overwrite=args.overwrite)
+    else:
+        folder = upcycle_llama(args.source, args.output_dir, recipe, dtype=dtype, overwrite=args.overwrite)
     print(f"Wrote LlamaHybrid model to {folder}")
     return 0
 
 
 def _cmd_export_llama(args) -> int:
-    from .convert import export_llama
+    from llama_hybrid.convert import export_llama
 
     folder = export_llama(args.model_dir, args.output_dir, overwrite=args.overwrite)
     print(f"Wrote LLaMA model to {folder} (loadable with transformers.LlamaForCausalLM and LLaMA tooling)")
@@ -206,13 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 __all__ = ["build_parser", "main"]
