@@ -10,8 +10,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from ..default_model import DEFAULT_MODEL_NAME, cache_dir
-from ..upcycle import parameter_counts  # one definition of total vs active parameters
+from llama_hybrid.default_model import DEFAULT_MODEL_NAME, cache_dir
+from llama_hybrid.upcycle import parameter_counts  # one definition of total vs active parameters
 
 EVAL_RESULTS_FILE = "eval_results.json"
 MIXER_TAGS = {"sparse_attention": "sparse-attention", "conv": "short-convolution"}

@@ -17,14 +17,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import modeling_llama_hybrid
+from llama_hybrid.convert import save_atomically
 from modeling_llama_hybrid import (
     LlamaHybridConfig,
     LlamaHybridForCausalLM,
     LlamaHybridForSequenceClassification,
     LlamaHybridModel,
 )
-
-from ..convert import save_atomically
 
 # The Hub's advice is shards of a few GB: resumable uploads, and no single file too large to download.
 DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -17,7 +17,7 @@ def resolve_model_path(model_name_or_path: str | None) -> str:
     """The given folder/Hub id, or the embedded default model (fetched and converted on first use)."""
     if model_name_or_path:
         return model_name_or_path
-    from ..default_model import default_model_dir
+    from llama_hybrid.default_model import default_model_dir
 
     return str(default_model_dir())
 
@@ -34,13 +34,13 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def new_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    from ..tokenization.trainer import train_tokenizer_from_iterator
+    from llama_hybrid.tokenization.trainer import train_tokenizer_from_iterator
 
     return train_tokenizer_from_iterator(texts, vocab_size=vocab_size, length=len(texts))
 
 
 def preset_config(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> LlamaHybridConfig:
-    from ..tokenization.trainer import model_config_kwargs
+    from llama_hybrid.tokenization.trainer import model_config_kwargs
 
     config = LlamaHybridConfig.from_preset(
         args.preset,
