@@ -1,0 +1,485 @@
+"""The cache of a compressed sparse attention layer: only what the layer reads, O(W + n/b) per layer.
+
+Per row it holds the last W - 1 keys (rotated) and values of the window, the rotated key and value summaries of the
+completed blocks, and the open block's raw (pre-RoPE) keys and values (at most b - 1), all right-aligned in fixed
+buffers, plus the row's block state: its last position, where its document started and how many summaries it has.
+Everything else follows from those (how many window / open slots are valid, the open block's positions), so left-
+padded rows keep their own block boundaries, and rolling back a step is a slice of recorded buffers, never a
+floating-point subtraction from a running sum.
+
+One forward through the cache (prefill, chunked prefill, assisted candidates or one token) is described by a
+`CompressedStep`, built once per forward from the first compressed layer's state (every compressed layer holds the
+same block state: they see the same tokens) by `compressed_step`. Each layer then calls `update_compressed`, which
+returns the window keys and values (cached + new) and the summaries (stored + those the new tokens form), and keeps
+the new state. The layer attends with the banded window kernel and the summary kernel (sparse_attention.py).
+
+Classes: `CompressedSparseLayer` (dynamic: the summary buffer grows by one slot per completed block) and
+`StaticCompressedSparseLayer` (fixed buffers, in-place updates, compileable; cannot crop). Both replace the stock
+layer of a compressed sparse attention layer in a transformers `Cache` (`install_compressed_layers`), which keeps
+the config's stock `layer_types` and every other layer as transformers built it.
+
+Shape legend: B batch, KV key/value heads, T new tokens, D head dim, W window, b block size, P = b - 1 + T pooled
+slots, G stored summaries (+1 spare slot in static buffers), N summaries the new tokens form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
+
+from .banded_attention import WindowLayout, window_layout
+from .sparse_attention import block_means, rotate_keys
+
+
+@dataclass
+class CompressedStep:
+    """One forward through a compressed cache, shared by all compressed layers."""
+
+    window: WindowLayout  # over the W - 1 cached window slots followed by the T new tokens
+    pool_summary: torch.Tensor  # (B, P) which new summary each pooled slot (open block + new) joins; N = spare
+    summary_positions: torch.Tensor  # (B, N) first position j*b of each new summary's block (its RoPE position)
+    visible: torch.Tensor  # (B, T, G + N) query t sees stored summary g / new summary n
+    store_index: torch.Tensor  # (B, N) buffer slot each completed new summary is stored at; G (spare) for others
+    store_blocks: torch.Tensor  # (B, N) block number of each new summary
+    last_position: torch.Tensor  # (B,) the row's last position after this step (-1: nothing yet)
+    doc_start: torch.Tensor  # (B,) first position of the row's last document after this step
+    num_summaries: torch.Tensor  # (B,) stored summaries after this step
+    capacity: int  # G after this step
+    summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, N, D), added by the model
+
+    @property
+    def num_new_summaries(self) -> int:
+        return self.summary_positions.shape[1]
+
+
+def right_aligned_positions(last: torch.Tensor, count: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, slots) positions of a buffer whose last `count` slots hold positions ... last; -1 elsewhere."""
+    index = torch.arange(slots, device=last.device)
+    positions = last[:, None] - (slots - 1 - index)
+    return torch.where(index >= slots - count[:, None], positions, -1)
+
+
+def open_block_count(last: torch.Tensor, doc_start: torch.Tensor, block: int) -> torch.Tensor:
+    """(B,) raw keys in the open block: the tokens of the last, incomplete block of the row's document."""
+    block_start = torch.maximum(doc_start, last.div(block, rounding_mode="floor") * block)
+    return torch.where((last + 1) % block == 0, 0, (last - block_start + 1).clamp(min=0))
+
+
+def last_valid(values: torch.Tensor, valid: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """(B,) the value at each row's last valid slot, `default` for rows without one."""
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    index = torch.where(valid, slots, -1).amax(1)
+    return torch.where(index >= 0, values.gather(1, index.clamp(min=0)[:, None])[:, 0], default)
+
+
+def new_summary_count(starts: torch.Tensor, bound: int | None) -> int:
+    """N: the exact count (a host sync), or the static bound (checked where a check does not break compilation)."""
+    if bound is not None and torch.compiler.is_compiling():
+        return bound
+    needed = max(int(starts.sum(1).max()), 1)
+    if bound is not None and needed > bound:
+        raise ValueError(
+            f"the new tokens form {needed} block summaries in one row, more than the {bound} a static compressed "
+            "cache bounds for one document per row; use cache_implementation='dynamic' for packed documents"
+        )
+    return bound or needed
+
+
+def compressed_step(
+    state: CompressedSparseLayer, positions: torch.Tensor, valid: torch.Tensor, static: bool = False
+) -> CompressedStep:
+    """The step layout of T new tokens at `positions` (B, T) (`valid` False for padding) against `state`.
+
+    Documents: a new token starts one where its position does not continue the previous slot's (the row's last
+    cached position for the first token). Block j (positions [j*b, (j+1)*b) of a document) is visible to a query at
+    position t of the same document iff (j+1)*b - 1 <= t; summaries of the cached document are all complete.
+    """
+    window, block = state.sliding_window, state.block_size
+    batch, length = positions.shape
+    last, doc_start, stored = state.last_position, state.doc_start, state.num_summaries
+    new_positions = torch.where(valid, positions, -1)
+    window_count = (last - doc_start + 1).clamp(0, window - 1)
+    window_positions = right_aligned_positions(last, window_count, window - 1)
+    local = window_layout(torch.cat([window_positions, new_positions], 1), window - 1, window)
+
+    prev_pos = torch.cat([last[:, None], positions[:, :-1]], 1)
+    prev_valid = torch.cat([valid.new_ones(batch, 1), valid[:, :-1]], 1)
+    doc_starts = valid & (~prev_valid | (positions != prev_pos + 1))
+    document = doc_starts.long().cumsum(1)  # (B, T) 0: continues the cached document
+    new_blocks = positions.div(block, rounding_mode="floor")
+    prev_block = torch.cat([last.div(block, rounding_mode="floor")[:, None], new_blocks[:, :-1]], 1)
+    new_starts = valid & (doc_starts | (new_blocks != prev_block))
+
+    open_count = open_block_count(last, doc_start, block)
+    open_positions = right_aligned_positions(last, open_count, block - 1)
+    open_index = torch.arange(block - 1, device=last.device)
+    open_starts = (open_index == block - 1 - open_count[:, None]) & (open_count[:, None] > 0)
+    starts = torch.cat([open_starts, new_starts], 1)  # (B, P) each summary's first slot
+    pool_positions = torch.cat([open_positions, new_positions], 1)
+    pool_valid = pool_positions >= 0
+    summary = starts.long().cumsum(1) - 1
+    bound = -(-starts.shape[1] // block) + 1 if static else None
+    count = new_summary_count(starts, bound)
+    pool_summary = torch.where(pool_valid & (summary < count), summary, count)  # (B, P)
+    pool_document = torch.cat([document.new_zeros(batch, block - 1), document], 1)
+    pool_blocks = pool_positions.div(block, rounding_mode="floor")
+
+    def per_summary(values: torch.Tensor) -> torch.Tensor:  # (B, P) -> (B, N): the value of each summary's slots
+        return values.new_zeros(batch, count + 1).scatter(1, pool_summary, values)[:, :-1]
+
+    summary_valid = per_summary(pool_valid.long()).bool()
+    summary_blocks = per_summary(torch.where(pool_valid, pool_blocks, 0))
+    summary_document = per_summary(torch.where(pool_valid, pool_document, 0))
+    complete_at = (summary_blocks + 1) * block - 1  # (B, N) last position of each summary's block
+    sees_new = (
+        summary_valid[:, None]
+        & (summary_document[:, None] == document[:, :, None])
+        & (complete_at[:, None] <= positions[:, :, None])
+    )  # (B, T, N)
+    capacity = state.summary_slots
+    sees_stored = (torch.arange(capacity, device=last.device) < stored[:, None])[:, None] & (document == 0)[..., None]
+
+    new_last = last_valid(positions, valid, last)
+    last_document = last_valid(document, valid, torch.zeros_like(last))
+    keep = summary_valid & (summary_document == last_document[:, None]) & (complete_at <= new_last[:, None])
+    base = torch.where(last_document == 0, stored, 0)
+    num_summaries = base + keep.sum(1)
+    new_capacity = capacity if static else max(capacity, int(num_summaries.max()))
+    if static and not torch.compiler.is_compiling() and int(num_summaries.max()) > state.max_summaries:
+        raise ValueError(
+            f"a row needs {int(num_summaries.max())} block summaries, more than the {state.max_summaries} this static "
+            "compressed cache holds; use a larger max_cache_len or cache_implementation='dynamic'"
+        )
+    spare = state.max_summaries if static else new_capacity
+    store_index = torch.where(keep, base[:, None] + keep.long().cumsum(1) - 1, spare)
+    last_doc_start = last_valid(positions, doc_starts, doc_start)
+    return CompressedStep(
+        window=local,
+        pool_summary=pool_summary,
+        summary_positions=summary_blocks * block,
+        visible=torch.cat([sees_stored.expand(-1, length, -1), sees_new], -1),
+        store_index=store_index,
+        store_blocks=summary_blocks,
+        last_position=new_last,
+        doc_start=torch.where(last_document > 0, last_doc_start, doc_start),
+        num_summaries=num_summaries,
+        capacity=new_capacity,
+    )
+
+
+def keep_last(states: torch.Tensor, slots: int) -> torch.Tensor:
+    """The last `slots` entries along dim -2 (a slice; `slots` may be 0)."""
+    return states.narrow(-2, states.shape[-2] - slots, slots)
+
+
+class CompressedSparseLayer(CacheLayerMixin):
+    """Dynamic compressed cache of one compressed sparse attention layer (see the module docstring).
+
+    Rolling back (assisted decoding, `crop`): while `record_past` is on, the window and open-block buffers keep
+    every new token instead of dropping the ones the layer no longer reads, and the summaries carry their block
+    numbers, so `crop(-n)` is a slice; the buffers go back to W - 1 and b - 1 slots at every `crop`, as
+    transformers' `DynamicSlidingWindowLayer` does.
+    """
+
+    is_sliding = True
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, sliding_window: int, block_size: int, **kwargs):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.block_size = block_size
+        self.cumulative_length = 0
+        self.record_past = False
+        self.recorded = 0  # tokens added since recording started or the last crop: the most `crop` can remove
+
+    @property
+    def summary_slots(self) -> int:
+        return self.summary_keys.shape[2] if self.is_initialized else 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        batch, heads, dim = self.batch_size, self.num_heads, key_states.shape[-1]
+
+        def zeros(slots: int) -> torch.Tensor:
+            return key_states.new_zeros(batch, heads, slots, dim)
+
+        self.window_keys, self.window_values = zeros(self.sliding_window - 1), zeros(self.sliding_window - 1)
+        self.open_keys, self.open_values = zeros(self.block_size - 1), zeros(self.block_size - 1)
+        slots = self.initial_summary_slots()
+        self.summary_keys, self.summary_values = zeros(slots), zeros(slots)
+        long = dict(dtype=torch.long, device=self.device)
+        self.summary_blocks = torch.full((batch, slots), -1, **long)
+        self.last_position = torch.full((batch,), -1, **long)
+        self.doc_start = torch.zeros(batch, **long)
+        self.num_summaries = torch.zeros(batch, **long)
+        self.keys, self.values = self.window_keys, self.window_values  # what generic Cache code inspects
+        self.is_initialized = True
+
+    def initial_summary_slots(self) -> int:
+        return 0
+
+    def ensure_initialized(self, key_states: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, key_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "a compressed sparse attention cache layer is updated by its layer through `update_compressed`; it holds "
+            "no full key/value history to return"
+        )
+
+    def update_compressed(
+        self, raw_key: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: CompressedStep
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens; return what this step attends to.
+
+        raw_key (pre-RoPE), key (rotated), value: (B, KV, T, D). Returns the window keys and values (B, KV, W-1+T, D)
+        and the summary keys (rotated) and values (B, KV, G + N, D), stored ones first, laid out as `step` says.
+        """
+        self.ensure_initialized(raw_key)
+        window_keys = torch.cat([keep_last(self.window_keys, self.sliding_window - 1), key], -2)
+        window_values = torch.cat([keep_last(self.window_values, self.sliding_window - 1), value], -2)
+        pool_keys = torch.cat([keep_last(self.open_keys, self.block_size - 1), raw_key], -2)
+        pool_values = torch.cat([keep_last(self.open_values, self.block_size - 1), value], -2)
+        count = step.num_new_summaries
+        new_keys = rotate_keys(block_means(pool_keys, step.pool_summary, count), *step.summary_rotary)
+        new_values = block_means(pool_values, step.pool_summary, count)
+        summary_keys = torch.cat([self.summary_keys, new_keys], -2)
+        summary_values = torch.cat([self.summary_values, new_values], -2)
+        self.store(key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step)
+        return window_keys, window_values, summary_keys, summary_values
+
+    def store(
+        self, key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step
+    ):
+        if self.record_past:
+            self.window_keys = torch.cat([self.window_keys, key], -2)
+            self.window_values = torch.cat([self.window_values, value], -2)
+            self.open_keys = torch.cat([self.open_keys, raw_key], -2)
+            self.open_values = torch.cat([self.open_values, value], -2)
+            self.recorded += key.shape[-2]
+        else:
+            self.window_keys = keep_last(window_keys, self.sliding_window - 1)
+            self.window_values = keep_last(window_values, self.sliding_window - 1)
+            self.open_keys = keep_last(pool_keys, self.block_size - 1)
+            self.open_values = keep_last(pool_values, self.block_size - 1)
+        grow = step.capacity - self.summary_slots + 1  # + 1: a spare slot for the summaries that are not kept
+        index = step.store_index[:, None, :, None].expand_as(new_keys)
+
+        def scatter(buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            padded = torch.cat([buffer, buffer.new_zeros(*buffer.shape[:2], grow, buffer.shape[-1])], -2)
+            return padded.scatter(2, index, new)[:, :, : step.capacity]
+
+        self.summary_keys = scatter(self.summary_keys, new_keys)
+        self.summary_values = scatter(self.summary_values, new_values)
+        blocks = torch.cat([self.summary_blocks, self.summary_blocks.new_full((self.batch_size, grow), -1)], 1)
+        self.summary_blocks = blocks.scatter(1, step.store_index, step.store_blocks)[:, : step.capacity]
+        self.last_position, self.doc_start, self.num_summaries = step.last_position, step.doc_start, step.num_summaries
+        self.keys, self.values = self.window_keys, self.window_values
+        self.cumulative_length += key.shape[-2]
+
+    # --- the Cache API -----------------------------------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kv_offset = max(self.get_seq_length() - self.sliding_window + 1, 0)
+        return self.sliding_window - 1 + query_length, kv_offset
+
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor the layer holds."""
+        if not self.is_initialized:
+            return 0
+        names = ("window_keys", "window_values", "open_keys", "open_values", "summary_keys", "summary_values")
+        names += ("summary_blocks", "last_position", "doc_start", "num_summaries")
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def batch_tensors(self) -> tuple[str, ...]:
+        return (
+            "window_keys",
+            "window_values",
+            "open_keys",
+            "open_values",
+            "summary_keys",
+            "summary_values",
+            "summary_blocks",
+            "last_position",
+            "doc_start",
+            "num_summaries",
+        )
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self.batch_tensors():
+            setattr(self, name, fn(getattr(self, name)))
+        self.batch_size = self.last_position.shape[0]
+        self.keys, self.values = self.window_keys, self.window_values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(lambda t: t[indices])
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative int, as transformers' layers take it); `crop(0)`
+        brings recorded buffers back to their working size. Only tokens recorded since recording started (or the
+        last crop) can be removed: the layer dropped everything else it no longer reads."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop a compressed sparse attention cache with a negative int: the tokens to remove")
+        removed = -tokens_to_remove
+        if removed > self.recorded:
+            raise RuntimeError(
+                f"cannot remove {removed} tokens from a compressed sparse attention cache that recorded only "
+                f"{self.recorded}: call cache.activate_past_recording() before adding the tokens to roll back "
+                "(generate() does so for assisted decoding)"
+            )
+        if not self.is_initialized:
+            return
+        if removed:
+            self.last_position = self.last_position - removed
+            held = torch.arange(self.summary_slots, device=self.device) < self.num_summaries[:, None]
+            done = (self.summary_blocks + 1) * self.block_size - 1 <= self.last_position[:, None]
+            self.num_summaries = (held & done).sum(1)
+            for name in ("window_keys", "window_values", "open_keys", "open_values"):
+                states = getattr(self, name)
+                setattr(self, name, states[..., : states.shape[-2] - removed, :])
+            self.cumulative_length -= removed
+        self.window_keys = keep_last(self.window_keys, self.sliding_window - 1)
+        self.window_values = keep_last(self.window_values, self.sliding_window - 1)
+        self.open_keys = keep_last(self.open_keys, self.block_size - 1)
+        self.open_values = keep_last(self.open_values, self.block_size - 1)
+        self.keys, self.values = self.window_keys, self.window_values
+        self.recorded = 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None
+        self.cumulative_length = 0
+        self.recorded = 0
+
+
+class StaticCompressedSparseLayer(CompressedSparseLayer):
+    """Fixed-size compressed cache for `cache_implementation="static"`: buffers allocated once (summaries for
+    ceil(max_cache_len / b) + 1 blocks, plus a spare slot) and updated in place, so a compiled decode step keeps its
+    shapes and addresses. It cannot roll back (assisted decoding needs a dynamic cache), like transformers' static
+    sliding-window layer once past its window."""
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, sliding_window: int, block_size: int, max_cache_len: int, **kwargs):
+        super().__init__(sliding_window, block_size)
+        self.max_cache_len = max_cache_len
+        self.max_summaries = -(-max_cache_len // block_size) + 1
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    @property
+    def summary_slots(self) -> int:
+        return self.max_summaries + 1
+
+    def initial_summary_slots(self) -> int:
+        return self.max_summaries + 1
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for name in (*self.batch_tensors(), "cumulative_length"):
+                torch._dynamo.mark_static_address(getattr(self, name))
+
+    def store(
+        self, key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step
+    ):
+        self.window_keys.copy_(keep_last(window_keys, self.sliding_window - 1))
+        self.window_values.copy_(keep_last(window_values, self.sliding_window - 1))
+        self.open_keys.copy_(keep_last(pool_keys, self.block_size - 1))
+        self.open_values.copy_(keep_last(pool_values, self.block_size - 1))
+        index = step.store_index[:, None, :, None].expand_as(new_keys)
+        self.summary_keys.scatter_(2, index, new_keys)
+        self.summary_values.scatter_(2, index, new_values)
+        self.summary_blocks.scatter_(1, step.store_index, step.store_blocks)
+        self.last_position.copy_(step.last_position)
+        self.doc_start.copy_(step.doc_start)
+        self.num_summaries.copy_(step.num_summaries)
+        self.cumulative_length.add_(key.shape[-2])
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self.batch_tensors():
+            buffer = getattr(self, name)
+            moved = fn(buffer)
+            if moved.shape == buffer.shape:
+                buffer.copy_(moved)  # in place: keeps the static addresses
+            else:
+                setattr(self, name, moved)
+        self.batch_size = self.last_position.shape[0]
+        self.keys, self.values = self.window_keys, self.window_values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise RuntimeError(
+                "a static compressed sparse attention cache cannot be rolled back (it keeps only the window, the "
+                "block summaries and the open block); use cache_implementation='dynamic' for assisted decoding"
+            )
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for name in self.batch_tensors():
+                getattr(self, name).zero_()
+            self.last_position.fill_(-1)
+            self.summary_blocks.fill_(-1)
+        self.cumulative_length.zero_()
+
+
+def compressed_layer_indices(config) -> list[int]:
+    """Layers whose mixer is compressed sparse attention."""
+    if getattr(config, "global_attention", None) != "compressed":
+        return []
+    return [i for i, kind in enumerate(config.mixer_types) if kind == "sparse_attention"]
+
+
+def install_compressed_layers(cache, config):
+    """Give each compressed sparse attention layer of `cache` its compressed cache layer, in place.
+
+    Only fresh stock layers are replaced (a transformers `DynamicLayer` / `StaticLayer` that holds nothing yet); a
+    layer that already holds keys keeps them (the layer then runs its reference path over the full cache). A
+    `Cache` that creates its layers lazily gets them created up to the compressed ones.
+    """
+    if cache is None or not hasattr(cache, "layers"):
+        return cache
+    for index in compressed_layer_indices(config):
+        if index >= len(cache.layers):
+            if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer:
+                continue
+            while len(cache.layers) <= index:
+                cache.layers.append(DynamicLayer())
+        layer = cache.layers[index]
+        if isinstance(layer, CompressedSparseLayer) or layer.is_initialized:
+            continue
+        if type(layer) is DynamicLayer:
+            cache.layers[index] = CompressedSparseLayer(config.sliding_window, config.compress_block_size)
+        elif type(layer) is StaticLayer:
+            cache.layers[index] = StaticCompressedSparseLayer(
+                config.sliding_window, config.compress_block_size, layer.max_cache_len
+            )
+    return cache
