@@ -1,0 +1,38 @@
+"""vLLM tests: run in the vLLM environment (`make test-vllm`); every module skips itself where vLLM is not installed
+(`vllm_helpers.require_vllm`), and nothing here imports vLLM, so the main suite collects this folder cleanly.
+
+Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni"): a start then costs ~15 s
+instead of ~1-3 min for the spawned engine and worker processes on a 2-core machine; the server test runs vLLM's
+real multi-process server. Each model gets one engine per module (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty for these tests
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vllm_helpers import save_tiny_hybrid, save_upcycled  # noqa: E402
+
+import modeling_llama_hybrid  # noqa: E402, F401  (registers the config for transformers in this process)
+from llama_hybrid.default_model import default_gguf_path, default_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded SmolLM2-135M-Instruct converted to LlamaHybrid (llama layout, real weights)."""
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid_dir(tmp_path_factory, smollm2_dir):
+    return save_tiny_hybrid(tmp_path_factory.mktemp("tiny-hybrid"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def upcycled_dir(tmp_path_factory, smollm2_dir):
+    return save_upcycled(tmp_path_factory.mktemp("upcycled"), default_gguf_path(), smollm2_dir)
