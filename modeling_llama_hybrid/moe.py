@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, use_experts_implementation
 from transformers.utils import logging
 
 from .mlp import LlamaHybridMLP
@@ -42,7 +42,34 @@ class LlamaHybridRouter(nn.Module):
         return logits_NE, weights_Nk, experts_Nk
 
 
-@use_experts_implementation
+def _grouped_mm_aligned(experts: nn.Module, hidden_NH: torch.Tensor) -> bool:
+    """torch's grouped_mm needs 16-byte aligned rows: H and I must be multiples of 4 (fp32) or 8 (fp16/bf16)."""
+    itemsize = experts.down_proj.element_size()
+    if not all(dim * itemsize % 16 == 0 for dim in experts.down_proj.shape[1:]):
+        return False
+    # compiled code cannot read pointers; the buffers torch.compile allocates are aligned
+    return torch.compiler.is_compiling() or hidden_NH.data_ptr() % 16 == 0
+
+
+def grouped_mm_where_aligned(experts: nn.Module, hidden_NH, experts_Nk, weights_Nk) -> torch.Tensor:
+    """transformers' grouped_mm kernel, or its batched_mm for shapes grouped_mm rejects (torch raises "strides
+    should be multiple of 16 bytes" instead of falling back)."""
+    if not _grouped_mm_aligned(experts, hidden_NH):
+        logger.warning_once(
+            "grouped_mm needs hidden_size and moe_intermediate_size to be multiples of 16 bytes "
+            f"({experts.down_proj.shape[1:]} in {experts.down_proj.dtype}); using batched_mm for these experts instead."
+        )
+        return ALL_EXPERTS_FUNCTIONS["batched_mm"](experts, hidden_NH, experts_Nk, weights_Nk)
+    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_NH, experts_Nk, weights_Nk)
+
+
+# The kernels `config._experts_implementation` picks from: transformers' own, with grouped_mm behind the alignment
+# guard. A local mapping of this model's: the library-wide ALL_EXPERTS_FUNCTIONS is left as it is.
+EXPERTS_FUNCTIONS = ExpertsInterface()
+EXPERTS_FUNCTIONS["grouped_mm"] = grouped_mm_where_aligned
+
+
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class LlamaHybridExperts(nn.Module):
     """E SwiGLU experts as fused 3-D weights. `forward` is the "eager" kernel; `batched_mm` / `grouped_mm` are
     transformers' kernels picked by `config._experts_implementation` (`experts_implementation=` at load time)."""
@@ -63,33 +90,6 @@ class LlamaHybridExperts(nn.Module):
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             out_NH.index_add_(0, token_idx, (expert_out * weights_Nk[token_idx, slot, None]).to(out_NH.dtype))
         return out_NH
-
-
-_dispatch_experts = LlamaHybridExperts.forward
-
-
-def _grouped_mm_aligned(experts: LlamaHybridExperts, hidden_NH: torch.Tensor) -> bool:
-    """torch's grouped_mm needs 16-byte aligned rows: H and I must be multiples of 4 (fp32) or 8 (fp16/bf16)."""
-    itemsize = experts.down_proj.element_size()
-    if not all(dim * itemsize % 16 == 0 for dim in experts.down_proj.shape[1:]):
-        return False
-    # compiled code cannot read pointers; the buffers torch.compile allocates are aligned
-    return torch.compiler.is_compiling() or hidden_NH.data_ptr() % 16 == 0
-
-
-def _experts_forward(self: LlamaHybridExperts, hidden_NH, experts_Nk, weights_Nk) -> torch.Tensor:
-    if self.config._experts_implementation == "grouped_mm" and not _grouped_mm_aligned(self, hidden_NH):
-        logger.warning_once(
-            "grouped_mm needs hidden_size and moe_intermediate_size to be multiples of 16 bytes "
-            f"({self.down_proj.shape[1:]} in {self.down_proj.dtype}); using batched_mm for these experts instead."
-        )
-        return ALL_EXPERTS_FUNCTIONS["batched_mm"](self, hidden_NH, experts_Nk, weights_Nk)
-    return _dispatch_experts(self, hidden_NH, experts_Nk, weights_Nk)
-
-
-# The kernel dispatcher installed by @use_experts_implementation, behind a guard for shapes grouped_mm rejects
-# (torch raises "strides should be multiple of 16 bytes" instead of falling back).
-LlamaHybridExperts.forward = _experts_forward
 
 
 def experts_loop_reference(experts: LlamaHybridExperts, hidden_NH, experts_Nk, weights_Nk) -> torch.Tensor:
