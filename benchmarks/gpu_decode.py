@@ -14,8 +14,10 @@ Bytes read per token = every parameter (the embedding table counted whole, as th
 token is not routed to (k of E per MoE layer); the copy rate is bytes copied per second by a device-to-device copy,
 measured here. The KV cache and conv state (a few MB at 384 tokens) are left out.
 
-    PYTHONPATH=. OUT=out python benchmarks/gpu_decode.py --deadline-s 300
-    PYTHONPATH=. python benchmarks/gpu_decode.py --smoke
+With the package installed (`pip install -e .`; on the GPU machine `benchmarks/gpu_session.sh` installs it):
+
+    OUT=out python benchmarks/gpu_decode.py --deadline-s 300
+    python benchmarks/gpu_decode.py --smoke
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def build(config, device: str, dtype: torch.dtype, experts: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     keep_fp32_modules(model)
-    if "sparse" in getattr(config, "mlp_layer_types", ()):
+    if getattr(config, "has_moe", False):
         model.set_experts_implementation(experts)
     model.generation_config.pad_token_id = 0
     return model.eval()

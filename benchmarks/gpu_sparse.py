@@ -16,24 +16,21 @@ table inside a 150 s limit):
 The table printed last gives SDPA / ours at each length against the targets (>= 4x at 32k, >= 8x at 128k; stretch
 5x / 10x), the peak memory of each, and the correctness errors.
 
-    PYTHONPATH=. OUT=out python benchmarks/gpu_sparse.py                   # GPU: check at 4k, time 32k, 128k, 8k
-    PYTHONPATH=. python benchmarks/gpu_sparse.py --lengths 8192,32768
-    PYTHONPATH=. python benchmarks/gpu_sparse.py --smoke                   # CPU, tiny, forward only, seconds
+With the package installed (`pip install -e .`; on the GPU machine `benchmarks/gpu_session.sh` installs it):
+
+    OUT=out python benchmarks/gpu_sparse.py                   # GPU: check at 4k, time 32k, 128k, 8k
+    python benchmarks/gpu_sparse.py --lengths 8192,32768
+    python benchmarks/gpu_sparse.py --smoke                   # CPU, tiny, forward only, seconds
 --smoke runs every code path on the CPU in fp32 and forward only: CPU FlexAttention has no backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run without PYTHONPATH=.
-
-from gpu_common import (  # noqa: E402
+from gpu_common import (
     Results,
     Row,
     benchmark_parser,
@@ -46,10 +43,10 @@ from gpu_common import (  # noqa: E402
     sync,
 )
 
-from modeling_llama_hybrid import LlamaHybridConfig  # noqa: E402
-from modeling_llama_hybrid.masks import build_masks  # noqa: E402
-from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding  # noqa: E402
-from modeling_llama_hybrid.sparse_attention import LlamaHybridCompressedSparseAttention, gate_mix  # noqa: E402
+from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid.masks import build_masks
+from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
+from modeling_llama_hybrid.sparse_attention import LlamaHybridCompressedSparseAttention, gate_mix
 
 SECTIONS = ("correctness", "speed")
 TARGETS = {32768: (4.0, 5.0), 131072: (8.0, 10.0)}  # length -> (target, stretch) for SDPA time / ours
@@ -90,7 +87,7 @@ class SparseCore:
         self.rotary = LlamaHybridRotaryEmbedding(self.config).to(device)
 
     def masks(self, length: int, dtype: torch.dtype):
-        """SparseMasks of one unpadded row, with the RoPE tables LlamaHybridModel.with_block_rotary adds."""
+        """SparseMasks of one unpadded row, with the RoPE tables masks.with_block_rotary adds."""
         stub = torch.empty(1, 1, self.config.hidden_size, device=self.device, dtype=dtype).expand(1, length, -1)
         positions = torch.arange(length, device=self.device)[None]
         sparse = build_masks(self.config, stub, None, None, positions)["sparse_attention"]

@@ -14,8 +14,10 @@ count k of E) + 12 x attention width x keys each query sees (fwd + bwd of QK^T a
 attention, as the anchors counted; windows and block summaries count what they see; the short conv counts 0).
 MFU = that x tokens/s / the bf16 matmul rate measured here.
 
-    PYTHONPATH=. OUT=out python benchmarks/gpu_train.py --sections llama,moe --deadline-s 420
-    PYTHONPATH=. python benchmarks/gpu_train.py --smoke     # tiny CPU run of every code path (seconds)
+With the package installed (`pip install -e .`; on the GPU machine `benchmarks/gpu_session.sh` installs it):
+
+    OUT=out python benchmarks/gpu_train.py --sections llama,moe --deadline-s 420
+    python benchmarks/gpu_train.py --smoke     # tiny CPU run of every code path (seconds)
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def compare_training(
     """Peer first, then ours eager, then ours with compiled layers; only one model on the device while timed."""
     results = run.results
     peer = build(peer_config, run, experts=peer_experts)
-    ours_experts = "grouped_mm" if "sparse" in ours_config.mlp_layer_types else None
+    ours_experts = "grouped_mm" if ours_config.has_moe else None
     state = None
     if same_weights:
         ours = build(ours_config, run, experts=ours_experts)

@@ -11,10 +11,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from llama_hybrid.default_model import DEFAULT_MODEL_NAME, cache_dir
-from llama_hybrid.upcycle import parameter_counts  # one definition of total vs active parameters
+from llama_hybrid.reporting import parameter_counts
+from modeling_llama_hybrid.mixers import MIXERS
 
 EVAL_RESULTS_FILE = "eval_results.json"
-MIXER_TAGS = {"sparse_attention": "sparse-attention", "conv": "short-convolution"}
 
 
 @dataclass
@@ -195,8 +195,8 @@ def build_model_card(
 ) -> ModelCard:
     config = model.config
     tags = ["llama-hybrid", "custom_code", *provenance.tags]
-    tags += [tag for mixer, tag in MIXER_TAGS.items() if mixer in config.mixer_types]
-    if "sparse" in config.mlp_layer_types:
+    tags += [spec.card_tag for spec in MIXERS.values() if spec.card_tag and config.layers_of(spec.kind)]
+    if config.has_moe:
         tags.append("moe")
     data = ModelCardData(
         library_name="transformers",
@@ -229,7 +229,6 @@ __all__ = [
     "Provenance",
     "SMOLLM2_PROVENANCE",
     "build_model_card",
-    "parameter_counts",
     "provenance_for",
     "read_eval_results",
 ]

@@ -50,7 +50,7 @@ def compile_decoder_layers(
     """
     config = getattr(model, "config", None)
     experts = getattr(config, "_experts_implementation", None)
-    if fullgraph and experts == "eager" and "sparse" in getattr(config, "mlp_layer_types", ()):
+    if fullgraph and experts == "eager" and getattr(config, "has_moe", False):
         raise ValueError(
             "fullgraph=True cannot compile the eager experts loop (it reads expert ids on the host); call "
             "model.set_experts_implementation('grouped_mm') (or 'batched_mm') first"

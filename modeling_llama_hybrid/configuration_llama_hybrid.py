@@ -5,21 +5,16 @@ mixer and feed-forward; `layer_types` (the cache/mask vocabulary transformers un
 `mixer_types` and never set by hand, because transformers validates and sometimes rewrites that field.
 """
 
-from __future__ import annotations
-
-import ast
-import dataclasses
+import functools
 import math
-import types
-import typing
 
-import torch
 from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassFieldValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
+from .mixers import MIXER_TYPES, MIXERS
+
 CONFIG_FORMAT_VERSION = 1
-MIXER_TYPES = ("attention", "sparse_attention", "conv")
 MLP_LAYER_TYPES = ("dense", "sparse")
 GLOBAL_ATTENTION_TYPES = ("full", "compressed")
 PRESETS = ("llama", "seed", "hybrid")
@@ -34,11 +29,38 @@ class ConfigTypeError(ValueError, TypeError):
     which is what transformers' strict dataclass checks raise for upstream configs)."""
 
 
-# Cache/mask vocabulary of transformers for each mixer: sparse attention keeps one ordinary KV entry (its two
-# branches differ only in their masks); the short conv keeps its state in a LinearAttentionLayer.
-_CACHE_LAYER_TYPE = {"attention": "full_attention", "sparse_attention": "full_attention", "conv": "conv"}
+def _errors_name_the_field(cls):
+    """Turn the errors of `@strict` into the ValueErrors this config promises: the one place they are converted.
+
+    `@strict` wraps the `__init__` and `__setattr__` of the class it decorates, so code in the class body runs
+    inside its checks and never sees their errors; this decorator sits outside it. A value of the wrong type
+    (StrictDataclassFieldValidationError, from `__setattr__`, during construction or later) becomes ConfigTypeError
+    naming the field and its declared type; a failed `validate_*` method (StrictDataclassClassValidationError, from
+    `__init__`) re-raises the validator's own ValueError, whose message names the field.
+    """
+    strict_init, strict_setattr = cls.__init__, cls.__setattr__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassClassValidationError as err:
+            raise err.__cause__ from None
+
+    @functools.wraps(strict_setattr)
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as err:
+            declared = cls.__dataclass_fields__[name].type
+            declared = declared.__name__ if isinstance(declared, type) else str(declared).replace("typing.", "")
+            raise ConfigTypeError(f"{name} must be {declared}, got {value!r} ({type(value).__name__})") from err
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    return cls
 
 
+@_errors_name_the_field
 @strict
 class LlamaHybridConfig(PreTrainedConfig):
     r"""Configuration of a LlamaHybrid model.
@@ -93,6 +115,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     }
 
     # --- LLaMA fields: same names, defaults and meaning as transformers.LlamaConfig ---
+    # (`float | int` where LlamaConfig says `float`: a whole number such as 0 is accepted as a float, as always)
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -101,8 +124,8 @@ class LlamaHybridConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    initializer_range: float | int = 0.02
+    rms_norm_eps: float | int = 1e-6
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -122,7 +145,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     sliding_window: int | None = 512
     global_attention: str = "full"
     compress_block_size: int = 64
-    sparse_gate_init: float = 0.5
+    sparse_gate_init: float | int = 0.5
     conv_kernel_size: int = 4
     conv_bias: bool = False
     num_experts: int = 8
@@ -130,18 +153,16 @@ class LlamaHybridConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None
     num_shared_experts: int = 0
     norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.001
-    router_z_loss_coef: float = 0.001
+    router_aux_loss_coef: float | int = 0.001
+    router_z_loss_coef: float | int = 0.001
     output_router_logits: bool = False
     config_format_version: int | None = None  # None: not in the file (format 0) or a fresh config
 
     def __post_init__(self, **kwargs):
-        # Types first: the defaults below do arithmetic on the fields. (The strict-dataclass type checks never run
-        # for this class: with `from __future__ import annotations` its field types are strings, which
-        # huggingface_hub's validators skip, on transformers 5.17 and 5.24 alike.)
-        check_field_types(self)
+        # Field types are already checked (by `@strict`, as each field is set); values are checked once the
+        # defaults below are filled in, by `validate_hybrid_layout`.
         _migrate(self)
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -151,16 +172,9 @@ class LlamaHybridConfig(PreTrainedConfig):
             self.mlp_layer_types = ["dense"] * self.num_hidden_layers
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
-        # Value checks run here, before transformers' own validators, so a bad value raises a plain ValueError
-        # naming the field (strict-dataclass validators would wrap it in a StrictDataclass*Error).
-        check_hybrid_config(self)
-        self.layer_types = [_CACHE_LAYER_TYPE[kind] for kind in self.mixer_types]
+        # an unknown kind is kept as it is, for `validate_hybrid_layout` to refuse by name
+        self.layer_types = [MIXERS[kind].cache_layer_type if kind in MIXERS else kind for kind in self.mixer_types]
         super().__post_init__(**kwargs)  # folds legacy rope_theta / rope_scaling into rope_parameters
-        _check_rope(self.rope_parameters)
-        try:  # transformers' own rope check runs again in validate(), but reports missing keys as a KeyError
-            self.validate_rope()
-        except KeyError as err:
-            raise ValueError(f"rope_parameters={self.rope_parameters!r} is incomplete: {err.args[0]}") from err
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -175,16 +189,45 @@ class LlamaHybridConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     def validate_hybrid_layout(self):
-        """Re-run the checks when the config is validated again (transformers does so in `save_pretrained`)."""
+        """Every value check, run once after construction and again in `save_pretrained` (`@strict`'s `validate`).
+
+        Class validators run in name order, so this one runs before transformers' `validate_layer_type` and
+        `validate_rope`: a bad layout or rope dict is reported here, by field, not by them.
+        """
         check_hybrid_config(self)
+        _check_rope(self.rope_parameters)
+        try:  # transformers' own rope check reports missing keys as a KeyError
+            self.validate_rope()
+        except KeyError as err:
+            raise ValueError(f"rope_parameters={self.rope_parameters!r} is incomplete: {err.args[0]}") from err
 
     @property
     def is_plain_llama(self) -> bool:
         """True when every layer is full attention + dense MLP: the model is exactly LLaMA."""
-        return set(self.mixer_types) == {"attention"} and set(self.mlp_layer_types) == {"dense"}
+        return set(self.mixer_types) == {"attention"} and not self.has_moe
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers whose feed-forward is a Mixture of Experts (`mlp_layer_types[i] == "sparse"`)."""
+        return [i for i, kind in enumerate(self.mlp_layer_types) if kind == "sparse"]
+
+    @property
+    def has_moe(self) -> bool:
+        """Some layer's feed-forward is a Mixture of Experts (the router losses apply)."""
+        return bool(self.moe_layers)
+
+    def layers_of(self, *kinds: str) -> list[int]:
+        """Indices of the layers whose mixer is one of `kinds` (values of `mixer_types`)."""
+        return [i for i, kind in enumerate(self.mixer_types) if kind in kinds]
+
+    @property
+    def first_kv_layer(self) -> int | None:
+        """The first layer with a key/value cache entry (its entry answers the cache length), None if none has one."""
+        kv_layers = [i for i, kind in enumerate(self.mixer_types) if MIXERS[kind].cache_layer_type == "full_attention"]
+        return kv_layers[0] if kv_layers else None
 
     @classmethod
-    def from_preset(cls, preset: str, **kwargs) -> LlamaHybridConfig:
+    def from_preset(cls, preset: str, **kwargs) -> "LlamaHybridConfig":
         """Named layouts over `num_hidden_layers` layers (default 12 here when not given).
 
         - `"llama"`: all attention + dense — exactly LLaMA.
@@ -202,43 +245,6 @@ class LlamaHybridConfig(PreTrainedConfig):
         return cls(mixer_types=mixers, mlp_layer_types=mlps, **kwargs)
 
 
-_strict_setattr = LlamaHybridConfig.__setattr__
-
-
-def _setattr_with_value_errors(self, name: str, value) -> None:
-    """huggingface_hub's strict `__setattr__` type-checks the fields whose annotations are real types (the base
-    config's fields on transformers 5.17) and raises StrictDataclassFieldValidationError, which is no ValueError:
-    re-raise it as ConfigTypeError with the same message style as `check_field_types`."""
-    try:
-        _strict_setattr(self, name, value)
-    except StrictDataclassFieldValidationError as err:
-        raise ConfigTypeError(f"{name} must be {_declared_type(name)}, got {value!r} ({type(value).__name__})") from err
-
-
-LlamaHybridConfig.__setattr__ = _setattr_with_value_errors
-
-
-def _declared_type(name: str) -> str:
-    field = next((f for f in dataclasses.fields(LlamaHybridConfig) if f.name == name), None)
-    return "the declared type" if field is None else " or ".join(_annotation_options(_type_name(field.type)))
-
-
-def _type_name(annotation) -> str:
-    """A field type as the source spells it (`int | None`); 5.17 keeps real types for the base config's fields."""
-    if isinstance(annotation, str):
-        return annotation
-    if isinstance(annotation, typing.ForwardRef):
-        return annotation.__forward_arg__
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return "None"
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        module = annotation.__module__
-        return annotation.__name__ if module == "builtins" else f"{module}.{annotation.__name__}"
-    return str(annotation).replace("typing.", "")  # list[str], dict[...], Literal[...]
-
-
 def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
     """Per-layer (mixer_types, mlp_layer_types) of a preset for `num_layers` layers."""
     if preset == "llama":
@@ -254,7 +260,7 @@ def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
     return mixers, mlps
 
 
-def _migrate(config: LlamaHybridConfig) -> None:
+def _migrate(config: "LlamaHybridConfig") -> None:
     """Bring a config saved by an older format version up to CONFIG_FORMAT_VERSION (in place).
 
     Format 0 is a `config.json` without the version field, e.g. a LLaMA `config.json` whose `model_type` was
@@ -263,7 +269,7 @@ def _migrate(config: LlamaHybridConfig) -> None:
     a format 2 would add its steps here, keyed by the version it upgrades from.
     """
     version = config.config_format_version or 0
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+    if version < 0:
         raise ValueError(f"config_format_version must be a non-negative int, got {version!r}")
     if version > CONFIG_FORMAT_VERSION:
         raise ValueError(
@@ -277,7 +283,7 @@ def _positive_int(config, name: str, allow_none: bool = False) -> None:
     value = getattr(config, name)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if value is None or value <= 0:  # the type is checked already: an int, or None where the field allows it
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -293,45 +299,6 @@ def _choice_list(config, name: str, allowed: tuple[str, ...]) -> None:
     for i, value in enumerate(values):
         if value not in allowed:
             raise ValueError(f"{name}[{i}]={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _annotation_options(annotation: str) -> list[str]:
-    """`"int | list[int] | None"` -> `["int", "list[int]", "None"]` (dataclass field types are strings here)."""
-    return [part.strip() for part in annotation.split("|")]
-
-
-_TYPE_TESTS = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "None": lambda v: v is None,
-    "dict": lambda v: isinstance(v, dict),
-    "torch.dtype": lambda v: isinstance(v, torch.dtype),
-}
-
-
-def _matches(value, option: str) -> bool:
-    if option.startswith("Literal["):
-        return value in ast.literal_eval(f"[{option[len('Literal[') : -1]}]")
-    if option.startswith("list["):
-        inner = option[len("list[") : -1]
-        return isinstance(value, (list, tuple)) and all(_matches(item, inner) for item in value)
-    if option.startswith("dict["):
-        return isinstance(value, dict)
-    test = _TYPE_TESTS.get(option)
-    return test is None or test(value)  # an annotation this checker does not know is not checked
-
-
-def check_field_types(config: LlamaHybridConfig) -> None:
-    """Raise ConfigTypeError (a ValueError) naming the first field whose value does not have its declared type."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name, None)
-        options = _annotation_options(_type_name(field.type))
-        if not any(_matches(value, option) for option in options):
-            raise ConfigTypeError(
-                f"{field.name} must be {' or '.join(options)}, got {value!r} ({type(value).__name__})"
-            )
 
 
 def _check_rope(rope: dict) -> None:
@@ -350,9 +317,9 @@ def _check_rope(rope: dict) -> None:
         raise ValueError(f"rope_parameters['factor'] must be a number >= 1, got {factor!r}")
 
 
-def check_hybrid_config(config: LlamaHybridConfig) -> None:
-    """Raise ValueError naming the field and the allowed values for every impossible setting."""
-    check_field_types(config)
+def check_hybrid_config(config: "LlamaHybridConfig") -> None:
+    """Raise ValueError naming the field and the allowed values for every impossible setting (types are checked
+    by `@strict`)."""
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         _positive_int(config, name)
     for name in ("num_key_value_heads", "head_dim", "max_position_embeddings", "conv_kernel_size"):
@@ -369,7 +336,7 @@ def check_hybrid_config(config: LlamaHybridConfig) -> None:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {config.head_dim}")
     if config.hidden_act not in _activations():
         raise ValueError(f"hidden_act={config.hidden_act!r} is not known; choose one of {sorted(_activations())}")
-    if not (isinstance(config.rms_norm_eps, (int, float)) and config.rms_norm_eps > 0):
+    if not config.rms_norm_eps > 0:
         raise ValueError(f"rms_norm_eps must be a positive number, got {config.rms_norm_eps!r}")
     if not (isinstance(config.attention_dropout, (int, float)) and 0 <= config.attention_dropout < 1):
         raise ValueError(f"attention_dropout must be in [0, 1), got {config.attention_dropout!r}")
@@ -377,9 +344,9 @@ def check_hybrid_config(config: LlamaHybridConfig) -> None:
     _choice_list(config, "mlp_layer_types", MLP_LAYER_TYPES)
     if config.global_attention not in GLOBAL_ATTENTION_TYPES:
         raise ValueError(f"global_attention={config.global_attention!r}; choose one of {list(GLOBAL_ATTENTION_TYPES)}")
-    _positive_int(config, "sliding_window", allow_none="sparse_attention" not in config.mixer_types)
+    _positive_int(config, "sliding_window", allow_none=not config.layers_of("sparse_attention"))
     _positive_int(config, "compress_block_size")
-    if not (isinstance(config.sparse_gate_init, (int, float)) and 0 <= config.sparse_gate_init <= 1):
+    if not 0 <= config.sparse_gate_init <= 1:
         raise ValueError(f"sparse_gate_init must be in [0, 1], got {config.sparse_gate_init!r}")
     _check_moe(config)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -389,7 +356,7 @@ def check_hybrid_config(config: LlamaHybridConfig) -> None:
                 raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {config.vocab_size})")
 
 
-def _check_moe(config: LlamaHybridConfig) -> None:
+def _check_moe(config: "LlamaHybridConfig") -> None:
     for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         _positive_int(config, name)
     if config.num_experts_per_tok > config.num_experts:
@@ -397,13 +364,11 @@ def _check_moe(config: LlamaHybridConfig) -> None:
             f"num_experts_per_tok={config.num_experts_per_tok} exceeds num_experts={config.num_experts}; "
             f"choose 1..{config.num_experts}"
         )
-    if isinstance(config.num_shared_experts, bool) or not isinstance(config.num_shared_experts, int):
-        raise ValueError(f"num_shared_experts must be an int >= 0, got {config.num_shared_experts!r}")
     if config.num_shared_experts < 0:
         raise ValueError(f"num_shared_experts must be >= 0, got {config.num_shared_experts}")
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         value = getattr(config, name)
-        if not (isinstance(value, (int, float)) and value >= 0):
+        if not value >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 

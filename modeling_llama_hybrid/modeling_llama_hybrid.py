@@ -2,13 +2,11 @@
 
 Every layer is `h = x + mixer(norm1(x))`, `out = h + ffn(norm2(h))`. With every layer full attention + dense
 SwiGLU the stack is exactly `transformers.LlamaForCausalLM` (same parameter names, same logits). The per-layer
-type lists decide three things only: which mixer (`LlamaHybridDecoderLayer.__init__`), which mask
-(`masks.MASK_KIND`) and which cache layer (`config.layer_types`, derived in the config).
+type lists decide three things only, all read from the mixer registry (`mixers.MIXERS`): which mixer
+(`LlamaHybridDecoderLayer.__init__`), which mask (`mask_kind`) and which cache layer (`config.layer_types`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from torch import nn
@@ -35,16 +33,13 @@ from .checks import (
 from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache
 from .configuration_llama_hybrid import LlamaHybridConfig
 from .loss import LOSS_IMPLEMENTATIONS, linear_cross_entropy
-from .masks import MASK_KIND, build_masks, create_masks_for_generate, default_position_ids, first_layer_of
+from .masks import build_masks, create_masks_for_generate, default_position_ids, with_block_rotary
+from .mixers import MIXERS
 from .mlp import LlamaHybridMLP
 from .moe import LlamaHybridExperts, LlamaHybridRouter, LlamaHybridSparseMoeBlock, load_balancing_loss, router_z_loss
 from .rotary import LlamaHybridRotaryEmbedding
 from .short_conv import LlamaHybridShortConv
-from .sparse_attention import (
-    LlamaHybridBranchGate,
-    LlamaHybridCompressedSparseAttention,
-    LlamaHybridSparseAttention,
-)
+from .sparse_attention import LlamaHybridBranchGate
 
 
 class LlamaHybridRMSNorm(nn.Module):
@@ -63,36 +58,29 @@ class LlamaHybridRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-# Layer attribute that holds each mixer: LLaMA's `self_attn` for attention kinds, LFM2's `conv` for the short conv.
-MIXER_ATTRIBUTE = {"attention": "self_attn", "sparse_attention": "self_attn", "conv": "conv"}
-
-
-def build_mixer(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
-    kind = config.mixer_types[layer_idx]
-    if kind == "attention":
-        return LlamaHybridAttention(config, layer_idx)
-    if kind == "sparse_attention" and config.global_attention == "compressed":
-        return LlamaHybridCompressedSparseAttention(config, layer_idx)
-    if kind == "sparse_attention":
-        return LlamaHybridSparseAttention(config, layer_idx)
-    return LlamaHybridShortConv(config, layer_idx)
-
-
 def build_ffn(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
-    if config.mlp_layer_types[layer_idx] == "sparse":
+    if layer_idx in config.moe_layers:
         return LlamaHybridSparseMoeBlock(config)
     return LlamaHybridMLP(config)
 
 
 class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
+    """`h = x + mixer(norm1(x))`, `out = h + ffn(norm2(h))`. The mixer lives under its registry attribute: LLaMA's
+    `self_attn` for the attention kinds, LFM2's `conv` for the short conv (the other one is None)."""
+
+    self_attn: LlamaHybridAttention | None  # "attention", "sparse_attention" (sparse attention subclasses it)
+    conv: LlamaHybridShortConv | None  # "conv"
+
     def __init__(self, config: LlamaHybridConfig, layer_idx: int):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
-        self.mask_kind = MASK_KIND[self.mixer_type]
-        self.mixer_attribute = MIXER_ATTRIBUTE[self.mixer_type]
-        setattr(self, self.mixer_attribute, build_mixer(config, layer_idx))
+        spec = MIXERS[self.mixer_type]
+        self.mask_kind = spec.mask_kind
+        mixer = spec.build(config, layer_idx)
+        self.self_attn = mixer if spec.attribute == "self_attn" else None
+        self.conv = mixer if spec.attribute == "conv" else None
         self.mlp = build_ffn(config, layer_idx)
-        self.is_moe = config.mlp_layer_types[layer_idx] == "sparse"
+        self.is_moe = layer_idx in config.moe_layers
         self.input_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -109,8 +97,7 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         Router logits are returned rather than captured by an output hook: hooks read a ContextVar that
         torch.compile cannot trace, so a hook inside every layer would split each compiled layer into pieces.
         """
-        mixer = getattr(self, self.mixer_attribute)
-        mixed, _ = mixer(
+        mixed, _ = self.mixer(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + mixed
@@ -120,6 +107,11 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         else:
             ffn_out, router_logits = self.mlp(ffn_input), None
         return hidden_states + ffn_out, router_logits
+
+    @property
+    def mixer(self) -> nn.Module:
+        """The token mixer, whichever attribute holds it."""
+        return self.self_attn if self.self_attn is not None else self.conv
 
 
 class LlamaHybridPreTrainedModel(PreTrainedModel):
@@ -236,7 +228,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 position_ids, self.config.max_position_embeddings
             )
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
-        masks = self.with_block_rotary(masks, inputs_embeds)
+        masks = with_block_rotary(masks, self.rotary_emb, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -263,23 +255,10 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         caches, whose masks generate() prebuilds; conv-only stacks, which count no tokens; compiled code)."""
         if cache is None:
             return 0
-        attention_idx = first_layer_of(self.config, "attention", "sparse_attention")
-        if attention_idx is None or cache.is_compileable or torch.compiler.is_compiling():
+        kv_layer = self.config.first_kv_layer
+        if kv_layer is None or cache.is_compileable or torch.compiler.is_compiling():
             return None
-        return cache.get_seq_length(attention_idx)
-
-    def with_block_rotary(self, masks: dict, inputs_embeds: torch.Tensor) -> dict:
-        """Give the compressed block layout the RoPE tables of its keys and summaries (once per forward)."""
-        sparse = masks.get("sparse_attention")
-        if sparse is None or sparse.blocks is None or sparse.blocks.key_rotary is not None:
-            return masks
-        blocks = sparse.blocks
-        blocks = dataclasses.replace(
-            blocks,
-            key_rotary=self.rotary_emb(inputs_embeds, blocks.key_positions.clamp(min=0)),
-            summary_rotary=self.rotary_emb(inputs_embeds, blocks.summary_positions),
-        )
-        return {**masks, "sparse_attention": sparse._replace(blocks=blocks)}
+        return cache.get_seq_length(kv_layer)
 
 
 class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
@@ -321,7 +300,7 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        has_moe = "sparse" in self.config.mlp_layer_types
+        has_moe = self.config.has_moe
         # The router losses join `loss` whenever labels are given: collect router logits then, even if not requested.
         collect_router_logits = has_moe and (output_router_logits or labels is not None)
         outputs = self.model(

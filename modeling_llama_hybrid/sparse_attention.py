@@ -4,7 +4,7 @@ Both branches share LLaMA's q/k/v/o projections, so a LLaMA attention layer init
 - local: causal sliding window, transformers' meaning of `sliding_window = W` (the token and the W - 1 before it);
 - global, `global_attention="full"`: ordinary causal attention (`LlamaHybridSparseAttention`);
 - global, `global_attention="compressed"`: attention over mean-pooled block summaries
-  (`LlamaHybridCompressedSparseAttention`; `group_blocks` holds the block rule). Pooling
+  (`LlamaHybridCompressedSparseAttention`; block_layout.py holds the block rule). Pooling
   (`pool_summaries`) is shared by two kernels: the plain reference `dense_summary_attention`, a (B, H, T, G) score
   matrix (eager / sdpa), and `flex_summary_attention`, one block-sparse FlexAttention call over a BlockMask that
   masks.py builds once per forward (`attn_implementation="flex_attention"`); `summary_attention` picks one.
@@ -18,9 +18,7 @@ Shape legend: B batch, T queries, S cached keys, G block summaries, H query head
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .attention import LlamaHybridAttention, repeat_kv
+from .block_layout import BlockLayout
 from .rotary import rotate_half
 
 
@@ -38,101 +37,6 @@ class SparseMasks(NamedTuple):
     causal: object  # full causal mask (global "full" branch)
     local: object  # sliding-window causal mask
     blocks: BlockLayout | None  # compressed global branch only
-
-
-@dataclass
-class BlockLayout:
-    """Which keys form which block summary and which summaries each query sees; shared by all compressed layers.
-
-    Built once per forward from position ids (masks.py), so left padding does not shift blocks, padded keys are never
-    pooled, and packed documents (a position that does not continue the previous one) restart their blocks. Summaries
-    are numbered in key order, so a document's summaries are consecutive and the ones a query sees are a range
-    [first_visible, end_visible) of them; the range is expanded once per forward into what the backend needs: the
-    dense `visible` for the reference path, or a FlexAttention `block_mask`.
-    """
-
-    key_positions: torch.Tensor  # (B, S) position id of each key slot, -1 where the slot holds no valid key
-    summary_of_key: torch.Tensor  # (B, S) summary slot of each key in [0, G); padding / overflow go to spare slot G
-    summary_positions: torch.Tensor  # (B, G) first position j*b of each block: where its summary is rotated
-    visible: torch.Tensor | None = None  # (B, T, G) query t sees summary g (reference path only)
-    key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, S, D) at key_positions
-    summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, G, D) at summary_positions
-    first_visible: torch.Tensor | None = None  # (B, T) first summary of the query's document
-    end_visible: torch.Tensor | None = None  # (B, T) one past its last complete block: (j + 1) * b - 1 <= t
-    block_mask: BlockMask | None = None  # FlexAttention mask (B, 1, T, G) of `sees_summary`, flex path only
-
-    @property
-    def query_has_block(self) -> torch.Tensor:
-        """(B, T): the query sees at least one (stored) summary."""
-        return self.end_visible.clamp(max=self.summary_positions.shape[1]) > self.first_visible
-
-
-def sees_summary(first_visible: torch.Tensor, end_visible: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    """A query sees summary g iff first_visible <= g < end_visible (shapes broadcast)."""
-    return (summary >= first_visible) & (summary < end_visible)
-
-
-def group_blocks(
-    key_positions: torch.Tensor,
-    query_slots: torch.Tensor,
-    query_positions: torch.Tensor,
-    block_size: int,
-    max_summaries: int | None = None,
-) -> BlockLayout:
-    """Group valid keys into (document, block j) summaries; block j holds positions [j*b, (j+1)*b).
-
-    key_positions (B, S) with -1 for invalid slots; query_slots (B, T) key slot of each query; query_positions (B, T).
-    Block j is visible to a query at position t of the same document iff it is complete: (j + 1) * b - 1 <= t.
-    G is the largest summary count of a row (one host sync), or `max_summaries` when given (static caches: a fixed G
-    keeps compiled shapes fixed); unused summary slots are invisible. A row needing more than `max_summaries` raises
-    outside torch.compile; inside it (no host sync possible) the extra summaries are dropped, never scattered out of
-    range, and queries that would see only dropped ones fall back to the local branch.
-    """
-    valid = key_positions >= 0
-    block = torch.where(valid, key_positions.div(block_size, rounding_mode="floor"), -1)
-    prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
-    prev_pos = F.pad(key_positions[:, :-1], (1, 0), value=-2)
-    prev_block = F.pad(block[:, :-1], (1, 0), value=-1)
-    doc_start = valid & (~prev_valid | (key_positions != prev_pos + 1))
-    summary_start = valid & (doc_start | (block != prev_block))
-    summary = summary_start.long().cumsum(1) - 1  # (B, S) summary number of each valid key
-    num_summaries = summary_count(summary_start, max_summaries)  # G
-    summary_of_key = torch.where(valid & (summary < num_summaries), summary, num_summaries)
-    summary_block = summary_of_key.new_zeros(key_positions.shape[0], num_summaries + 1)
-    summary_block = summary_block.scatter(1, summary_of_key, block)[:, :-1]  # (B, G) block j of each summary
-    slots = torch.arange(key_positions.shape[1], device=key_positions.device).expand_as(key_positions)
-    doc_first_slot = torch.where(doc_start, slots, 0).cummax(1).values.gather(1, query_slots)  # (B, T)
-    first_visible = summary.gather(1, doc_first_slot)  # the document's first summary holds its first block
-    complete = (query_positions + 1).div(block_size, rounding_mode="floor") - block.gather(1, doc_first_slot)
-    end_visible = first_visible + torch.where(valid.gather(1, query_slots), complete.clamp(min=0), 0)
-    return BlockLayout(
-        key_positions,
-        summary_of_key,
-        summary_block * block_size,
-        first_visible=first_visible,
-        end_visible=end_visible,
-    )
-
-
-def summary_count(summary_start: torch.Tensor, max_summaries: int | None) -> int:
-    """G: the exact count (a host sync), or the static bound, checked where a check does not break compilation."""
-    if max_summaries is not None and torch.compiler.is_compiling():
-        return max_summaries
-    needed = max(int(summary_start.sum(1).max()), 1)
-    if max_summaries is not None and needed > max_summaries:
-        raise ValueError(
-            f"a row holds {needed} blocks of compressed sparse attention, more than the {max_summaries} a static "
-            "cache of this size holds for one document per row (packed documents in one row need more); use a "
-            "dynamic cache (cache_implementation='dynamic') or a larger max_cache_len"
-        )
-    return max_summaries or needed
-
-
-def with_visible(layout: BlockLayout) -> BlockLayout:
-    """The reference path's dense (B, T, G) visibility."""
-    summary = torch.arange(layout.summary_positions.shape[1], device=layout.summary_positions.device)
-    visible = sees_summary(layout.first_visible[:, :, None], layout.end_visible[:, :, None], summary)
-    return dataclasses.replace(layout, visible=visible)
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

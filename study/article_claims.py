@@ -6,7 +6,7 @@
 Three studies, each built from the project's own parts (nothing here re-implements training or scoring):
 
 1. cost      one sparse-attention layer vs sequence length: measured CPU time and analytic FLOPs, with fitted growth
-             exponents (`benchmarks/sparse_cost.py`), plus the analytic model's asymptotic exponents out to n = 2^20.
+             exponents (`study/sparse_cost.py`), plus the analytic model's asymptotic exponents out to n = 2^20.
 2. quality   tiny `llama`, `seed` and `hybrid` models of equal *active* parameters (plus an all-sparse-attention
              LLaMA and a LLaMA of equal *total* parameters to `hybrid`), trained on the same pydoc_data topics for
              the same tokens with `llama_hybrid.training.pretrain.train_causal_lm`, several seeds each, scored with
@@ -26,12 +26,13 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics
 
+import preset_measure  # the study beside this one (active-parameter count)
+import sparse_cost  # the study beside this one (cost of one sparse layer)
 import torch
 from transformers import TrainingArguments, set_seed
 
@@ -47,9 +48,6 @@ from llama_hybrid.training.self_train import SelfTrainArguments, run_self_train
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmarks are scripts, not an installed package
-import preset_measure  # noqa: E402  (active-parameter count)
-import sparse_cost  # noqa: E402  (cost of one sparse layer)
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def variant_config(name: str, tokenizer) -> LlamaHybridConfig:
 def build_model(name: str, tokenizer, seed: int) -> LlamaHybridForCausalLM:
     set_seed(seed)
     model = LlamaHybridForCausalLM(variant_config(name, tokenizer))
-    if "sparse" in model.config.mlp_layer_types:
+    if model.config.has_moe:
         model.set_experts_implementation("eager")  # the fastest experts kernel for training on CPU
     return model
 
@@ -289,7 +287,7 @@ def round_training_args(output_dir: Path, size: Size, seed: int) -> TrainingArgu
 
 
 def attention_core_flops(length: int, window: int | None, block: int | None) -> float:
-    """The analytic model of `benchmarks/sparse_cost.py` without the projections: dense causal 2·n²·D·H;
+    """The analytic model of `study/sparse_cost.py` without the projections: dense causal 2·n²·D·H;
     window + block summaries 4·n·W·D·H + n·D·H + 2·n·(n/b)·D·H, i.e. O(n·W + n²/b)."""
     dh = sparse_cost.HEAD_DIM * sparse_cost.HEADS
     if window is None:
@@ -312,7 +310,7 @@ def cost_study(size: Size, window: int = 64) -> dict:
         }
         for name, (fn, flops) in sparse_cost.variants(length, window).items():
             if name in expected and abs(flops - proj - expected[name]) > 1e-6 * flops:
-                raise AssertionError(f"analytic model out of step with benchmarks/sparse_cost.py for {name}")
+                raise AssertionError(f"analytic model out of step with study/sparse_cost.py for {name}")
             ms = best_of(fn) * 1e3
             measured.setdefault(name, []).append({"n": length, "ms": ms, "gflop": flops / 1e9})
         print(f"cost n={length}: " + ", ".join(f"{k} {v[-1]['ms']:.1f} ms" for k, v in measured.items()), flush=True)

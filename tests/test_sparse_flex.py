@@ -19,16 +19,16 @@ from hybrid_mixer_fixtures import tiny_model, tokens
 from torch.nn.attention.flex_attention import create_block_mask
 from transformers import CompileConfig, DynamicCache, StaticCache
 
-from modeling_llama_hybrid import masks as masks_module
-from modeling_llama_hybrid.masks import static_summary_bound, summary_block_mask
-from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
-from modeling_llama_hybrid.sparse_attention import (
+from modeling_llama_hybrid import block_layout as block_layout_module
+from modeling_llama_hybrid.block_layout import (
     group_blocks,
-    pool_summaries,
     sees_summary,
-    summary_attention,
+    static_summary_bound,
+    summary_block_mask,
     with_visible,
 )
+from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
+from modeling_llama_hybrid.sparse_attention import pool_summaries, summary_attention
 
 # flex running uncompiled (past the recompile limit) would test the dense fallback instead of the kernels
 pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")
@@ -227,13 +227,13 @@ def test_model_logits_flex_match_eager_with_left_padding_and_packing():
 
 def count_calls(monkeypatch, name: str) -> list:
     calls = []
-    original = getattr(masks_module, name)
+    original = getattr(block_layout_module, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(masks_module, name, counted)
+    monkeypatch.setattr(block_layout_module, name, counted)
     return calls
 
 

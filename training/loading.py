@@ -8,17 +8,22 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llama_hybrid.compilation import compile_decoder_layers
+from llama_hybrid.default_model import default_model_dir
+from llama_hybrid.reporting import parameter_counts
+from llama_hybrid.tokenization.trainer import model_config_kwargs, train_tokenizer_from_iterator
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+from modeling_llama_hybrid.mixers import MIXERS
 
 from .arguments import ModelArguments
 
 
 def resolve_model_path(model_name_or_path: str | None) -> str:
-    """The given folder/Hub id, or the embedded default model (fetched and converted on first use)."""
+    """The given folder/Hub id once it is checked to hold a LlamaHybrid (or LLaMA) model, or the embedded default
+    model (fetched and converted on first use)."""
     if model_name_or_path:
-        return model_name_or_path
-    from llama_hybrid.default_model import default_model_dir
+        from llama_hybrid.model_source import locate_model
 
+        return locate_model(model_name_or_path)
     return str(default_model_dir())
 
 
@@ -34,14 +39,10 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def new_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    from llama_hybrid.tokenization.trainer import train_tokenizer_from_iterator
-
     return train_tokenizer_from_iterator(texts, vocab_size=vocab_size, length=len(texts))
 
 
 def preset_config(args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> LlamaHybridConfig:
-    from llama_hybrid.tokenization.trainer import model_config_kwargs
-
     config = LlamaHybridConfig.from_preset(
         args.preset,
         **model_config_kwargs(tokenizer),
@@ -74,12 +75,12 @@ def model_and_tokenizer(args: ModelArguments, texts: Sequence[str] | None = None
             raise ValueError("a new model needs a tokenizer: pass --tokenizer_name_or_path or training text")
         torch.manual_seed(0)
         model = LlamaHybridForCausalLM(preset_config(args, tokenizer))
-        description = f"new {args.preset!r} model ({count_parameters(model):,} parameters)"
+        description = f"new {args.preset!r} model ({parameter_counts(model)[0]:,} parameters)"
     else:
         path = resolve_model_path(args.model_name_or_path)
         model = load_model(path, args.attn_implementation)
         tokenizer = load_tokenizer(args.tokenizer_name_or_path or path)
-        description = f"{path} ({count_parameters(model):,} parameters)"
+        description = f"{path} ({parameter_counts(model)[0]:,} parameters)"
     return select_kernels(model, args), tokenizer, description
 
 
@@ -94,19 +95,14 @@ def select_kernels(model: LlamaHybridForCausalLM, args: ModelArguments) -> Llama
     return model
 
 
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """LoRA targets for every mixer present: attention q/k/v/o, short-conv in/out projections, and (through
-    `target_parameters`) the fused 3-D experts. The sparse-attention `branch_gate` is deliberately left out."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    modules = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj") if m in names]
-    if any(name.endswith(".conv.in_proj") for name, _ in model.named_modules()):
-        modules += ["in_proj", "out_proj"]
+    """LoRA targets for every mixer present (each registry entry's `lora_targets`: attention q/k/v/o, short-conv
+    in/out projections) and, through `target_parameters`, the fused 3-D experts."""
+    config = model.config
+    present = [spec for spec in MIXERS.values() if config.layers_of(spec.kind)]
+    modules = list(dict.fromkeys(target for spec in present for target in spec.lora_targets))
     parameters = []
-    if any(name.endswith("mlp.experts") for name, _ in model.named_modules()):
+    if config.has_moe:
         parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     return modules, parameters
 

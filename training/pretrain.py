@@ -20,7 +20,7 @@ from .arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments, parse_s
 from .evaluation import compute_perplexity_metrics, evaluate_perplexity, preprocess_logits_for_metrics
 from .io import read_texts
 from .loading import model_and_tokenizer
-from .packing import can_pack, causal_lm_collator, tokenize_documents
+from .packing import packing_collator, tokenize_documents
 
 
 @dataclass
@@ -42,10 +42,8 @@ def train_causal_lm(
 ) -> TrainOutcome:
     """Train `model` on `texts` as a packed causal LM with Trainer; writes the model, tokenizer and
     `trainer_state.json` (for `llama-hybrid plot`) into `training_args.output_dir` when `save`."""
-    if "sparse" in getattr(model.config, "mlp_layer_types", []):
-        model.config.output_router_logits = True  # the router losses are part of `loss` (DESIGN §4.4)
-    if not can_pack(model):
-        print("note: conv layers cannot keep packed documents apart yet; training on padded rows instead")
+    if getattr(model.config, "has_moe", False):
+        model.config.output_router_logits = True  # the router losses are part of `loss` (docs/architecture.md)
     train_set = tokenize_documents(texts, tokenizer, max_length, desc="tokenize train")
     eval_set = tokenize_documents(eval_texts, tokenizer, max_length, desc="tokenize eval") if eval_texts else None
     trainer = Trainer(
@@ -53,7 +51,7 @@ def train_causal_lm(
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=causal_lm_collator(model, tokenizer),
+        data_collator=packing_collator(),
         processing_class=tokenizer,
         compute_metrics=compute_perplexity_metrics if eval_set is not None else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if eval_set is not None else None,

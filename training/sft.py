@@ -20,9 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from datasets import Dataset
+
+from llama_hybrid.reporting import trainable_parameter_count
+
 from .arguments import ModelArguments, parse_stage_args
 from .io import read_jsonl
-from .loading import count_parameters, lora_config, model_and_tokenizer
+from .loading import lora_config, model_and_tokenizer
+from .pretrain import format_summary
 
 CHATML_TRAINING_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,8 +45,6 @@ CHATML_TRAINING_TEMPLATE = (
 
 def sft_defaults() -> dict:
     """Flags applied unless the user gives them (SFTConfig's own defaults otherwise; its bf16 default needs a GPU)."""
-    import torch
-
     defaults = {"report_to": "tensorboard", "logging_steps": "5", "save_strategy": "no", "max_length": "512"}
     if not torch.cuda.is_available():
         defaults["bf16"] = "false"
@@ -90,8 +94,7 @@ def load_sft_records(path: str, mode: str) -> list[dict]:
 
 
 def run_sft(model_args: ModelArguments, data_args: SFTDataArguments, sft_config) -> dict:
-    from datasets import Dataset
-    from trl import SFTTrainer
+    from trl import SFTTrainer  # heavy (pulls in accelerate's and TRL's trainers): only when training
 
     if not data_args.train_file:
         raise ValueError("give the conversations with --train_file FILE.jsonl")
@@ -104,7 +107,7 @@ def run_sft(model_args: ModelArguments, data_args: SFTDataArguments, sft_config)
     conversational = "messages" in train[0]
     sft_config.assistant_only_loss = conversational and mode != "completion_only"
     evaluation = load_sft_records(data_args.validation_file, mode) if data_args.validation_file else None
-    if "sparse" not in model.config.mlp_layer_types:
+    if not model.config.has_moe:
         # TRL turns on router logits whenever the config has a non-zero `router_aux_loss_coef`; without MoE layers
         # there are none to balance (its Mixtral loss would fail on the empty tuple).
         sft_config.router_aux_loss_coef = 0.0
@@ -118,7 +121,7 @@ def run_sft(model_args: ModelArguments, data_args: SFTDataArguments, sft_config)
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainable = count_parameters(trainer.model, trainable_only=True)
+    trainable = trainable_parameter_count(trainer.model)
     result = trainer.train()
     metrics = trainer.evaluate() if evaluation else {}
     tokenizer.chat_template = original_template
@@ -139,8 +142,6 @@ def run_sft(model_args: ModelArguments, data_args: SFTDataArguments, sft_config)
         "eval_loss": metrics.get("eval_loss"),
         "output_dir": str(output / "merged") if data_args.lora else str(output),
     }
-    from .pretrain import format_summary
-
     print(format_summary("sft", summary))
     return summary
 

@@ -1,0 +1,144 @@
+"""The mixer registry (`modeling_llama_hybrid.mixers.MIXERS`) is honoured everywhere a mixer kind matters: the module
+and the layer attribute it lives under, the mask the layer receives, the cache layer type, LoRA targets, card tags.
+Also: config type errors raised by huggingface_hub's `@strict` reach the user as ValueErrors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from hybrid_mixer_fixtures import MIXERS as FIXTURE_MIXERS
+from hybrid_mixer_fixtures import tiny_model
+
+from llama_hybrid.hub_upload.card import Provenance, build_model_card
+from llama_hybrid.training.loading import lora_targets
+from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid.configuration_llama_hybrid import ConfigTypeError
+from modeling_llama_hybrid.masks import MASK_BUILDERS, build_masks
+from modeling_llama_hybrid.mixers import MIXER_TYPES, MIXERS
+from modeling_llama_hybrid.sparse_attention import SparseMasks
+
+SMALL = dict(vocab_size=61, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=3)
+
+
+def model_with_layer_0(fixture: str):
+    """Layer 0 is the mixer under test (eager attention: every mask is a tensor), layer 1 a different kind."""
+    return tiny_model(fixture, "eager")
+
+
+def padded_inputs():
+    ids = torch.randint(2, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def same_mask(got, expected) -> bool:
+    if isinstance(expected, SparseMasks):
+        blocks_match = (got.blocks is None) == (expected.blocks is None) and (
+            expected.blocks is None or torch.equal(got.blocks.summary_of_key, expected.blocks.summary_of_key)
+        )
+        return same_mask(got.causal, expected.causal) and same_mask(got.local, expected.local) and blocks_match
+    if isinstance(expected, torch.Tensor):
+        return isinstance(got, torch.Tensor) and torch.equal(got, expected)
+    return got is expected
+
+
+def test_the_registry_covers_every_kind_and_mask_kind():
+    assert MIXER_TYPES == tuple(MIXERS) == ("attention", "sparse_attention", "conv")
+    assert {kind for kind, _ in FIXTURE_MIXERS.values()} == set(MIXERS)
+    for spec in MIXERS.values():
+        assert spec.mask_kind in MASK_BUILDERS, spec.kind
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURE_MIXERS))
+@torch.no_grad()
+def test_layer_builds_the_registered_module_under_its_attribute(fixture):
+    model = model_with_layer_0(fixture)
+    layer, config = model.model.layers[0], model.config
+    spec = MIXERS[config.mixer_types[0]]
+    assert type(layer.mixer) is spec.module_class(config)
+    assert getattr(layer, spec.attribute) is layer.mixer
+    assert all(
+        getattr(layer, other.attribute) is None for other in MIXERS.values() if other.attribute != spec.attribute
+    )
+    assert any(name.startswith(f"model.layers.0.{spec.attribute}.") for name in model.state_dict())
+    assert layer.mask_kind == spec.mask_kind
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURE_MIXERS))
+@torch.no_grad()
+def test_layer_receives_the_mask_of_its_kind(fixture):
+    model = model_with_layer_0(fixture)
+    spec = MIXERS[model.config.mixer_types[0]]
+    received = {}
+
+    def keep_mask(module, args, kwargs):
+        received["mask"] = kwargs["attention_mask"]
+
+    model.model.layers[0].register_forward_pre_hook(keep_mask, with_kwargs=True)
+    ids, mask = padded_inputs()
+    model(ids, attention_mask=mask, use_cache=False)
+    embeds = model.model.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    expected = build_masks(model.config, embeds, mask, None, positions)[spec.mask_kind]
+    assert type(received["mask"]) is type(expected)
+    assert same_mask(received["mask"], expected)
+
+
+@pytest.mark.parametrize("kind", list(MIXERS))
+def test_cache_layer_type_follows_the_registry(kind):
+    config = LlamaHybridConfig(**SMALL, mixer_types=[kind, "attention"], sliding_window=4)
+    renamed = {"conv": "linear_attention"}  # transformers 5.17 renames "conv" for custom-code configs
+    assert config.layer_types[0] in (MIXERS[kind].cache_layer_type, renamed.get(MIXERS[kind].cache_layer_type))
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURE_MIXERS))
+def test_lora_targets_exist_as_modules_of_the_mixer(fixture):
+    model = model_with_layer_0(fixture)
+    spec = MIXERS[model.config.mixer_types[0]]
+    modules = dict(model.named_modules())
+    targets, _ = lora_targets(model)
+    for target in spec.lora_targets:
+        assert f"model.layers.0.{spec.attribute}.{target}" in modules, target
+        assert target in targets
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURE_MIXERS))
+def test_card_tags_every_mixer_present(fixture):
+    model = model_with_layer_0(fixture)
+    tags = build_model_card(model, "someone/tiny", Provenance()).data.tags
+    for kind in set(model.config.mixer_types):
+        if MIXERS[kind].card_tag is not None:
+            assert MIXERS[kind].card_tag in tags
+    absent = set(MIXERS) - set(model.config.mixer_types)
+    assert not any(MIXERS[kind].card_tag in tags for kind in absent if MIXERS[kind].card_tag)
+    assert ("moe" in tags) == model.config.has_moe
+
+
+def test_derived_layout_properties():
+    config = LlamaHybridConfig(
+        **{**SMALL, "num_hidden_layers": 4},
+        mixer_types=["conv", "sparse_attention", "attention", "conv"],
+        mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+    )
+    assert config.layers_of("conv") == [0, 3] and config.layers_of("attention", "sparse_attention") == [1, 2]
+    assert config.first_kv_layer == 1 and config.moe_layers == [1, 3] and config.has_moe
+    conv_only = LlamaHybridConfig(**SMALL, mixer_types=["conv", "conv"])
+    assert conv_only.first_kv_layer is None and not conv_only.has_moe
+
+
+@pytest.mark.parametrize(("name", "value"), [("hidden_size", "24"), ("mixer_types", ["attention", 3])])
+def test_a_wrong_type_is_a_value_error_naming_the_field(name, value):
+    with pytest.raises(ConfigTypeError, match=f"^{name} must be ") as err:
+        LlamaHybridConfig(**{**SMALL, name: value})
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, StrictDataclassError)
+    config = LlamaHybridConfig(**SMALL)
+    with pytest.raises(ValueError, match=f"^{name} must be "):
+        setattr(config, name, value)
+
+
+def test_a_bad_value_is_the_checks_own_value_error():
+    with pytest.raises(ValueError, match=r"mixer_types\[1\]='mamba'") as err:
+        LlamaHybridConfig(**SMALL, mixer_types=["attention", "mamba"])
+    assert not isinstance(err.value, StrictDataclassError)
