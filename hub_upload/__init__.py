@@ -21,7 +21,6 @@ _EXPORTS = {
     "ShippedFile": "folder",
     "build_model_card": "card",
     "provenance_for": "card",
-    "parameter_counts": "card",
     "Provenance": "card",
     "verify_in_fresh_process": "verify",
     "lay_out_hub_cache": "verify",

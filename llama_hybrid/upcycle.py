@@ -34,6 +34,7 @@ from torch import nn
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 from .convert import hybrid_config_from_llama, load_llama, write_model_folder
+from .reporting import parameter_counts
 
 GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
 ROUTER_STD = 0.01
@@ -252,21 +253,6 @@ def _init_inserted_conv_block(layer: nn.Module) -> None:
     for proj in (layer.conv.out_proj, layer.mlp.down_proj):
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token): of each MoE layer's routed experts only `num_experts_per_tok` of `num_experts` run.
-
-    Works on any module holding LlamaHybrid layers (the causal LM, the base model, a PEFT wrapper): routed expert
-    tensors are recognised by name (`.mlp.experts.`) and their leading `num_experts` dimension.
-    """
-    config = model.config
-    total = active = 0
-    for name, param in model.named_parameters():  # tied weights are yielded once
-        total += param.numel()
-        routed = ".mlp.experts." in f".{name}" and param.dim() > 0 and param.shape[0] == config.num_experts
-        active += param.numel() * config.num_experts_per_tok // config.num_experts if routed else param.numel()
-    return total, active
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_pair
 
 from llama_hybrid.cli import main
-from llama_hybrid.upcycle import UpcycleRecipe, parameter_counts, plan_layers, recipe_for, upcycle
+from llama_hybrid.reporting import parameter_counts
+from llama_hybrid.upcycle import UpcycleRecipe, plan_layers, recipe_for, upcycle
 
 WINDOW, BLOCK = 16, 4
 
