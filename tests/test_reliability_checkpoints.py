@@ -18,7 +18,7 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from llama_hybrid.convert import save_atomically
+from llama_hybrid.files import save_atomically
 from modeling_llama_hybrid import LlamaHybridForCausalLM, LlamaHybridForSequenceClassification, LlamaHybridModel
 from modeling_llama_hybrid.checks import CheckpointError
 
@@ -192,7 +192,7 @@ def test_a_llama_checkpoint_loads_as_the_llama_layout_with_the_same_logits(tmp_p
 
 
 def test_interrupted_atomic_save_leaves_no_folder_and_keeps_the_previous_one(saved, tmp_path):
-    """`llama_hybrid.convert.save_atomically` is the safe save path (docs/reliability.md)."""
+    """`llama_hybrid.files.save_atomically` is the safe save path (docs/reliability.md)."""
     model = saved[0]
 
     def crash_midway(folder):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from llama_hybrid.files import write_text_atomically
 
 
 @dataclass
@@ -122,24 +123,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     return records
 
 
-def write_atomic(path: str | os.PathLike[str], content: str) -> Path:
-    """Write `content` to a temporary file next to `path`, then rename it over `path` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict]) -> Path:
-    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_json(path: str | os.PathLike[str], obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return write_text_atomically(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
