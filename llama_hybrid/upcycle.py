@@ -1,6 +1,6 @@
 """Upcycle a LLaMA checkpoint into a LlamaHybrid without losing what it knows (function-preserving at step 0).
 
-What each conversion does to the source model (DESIGN §5):
+What each conversion does to the source model (docs/architecture.md describes each mixer):
 
 - attention -> sparse attention: the same q/k/v/o weights. With a `"full"` global branch the gate starts fully
   global (`alpha = 0`, so `g = 1` exactly): the layer *is* the source attention at any length. With a

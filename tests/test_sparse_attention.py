@@ -1,4 +1,5 @@
-"""Gated global + local sparse attention against plain references (DESIGN §4.2 identities)."""
+"""Gated global + local sparse attention against plain references (the identities listed under "Sparse attention" in
+docs/architecture.md)."""
 
 from __future__ import annotations
 
