@@ -5,6 +5,9 @@ Refusals name the layers and say what to do instead: a model that vLLM cannot ru
 
 from __future__ import annotations
 
+# The mixer kinds of modeling_llama_hybrid.mixers.MIXERS that vllm_model.MIXER_BUILDERS implements.
+SERVED_MIXERS = ("attention", "sparse_attention", "conv")
+
 
 class UnsupportedForVllm(ValueError):
     """This LlamaHybrid config uses something the vLLM model does not implement."""
@@ -23,6 +26,13 @@ def check_supported(config, model_wide_window: int | None = None) -> None:
     model_wide_window: vLLM's `cache_config.sliding_window`, which vLLM's Attention applies to every attention
     without a window of its own; here it would window the full attention and sparse layers' global branch.
     """
+    unserved = sorted(set(config.mixer_types) - set(SERVED_MIXERS))
+    if unserved:
+        layers = [i for i, kind in enumerate(config.mixer_types) if kind in unserved]
+        raise UnsupportedForVllm(
+            f"layers {layers} use mixer kinds {unserved}, which the vLLM model does not implement (it serves "
+            f"{list(SERVED_MIXERS)}); serve this model with transformers' generate()."
+        )
     if layers := compressed_layers(config):
         raise UnsupportedForVllm(
             f"layers {layers} are sparse attention with global_attention='compressed'; the vLLM model does not "

@@ -61,6 +61,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
 from llama_hybrid.serving.support import check_supported
+from modeling_llama_hybrid.mixers import MIXERS
 
 
 class LlamaHybridMLP(nn.Module):
@@ -252,21 +253,32 @@ def build_short_conv(config, vllm_config: VllmConfig, layer_idx: int, prefix: st
     )
 
 
+def build_attention(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> LlamaHybridAttention:
+    return LlamaHybridAttention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+
+
+def build_sparse_attention(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> LlamaHybridAttention:
+    return LlamaHybridSparseAttention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+
+
+# vLLM's module for each kind of modeling_llama_hybrid.mixers.MIXERS (support.py refuses kinds missing here); the
+# registry's `attribute` names the layer attribute, so the checkpoint's parameter names load unchanged.
+MIXER_BUILDERS = {
+    "attention": build_attention,
+    "sparse_attention": build_sparse_attention,
+    "conv": build_short_conv,
+}
+
+
 class LlamaHybridDecoderLayer(nn.Module):
     def __init__(self, config, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         layer_idx = extract_layer_index(prefix)
-        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         kind = config.mixer_types[layer_idx]
-        # the checkpoint's attribute names: LFM2's `conv` for the short conv, LLaMA's `self_attn` otherwise
-        self.mixer_attribute = "conv" if kind == "conv" else "self_attn"
-        if kind == "conv":
-            mixer = build_short_conv(config, vllm_config, layer_idx, f"{prefix}.conv")
-        elif kind == "sparse_attention":
-            mixer = LlamaHybridSparseAttention(config, cache_config, quant_config, f"{prefix}.self_attn")
-        else:
-            mixer = LlamaHybridAttention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        self.mixer_attribute = MIXERS[kind].attribute
+        mixer = MIXER_BUILDERS[kind](config, vllm_config, layer_idx, f"{prefix}.{self.mixer_attribute}")
         setattr(self, self.mixer_attribute, mixer)
+        quant_config = vllm_config.quant_config
         if config.mlp_layer_types[layer_idx] == "sparse":
             self.mlp = LlamaHybridMoE(config, quant_config, f"{prefix}.mlp")
         else:
@@ -277,11 +289,12 @@ class LlamaHybridDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def mix(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.mixer_attribute == "self_attn":
-            return self.self_attn(positions, hidden_states)
-        out = torch.empty_like(hidden_states)  # ShortConv writes into an output buffer (a custom op)
-        self.conv(hidden_states, out)
-        return out
+        mixer = getattr(self, self.mixer_attribute)
+        if isinstance(mixer, ShortConv):  # vLLM's layer writes into an output buffer (it is a custom op)
+            out = torch.empty_like(hidden_states)
+            mixer(hidden_states, out)
+            return out
+        return mixer(positions, hidden_states)
 
     def forward(self, positions, hidden_states, residual) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM's fused residual form: returns (ffn output, residual stream); the next norm adds them."""
