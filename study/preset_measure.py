@@ -4,7 +4,7 @@ Byte-level language modelling on CPython's pydoc_data topics (~465 kB of English
 data order, optimiser and step count for every layout, at equal *active* parameters per token (MoE layers route
 to 2 experts of half the dense width). Prints held-out loss (nats/byte) and wall time per layout.
 
-    python benchmarks/preset_measure.py --steps 300
+    python study/preset_measure.py --steps 300
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ The local branch here is a banded window kernel (query chunks of W attend to the
 the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the model's own
 reference (`pool_summaries` + `dense_summary_attention`).
 
-    python benchmarks/sparse_cost.py                 # 256 ... 16384, a few minutes on 2 cores
-    python benchmarks/sparse_cost.py --max-len 4096  # quicker
+    python study/sparse_cost.py                 # 256 ... 16384, a few minutes on 2 cores
+    python study/sparse_cost.py --max-len 4096  # quicker
 """
 
 from __future__ import annotations
