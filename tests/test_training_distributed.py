@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, sys.argv[3])
-from hybrid_mixer_fixtures import tiny_model
+from hybrid_mixer_fixtures import tiny_model  # tests/, on PYTHONPATH
 from modeling_llama_hybrid import LlamaHybridForCausalLM
 
 out_dir, model_dir = sys.argv[1], sys.argv[2]
@@ -96,9 +95,10 @@ def two_process_results(tmp_path_factory):
     torch.manual_seed(0)
     LlamaHybridForCausalLM(config).save_pretrained(root / "model")
     (root / "worker.py").write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))  # the fixtures
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(root / "worker.py"), str(root), str(root / "model"), str(TESTS_DIR)]  # fmt: skip
+               str(root / "worker.py"), str(root), str(root / "model")]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
