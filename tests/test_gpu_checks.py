@@ -1,16 +1,15 @@
-"""The device's correctness checks (benchmarks/gpu_checks.py): CPU twins in fp32 on a tiny model, and the same
-checks on a GPU in bf16 (marked `gpu`, skipped without CUDA)."""
+"""The fast paths' correctness checks (tests/gpu_checks.py): CPU twins in fp32 on a tiny model, and the same
+checks on a GPU in bf16 (marked `gpu`, skipped without CUDA; `benchmarks/gpu_session.sh` part 1 runs them)."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from gpu_checks import CHECKS, compare_logits, run_checks  # noqa: E402
+from gpu_checks import CHECKS, compare_logits, run_checks
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
@@ -23,7 +22,11 @@ def test_fast_path_matches_reference_on_cpu(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_fast_path_matches_reference_on_gpu(name):
-    result = run_checks([name], "gpu", "cuda", torch.bfloat16)[name]
+    """With OUT set (a GPU session), each check's numbers are also appended to $OUT/gpu_checks.jsonl."""
+    out = os.environ.get("OUT")
+    with open(Path(out) / "gpu_checks.jsonl", "a") if out else contextlib.nullcontext() as log:
+        result = run_checks([name], "gpu", "cuda", torch.bfloat16, log)[name]
+    print(name, {k: v for k, v in result.items() if k != "traceback"})
     assert result["ok"], result
 
 

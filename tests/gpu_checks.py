@@ -1,9 +1,10 @@
-"""Correctness of the fast paths on the device: each fast path against its plain reference, in the device's dtype.
+"""Correctness of the fast paths: each fast path against its plain reference, in the device's dtype.
 
-    PYTHONPATH=. python benchmarks/gpu_checks.py            # on a GPU: bf16, mid-size model
-    PYTHONPATH=. python benchmarks/gpu_checks.py --smoke    # CPU, fp32, tiny model (what tests/test_gpu_checks.py runs)
+The checks behind tests/test_gpu_checks.py, which runs each of them twice: on the CPU in fp32 on a tiny model
+(every run of the suite), and on a GPU in bf16 on a mid-size model (marked `gpu`, skipped without CUDA):
 
-Checks (each reports its numbers and passes or fails against the tolerance of its dtype):
+    python -m pytest -q -m gpu tests/test_gpu_checks.py    # on a GPU; OUT=dir also writes dir/gpu_checks.jsonl
+
 - llama_parity: the llama preset vs transformers' LlamaForCausalLM with the same weights, same backend.
 - experts: grouped_mm and batched_mm experts vs the token-by-token loop reference.
 - backends: sdpa and flex_attention vs eager attention, a model holding every mixer kind (both global branches).
@@ -14,29 +15,24 @@ Checks (each reports its numbers and passes or fails against the tolerance of it
 
 Tolerances: logits are compared as top-1 agreement and max |difference| relative to the reference logits' spread.
 In bf16 a fast path and its reference round differently, so agreement is measured, not bit equality; in fp32 on the
-CPU the paths must agree to float rounding. Exit status 1 if any check fails. JSON lines go to $OUT/gpu_checks.jsonl.
+CPU the paths must agree to float rounding. Each check returns its numbers and `ok`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import transformers
 from packaging import version
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama_hybrid.compilation import compile_decoder_layers  # noqa: E402
-from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM  # noqa: E402
-from modeling_llama_hybrid.moe import LlamaHybridExperts, experts_loop_reference  # noqa: E402
+from llama_hybrid.compilation import compile_decoder_layers
+from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+from modeling_llama_hybrid.moe import LlamaHybridExperts, experts_loop_reference
 
 # (top-1 agreement at least, max |diff| / reference spread at most) per dtype
 TOLERANCE = {torch.float32: (1.0, 1e-4), torch.bfloat16: (0.98, 5e-2), torch.float16: (0.99, 1e-2)}
@@ -299,30 +295,3 @@ def run_checks(names, size, device, dtype, log=None) -> dict:
             log.write(json.dumps({"check": name, **results[name]}) + "\n")
             log.flush()
     return results
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, fp32, tiny model")
-    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {list(CHECKS)}")
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    size, dtype = ("gpu", torch.bfloat16) if device == "cuda" else ("tiny", torch.float32)
-    machine = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"gpu_checks on {machine}: torch {torch.__version__}, size {size}, {dtype}")
-    out = Path(os.environ.get("OUT", "."))
-    with open(out / "gpu_checks.jsonl", "a") as log:
-        results = run_checks(args.checks.split(","), size, device, dtype, log)
-    print(f"\n{'check':<16} {'ok':<5} numbers")
-    for name, result in results.items():
-        numbers = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in result.items()
-            if k not in ("ok", "traceback")
-        )
-        print(f"{name:<16} {'yes' if result['ok'] else 'NO':<5} {numbers}")
-    return 0 if all(r["ok"] for r in results.values()) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
