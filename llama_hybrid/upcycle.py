@@ -34,6 +34,7 @@ from torch import nn
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 from .convert import hybrid_config_from_llama, load_llama, write_model_folder
+from .pydoc_corpus import pydoc_prose
 from .reporting import parameter_counts
 
 GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
@@ -263,17 +264,10 @@ class DeviationReport:
     beyond_tokens: int
 
 
-def held_out_prose(characters: int = 20000) -> str:
-    """Real English technical prose that ships with CPython (pydoc's topic help)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))[:characters]
-
-
 @torch.no_grad()
 def measure_deviation(source: nn.Module, hybrid: nn.Module, tokenizer, window: int) -> DeviationReport:
     """max |Δlogit| (fp32) of `hybrid` vs `source` on real prompts inside the window and one past it."""
-    text = held_out_prose()
+    text = pydoc_prose(20000)  # real English technical prose that ships with CPython
     within = [
         "The capital of France is",
         "def add(a, b):\n    return",

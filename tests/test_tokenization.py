@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from llama_hybrid.cli import main
 from llama_hybrid.cli.tokenizer import add_subcommand
+from llama_hybrid.pydoc_corpus import split_topics
 from llama_hybrid.tokenization import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -29,7 +30,6 @@ from llama_hybrid.tokenization import (
     train_tokenizer,
     train_tokenizer_from_iterator,
 )
-from llama_hybrid.tokenization.compare import split_topics
 
 VOCAB_SIZE = 800
 CORPUS_BYTES = 100_000

@@ -3,43 +3,23 @@
 Run: `python -m llama_hybrid.tokenization.compare --vocab-size 8192 49152`
 
 The corpus is CPython's bundled `pydoc_data.topics` (always available, no download). Topics are split by
-key, deterministically, into 90% training and 10% held-out text, so the number measured is how well a
-tokenizer compresses documentation it has never seen, not how well it memorised its training set.
+key, deterministically, into 90% training and 10% held-out text (`llama_hybrid.pydoc_corpus.split_topics`), so the
+number measured is how well a tokenizer compresses documentation it has never seen, not how well it memorised its
+training set.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llama_hybrid.default_model import default_gguf_path
+from llama_hybrid.pydoc_corpus import pydoc_topics, split_topics
+
 from .trainer import train_tokenizer_from_iterator
-
-HELDOUT_FRACTION = 0.1
-
-
-def split_topics(topics: Mapping[str, str], fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """Split topic keys into (train, held-out) so held-out holds about `fraction` of the UTF-8 bytes.
-
-    Keys are visited in SHA-256 order, which is stable across Python versions and dict orders yet
-    unrelated to topic names or sizes; a key is held out if its text still fits in `fraction` of the
-    corpus bytes. Counting bytes rather than keys matters: topic sizes vary by 100x, so every 10th key
-    could hold 2% of the text, or 25%.
-    """
-    sizes = {key: len(text.encode("utf-8")) for key, text in topics.items()}
-    target = fraction * sum(sizes.values())
-    heldout: list[str] = []
-    held_bytes = 0
-    for key in sorted(topics, key=lambda k: hashlib.sha256(k.encode("utf-8")).hexdigest()):
-        if held_bytes + sizes[key] > target:
-            continue
-        heldout.append(key)
-        held_bytes += sizes[key]
-    held = set(heldout)
-    return sorted(k for k in topics if k not in held), sorted(heldout)
 
 
 def bytes_per_token(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> float:
@@ -53,8 +33,6 @@ def bytes_per_token(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) ->
 
 def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     """SmolLM2's tokenizer, read from the project's default GGUF (fetched once into the cache if missing)."""
-    from llama_hybrid.default_model import default_gguf_path
-
     path = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
@@ -67,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 baseline (no GGUF needed)")
     args = parser.parse_args(argv)
 
-    from pydoc_data.topics import topics
-
+    topics = pydoc_topics()
     train_keys, heldout_keys = split_topics(topics)
     heldout = [topics[k] for k in heldout_keys]
     train_bytes = sum(len(topics[k].encode("utf-8")) for k in train_keys)

@@ -14,7 +14,16 @@ import json
 import time
 from pathlib import Path
 
+from transformers import TrainingArguments
+
+from llama_hybrid.pydoc_corpus import pydoc_documents
+from modeling_llama_hybrid.configuration_llama_hybrid import PRESETS
+
+from . import augment, clean, pretrain, self_train, sft
+from .arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments, parse_stage_args
+from .augment import AugmentArguments
 from .io import write_json, write_jsonl
+from .self_train import SelfTrainArguments, format_rounds_table
 
 SIZES = {
     # name: documents, pretrain steps, steps per self-train round, sft steps, model flags
@@ -28,9 +37,7 @@ SIZES = {
 
 def build_raw_corpus(out: Path, max_docs: int | None, max_chars: int | None = None) -> Path:
     """pydoc topics as documents, plus the kinds of bad data cleaning must catch (so its report has something to say)."""
-    from pydoc_data.topics import topics
-
-    texts = [topics[key][:max_chars] for key in sorted(topics)][:max_docs]
+    texts = pydoc_documents(max_docs, max_chars)
     noisy = list(texts)
     noisy += texts[:3]  # exact duplicates
     noisy += [texts[3].replace("the", "a", 1) + " "]  # a near duplicate
@@ -61,9 +68,6 @@ def _stage(title: str, command: list[str]) -> None:
 
 
 def run_pipeline(output: str | Path, size: str = "demo", preset: str = "hybrid") -> dict:
-    from . import augment, clean, pretrain, self_train, sft
-    from .arguments import TRAINING_DEFAULTS, parse_stage_args
-
     cfg = SIZES[size]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +124,7 @@ def run_pipeline(output: str | Path, size: str = "demo", preset: str = "hybrid")
                "--output_dir", str(out / "sft"), "--max_steps", str(cfg["sft_steps"]),
                "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--max_length", "256", *quiet]  # fmt: skip
     _stage("5. sft", command)
-    from trl import SFTConfig
+    from trl import SFTConfig  # heavy, and only this stage needs it (as `sft.main` does)
 
     sft_summary = sft.run_sft(
         *parse_stage_args(
@@ -143,30 +147,19 @@ def run_pipeline(output: str | Path, size: str = "demo", preset: str = "hybrid")
 
 
 def pretrain_main_types() -> list:
-    from transformers import TrainingArguments
-
-    from .arguments import DataArguments, ModelArguments
-
     return [ModelArguments, DataArguments, TrainingArguments]
 
 
 def self_train_main_types() -> list:
-    from .self_train import SelfTrainArguments
-
     model, data, training = pretrain_main_types()
     return [model, data, SelfTrainArguments, training]
 
 
 def augment_main_types() -> list:
-    from .arguments import ModelArguments
-    from .augment import AugmentArguments
-
     return [ModelArguments, AugmentArguments]
 
 
 def print_final(summary: dict) -> None:
-    from .self_train import format_rounds_table
-
     clean_report, pre, sft_summary = summary["clean"], summary["pretrain"], summary["sft"]
     dropped = ", ".join(f"{k} {v}" for k, v in clean_report["dropped"].items() if v)
     print("\n######## summary")
@@ -191,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", "--output_dir", default="runs/e2e", help="run folder (default: runs/e2e)")
     parser.add_argument("--size", choices=list(SIZES), default="demo", help="demo (minutes) or tiny (seconds)")
-    parser.add_argument("--preset", choices=("llama", "seed", "hybrid"), default="hybrid")
+    parser.add_argument("--preset", choices=PRESETS, default="hybrid", help="layout of the new model")
     args = parser.parse_args(argv)
     run_pipeline(args.output, args.size, args.preset)
     return 0
