@@ -27,13 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_hybrid.sparse_attention import (
-    BlockLayout,
-    dense_summary_attention,
-    group_blocks,
-    pool_summaries,
-    with_visible,
-)
+from modeling_llama_hybrid.block_layout import BlockLayout, group_blocks, with_visible
+from modeling_llama_hybrid.sparse_attention import dense_summary_attention, pool_summaries
 
 HEADS, HEAD_DIM = 4, 32
 HIDDEN = HEADS * HEAD_DIM
