@@ -10,14 +10,22 @@ keyword name differs between transformers versions (see compat.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .block_layout import compressed_block_layout, with_rotary
+from .banded_attention import window_layout
+from .block_layout import compressed_block_layout, key_positions, with_rotary
 from .compat import mask_cache_view
+from .compressed_cache import (
+    CompressedSparseLayer,
+    compressed_layer_indices,
+    compressed_step,
+    install_compressed_layers,
+)
 from .mixers import MIXERS
 from .sparse_attention import SparseMasks
 
@@ -39,7 +47,48 @@ class MaskInputs:
 
     @functools.cached_property
     def causal(self):
-        return create_causal_mask(*self.helper_args, layer_idx=self.config.first_kv_layer)
+        return create_causal_mask(*self.helper_args, layer_idx=self.stock_kv_layer)
+
+    @property
+    def stock_kv_layer(self) -> int | None:
+        """The first layer whose cache entry is transformers' own (keys of every token): its entry sizes the masks.
+        Compressed layers' own cache layers hold only a window and summaries."""
+        compressed = set(compressed_layer_indices(self.config)) if self.compressed_cache() is not None else set()
+        kv_layers = [
+            i for i, kind in enumerate(self.config.mixer_types) if MIXERS[kind].cache_layer_type == "full_attention"
+        ]
+        stock = [i for i in kv_layers if i not in compressed]
+        return stock[0] if stock else self.config.first_kv_layer
+
+    def compressed_cache(self) -> CompressedSparseLayer | None:
+        """The first compressed layer's compressed cache layer, if the cache gives these layers one."""
+        indices = compressed_layer_indices(self.config)
+        if self.cache is None or not indices or indices[0] >= len(self.cache.layers):
+            return None
+        layer = self.cache.layers[indices[0]]
+        return layer if isinstance(layer, CompressedSparseLayer) else None
+
+    def window(self):
+        """The window branch's mask: a `WindowLayout` for the banded kernel (eager / sdpa), else transformers'."""
+        config = self.config
+        if config._attn_implementation not in ("eager", "sdpa"):
+            return create_sliding_window_causal_mask(*self.helper_args, layer_idx=self.stock_kv_layer)
+        batch, seq_len = self.inputs_embeds.shape[:2]
+        layer_idx = self.stock_kv_layer
+        keys, _ = key_positions(self.attention_mask, self.cache, self.position_ids, layer_idx, batch, seq_len)
+        past = self.cache.get_seq_length(layer_idx) if self.cache is not None else 0
+        past = past.clone() if isinstance(past, torch.Tensor) else past  # a static layer advances its own in place
+        return window_layout(keys, past, config.sliding_window)
+
+    def step(self):
+        """The compressed cache's step layout for this forward's tokens."""
+        layer = self.compressed_cache()
+        batch, seq_len = self.inputs_embeds.shape[:2]
+        positions = self.position_ids.expand(batch, -1)
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        if isinstance(self.attention_mask, torch.Tensor) and self.attention_mask.ndim == 2:
+            valid = self.attention_mask[:, -seq_len:].bool()
+        return compressed_step(layer, positions, valid, static=layer.is_compileable)
 
 
 def full_attention_mask(inputs: MaskInputs):
@@ -48,8 +97,9 @@ def full_attention_mask(inputs: MaskInputs):
 
 def sparse_attention_masks(inputs: MaskInputs) -> SparseMasks:
     config = inputs.config
+    if config.global_attention == "compressed" and inputs.compressed_cache() is not None:
+        return SparseMasks(None, None, None, inputs.step())  # the layers read their compressed cache
     causal = inputs.causal if config.global_attention == "full" else None
-    local = create_sliding_window_causal_mask(*inputs.helper_args, layer_idx=config.first_kv_layer)
     blocks = None
     if config.global_attention == "compressed":
         blocks = compressed_block_layout(
@@ -58,9 +108,9 @@ def sparse_attention_masks(inputs: MaskInputs) -> SparseMasks:
             inputs.attention_mask,
             inputs.cache,
             inputs.position_ids,
-            config.first_kv_layer,
+            inputs.stock_kv_layer,
         )
-    return SparseMasks(causal, local, blocks)
+    return SparseMasks(causal, inputs.window(), blocks)
 
 
 def conv_mask(inputs: MaskInputs) -> torch.Tensor | None:
@@ -78,13 +128,18 @@ def build_masks(config, inputs_embeds, attention_mask, cache, position_ids) -> d
     if position_ids is None:
         position_ids = default_position_ids(config, inputs_embeds, cache)
     inputs = MaskInputs(config, inputs_embeds, attention_mask, cache, position_ids)
-    kinds = dict.fromkeys(MIXERS[mixer].mask_kind for mixer in config.mixer_types)  # in layer order, once each
-    return {kind: MASK_BUILDERS[kind](inputs) for kind in kinds}
+    present = {MIXERS[mixer].mask_kind for mixer in config.mixer_types}
+    # in MASK_BUILDERS order, whatever the layer order: transformers compiles its flex mask helpers, and their
+    # compile caches (and when shapes turn dynamic) follow the order of the calls
+    return {kind: build(inputs) for kind, build in MASK_BUILDERS.items() if kind in present}
 
 
 def with_block_rotary(masks: dict, rotary_emb, inputs_embeds: torch.Tensor) -> dict:
     """Give the compressed block layout its RoPE tables (once per forward; generate() prebuilds masks without them)."""
     sparse = masks.get("sparse_attention")
+    if sparse is not None and sparse.step is not None and sparse.step.summary_rotary is None:
+        step = dataclasses.replace(sparse.step, summary_rotary=rotary_emb(inputs_embeds, sparse.step.summary_positions))
+        return {**masks, "sparse_attention": sparse._replace(step=step)}
     if sparse is None or sparse.blocks is None:
         return masks
     return {**masks, "sparse_attention": sparse._replace(blocks=with_rotary(sparse.blocks, rotary_emb, inputs_embeds))}
@@ -112,4 +167,6 @@ def create_masks_for_generate(
     transformers' default would omit the sliding-window mask (no layer has `layer_types == "sliding_attention"`).
     """
     cache = cache if cache is not None else past_key_values
-    return build_masks(config.get_text_config(), inputs_embeds, attention_mask, cache, position_ids)
+    config = config.get_text_config()
+    install_compressed_layers(cache, config)  # a fresh cache's compressed layers get theirs before masks read it
+    return build_masks(config, inputs_embeds, attention_mask, cache, position_ids)
