@@ -17,14 +17,16 @@ Identical expert copies specialise slowly; `expert_noise` (multiplicative Gaussi
 `drop_upcycling` (re-initialise a random fraction of each expert's intermediate units) break the symmetry at the
 price of exactness; both are off by default.
 
-Upcycle recipes (`--preset`) are not the config presets of the same name (`LlamaHybridConfig.from_preset`): a config
-preset lays out a *new* model (e.g. `hybrid` = short conv in most layers), whereas an upcycle recipe keeps every
-source layer (turning some attention into sparse attention and some MLPs into MoE) and *inserts* conv blocks.
+Upcycle recipes (`recipe_for`, `RECIPES`; `llama-hybrid convert --recipe`) are not the config presets of the same
+name (`LlamaHybridConfig.from_preset`): a config preset lays out a *new* model (e.g. `hybrid` = short conv in most
+layers), whereas an upcycle recipe keeps every source layer (turning some attention into sparse attention and some
+MLPs into MoE) and *inserts* conv blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,9 @@ from .reporting import parameter_counts
 
 GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
 ROUTER_STD = 0.01
+RECIPES = ("hybrid", "staged")  # the named upcycle recipes of `recipe_for`
+# Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
+RENAMED_RECIPES = {"seed": "staged"}
 
 
 @dataclass
@@ -76,23 +81,32 @@ class UpcycleRecipe:
         return self.expert_noise == 0 and self.drop_upcycling == 0
 
 
-def recipe_for(preset: str, num_layers: int, **overrides) -> UpcycleRecipe:
-    """Named upcycle recipes over a source of `num_layers` layers; `overrides` replace any field.
+def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
+    """The named upcycle recipe (one of `RECIPES`) over a source of `num_layers` layers; `overrides` replace any
+    field (None values are ignored, so unset command-line options keep the recipe's value).
 
     - `hybrid`: every third layer's attention becomes sparse attention with a compressed global branch (the form
       that saves compute at long context), the upper half's MLPs become 8-expert top-2 MoE, and a conv block is
       inserted after every fourth layer: all three mixer kinds and MoE.
-    - `seed`: the article's stage order over four quarters: attention kept; sparse attention (full global);
+    - `staged`: the article's stage order over four quarters: attention kept; sparse attention (full global);
       conv blocks inserted after each layer of the third quarter; MoE in the last quarter.
     """
-    if preset == "hybrid":
+    if recipe_name in RENAMED_RECIPES:
+        new_name = RENAMED_RECIPES[recipe_name]
+        warnings.warn(
+            f"upcycle recipe {recipe_name!r} is now called {new_name!r}; the old name will be removed",
+            FutureWarning,
+            stacklevel=2,
+        )
+        recipe_name = new_name
+    if recipe_name == "hybrid":
         recipe = UpcycleRecipe(
             sparse_layers=[i for i in range(num_layers) if i % 3 == 2],
             global_attention="compressed",
             moe_layers=list(range(num_layers // 2, num_layers)),
             insert_conv_after=[i for i in range(num_layers) if i % 4 == 3],
         )
-    elif preset == "seed":
+    elif recipe_name == "staged":
         quarter = [min(4 * i // num_layers, 3) for i in range(num_layers)]
         recipe = UpcycleRecipe(
             sparse_layers=[i for i, q in enumerate(quarter) if q == 1],
@@ -101,7 +115,7 @@ def recipe_for(preset: str, num_layers: int, **overrides) -> UpcycleRecipe:
             moe_layers=[i for i, q in enumerate(quarter) if q == 3],
         )
     else:
-        raise ValueError(f"upcycle preset must be 'hybrid' or 'seed', got {preset!r}")
+        raise ValueError(f"upcycle recipe must be one of {list(RECIPES)}, got {recipe_name!r}")
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 

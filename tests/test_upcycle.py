@@ -8,7 +8,7 @@ from conftest import tiny_pair
 
 from llama_hybrid.cli import main
 from llama_hybrid.reporting import parameter_counts
-from llama_hybrid.upcycle import UpcycleRecipe, plan_layers, recipe_for, upcycle
+from llama_hybrid.upcycle import RECIPES, UpcycleRecipe, plan_layers, recipe_for, upcycle
 
 WINDOW, BLOCK = 16, 4
 
@@ -41,11 +41,19 @@ def test_hybrid_recipe_has_every_kind_and_is_exact_within_the_window(llama):
 
 @pytest.mark.parametrize("moe_init", ["copy", "shared"])
 def test_full_global_recipe_is_exact_at_any_length(llama, moe_init):
-    recipe = recipe_for("seed", 8, sliding_window=WINDOW, moe_init=moe_init)
+    recipe = recipe_for("staged", 8, sliding_window=WINDOW, moe_init=moe_init)
     hybrid = upcycle(llama, recipe)
     assert hybrid.config.global_attention == "full"
     ids = _ids(5 * WINDOW, seed=1)
     torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-5)
+
+
+def test_the_old_recipe_name_seed_still_works_with_a_warning():
+    with pytest.warns(FutureWarning, match="now called 'staged'"):
+        assert recipe_for("seed", 8) == recipe_for("staged", 8)
+    with pytest.raises(ValueError, match="upcycle recipe must be one of"):
+        recipe_for("nonsense", 8)
+    assert set(RECIPES) == {"hybrid", "staged"}
 
 
 def test_inserted_conv_blocks_are_identity_layers(llama):
