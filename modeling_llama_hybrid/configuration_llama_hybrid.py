@@ -7,6 +7,7 @@ mixer and feed-forward; `layer_types` (the cache/mask vocabulary transformers un
 
 import functools
 import math
+import warnings
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -17,7 +18,10 @@ from .mixers import MIXER_TYPES, MIXERS
 CONFIG_FORMAT_VERSION = 1
 MLP_LAYER_TYPES = ("dense", "sparse")
 GLOBAL_ATTENTION_TYPES = ("full", "compressed")
-PRESETS = ("llama", "seed", "hybrid")
+PRESETS = ("llama", "staged", "hybrid")
+# Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
+# are not stored in a saved config (only the layer lists they produce are), so renaming one changes no checkpoint.
+RENAMED_PRESETS = {"seed": "staged"}
 
 # model_type values whose config.json maps field by field onto this config: LlamaHybrid itself, and LLaMA (the
 # default layout *is* LLaMA and the parameter names are LLaMA's, so its weights load exactly).
@@ -231,13 +235,21 @@ class LlamaHybridConfig(PreTrainedConfig):
         """Named layouts over `num_hidden_layers` layers (default 12 here when not given).
 
         - `"llama"`: all attention + dense — exactly LLaMA.
-        - `"seed"`: the source article's diagram read as a pipeline: a quarter attention blocks, then a quarter
+        - `"staged"`: the source article's diagram read as a pipeline: a quarter attention blocks, then a quarter
           sparse-attention blocks, then a quarter conv blocks, then a quarter MoE blocks (attention mixer, MoE FFN).
         - `"hybrid"`: the recommended interleaving (LFM2-like): short conv in most layers, sparse attention every
           third layer, full attention in the last layer, MoE in the upper half. docs/architecture.md has the measurement
-          (conv + MoE beat llama and seed at equal active parameters; at short contexts "attention" in the sparse
+          (conv + MoE beat llama and staged at equal active parameters; at short contexts "attention" in the sparse
           positions scored better still).
         """
+        if preset in RENAMED_PRESETS:
+            new_name = RENAMED_PRESETS[preset]
+            warnings.warn(
+                f"config preset {preset!r} is now called {new_name!r}; the old name will be removed",
+                FutureWarning,
+                stacklevel=2,
+            )
+            preset = new_name
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
         n = kwargs.setdefault("num_hidden_layers", 12)
@@ -249,11 +261,13 @@ def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:
     """Per-layer (mixer_types, mlp_layer_types) of a preset for `num_layers` layers."""
     if preset == "llama":
         return ["attention"] * num_layers, ["dense"] * num_layers
-    if preset == "seed":
+    if preset == "staged":
         stage = [min(4 * i // num_layers, 3) for i in range(num_layers)]
         mixers = [("attention", "sparse_attention", "conv", "attention")[s] for s in stage]
         mlps = ["sparse" if s == 3 else "dense" for s in stage]
         return mixers, mlps
+    if preset != "hybrid":
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
     mixers = ["sparse_attention" if i % 3 == 2 else "conv" for i in range(num_layers)]
     mixers[-1] = "attention"
     mlps = ["sparse" if i >= num_layers // 2 else "dense" for i in range(num_layers)]

@@ -7,7 +7,7 @@ Three studies, each built from the project's own parts (nothing here re-implemen
 
 1. cost      one sparse-attention layer vs sequence length: measured CPU time and analytic FLOPs, with fitted growth
              exponents (`study/sparse_cost.py`), plus the analytic model's asymptotic exponents out to n = 2^20.
-2. quality   tiny `llama`, `seed` and `hybrid` models of equal *active* parameters (plus an all-sparse-attention
+2. quality   tiny `llama`, `staged` and `hybrid` models of equal *active* parameters (plus an all-sparse-attention
              LLaMA and a LLaMA of equal *total* parameters to `hybrid`), trained on the same pydoc_data topics for
              the same tokens with `llama_hybrid.training.pretrain.train_causal_lm`, several seeds each, scored with
              `evaluation.evaluate_perplexity` on held-out topics.
@@ -29,13 +29,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from pydoc_data.topics import topics
 
-import preset_measure  # the study beside this one (active-parameter count)
 import sparse_cost  # the study beside this one (cost of one sparse layer)
 import torch
 from transformers import TrainingArguments, set_seed
 
+from llama_hybrid import reporting
+from llama_hybrid.pydoc_corpus import pydoc_topics
 from llama_hybrid.tokenization.trainer import model_config_kwargs
 from llama_hybrid.training.arguments import DataArguments, ModelArguments
 from llama_hybrid.training.augment import AugmentArguments, augment_texts
@@ -92,7 +92,7 @@ WIDE_FFN = 192  # a LLaMA of about the total parameters of `hybrid` (its 2 MoE l
 # name -> (preset, config overrides, what the variant tests)
 VARIANTS = {
     "llama": ("llama", {}, "LLaMA: all full attention + dense MLP"),
-    "seed": ("seed", {}, "the article's stages in order: attention, sparse attention, conv, MoE"),
+    "staged": ("staged", {}, "the article's stages in order: attention, sparse attention, conv, MoE"),
     "hybrid": ("hybrid", {}, "the recommended interleaving: conv, sparse attention, attention on top, MoE upper half"),
     "llama-sparse": ("llama", {"sparse": True}, "LLaMA with every attention layer sparse (window + block summaries)"),
     "llama-wide": ("llama", {"intermediate_size": WIDE_FFN}, "LLaMA with ~the total parameters of `hybrid`"),
@@ -104,7 +104,8 @@ VARIANTS = {
 
 def split_corpus(size: Size) -> tuple[list[str], list[str], list[str]]:
     """pydoc_data topics split by topic: every 10th topic (sorted by name, from the 6th) is held out."""
-    keys = sorted(topics)
+    topics = pydoc_topics()
+    keys = list(topics)  # in key order
     heldout_keys = keys[5::10][: size.heldout_topics]
     train = [topics[k] for k in keys if k not in keys[5::10]][: size.train_topics]
     return train, [topics[k] for k in heldout_keys], heldout_keys
@@ -150,7 +151,8 @@ def build_model(name: str, tokenizer, seed: int) -> LlamaHybridForCausalLM:
 
 
 def parameter_counts(model) -> dict:
-    return {"total": sum(p.numel() for p in model.parameters()), "active": preset_measure.active_params(model)}
+    total, active = reporting.parameter_counts(model)
+    return {"total": total, "active": active}
 
 
 def pretrain_args(output_dir: Path, size: Size, seed: int) -> TrainingArguments:

@@ -37,16 +37,23 @@ def test_layer_types_are_derived_from_mixer_types():
     assert not config.is_plain_llama
 
 
-@pytest.mark.parametrize("preset", ["llama", "seed", "hybrid"])
+@pytest.mark.parametrize("preset", ["llama", "staged", "hybrid"])
 def test_presets_validate(preset):
     config = LlamaHybridConfig.from_preset(preset, **SMALL)
     assert len(config.mixer_types) == len(config.mlp_layer_types) == 4
 
 
-def test_seed_preset_follows_the_articles_stage_order():
-    config = LlamaHybridConfig.from_preset("seed", **{**SMALL, "num_hidden_layers": 8})
+def test_staged_preset_follows_the_articles_stage_order():
+    config = LlamaHybridConfig.from_preset("staged", **{**SMALL, "num_hidden_layers": 8})
     assert config.mixer_types == ["attention"] * 2 + ["sparse_attention"] * 2 + ["conv"] * 2 + ["attention"] * 2
     assert config.mlp_layer_types == ["dense"] * 6 + ["sparse"] * 2
+
+
+def test_the_old_preset_name_seed_still_works_with_a_warning_and_is_not_saved():
+    with pytest.warns(FutureWarning, match="now called 'staged'"):
+        old = LlamaHybridConfig.from_preset("seed", **SMALL)
+    assert old.to_dict() == LlamaHybridConfig.from_preset("staged", **SMALL).to_dict()
+    assert "preset" not in old.to_dict() and "staged" not in old.to_json_string()  # presets are not stored
 
 
 def test_hybrid_preset_has_every_mixer_kind_and_moe():

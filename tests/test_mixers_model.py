@@ -91,7 +91,7 @@ def test_plain_config_is_exactly_llama():
     assert torch.equal(hybrid(ids).logits, llama(ids).logits)
 
 
-@pytest.mark.parametrize("preset", ["llama", "seed", "hybrid"])
+@pytest.mark.parametrize("preset", ["llama", "staged", "hybrid"])
 def test_presets_build_and_run(preset):
     config = LlamaHybridConfig.from_preset(
         preset, num_hidden_layers=8, vocab_size=61, hidden_size=24, intermediate_size=37, num_attention_heads=3,
@@ -103,7 +103,7 @@ def test_presets_build_and_run(preset):
         assert torch.isfinite(model(ids).logits).all()
     if preset == "llama":
         assert config.is_plain_llama
-    if preset == "seed":  # the article's stages in order: attention, sparse, conv, then attention + MoE
+    if preset == "staged":  # the article's stages in order: attention, sparse, conv, then attention + MoE
         assert config.mixer_types == ["attention"] * 2 + ["sparse_attention"] * 2 + ["conv"] * 2 + ["attention"] * 2
         assert config.mlp_layer_types == ["dense"] * 6 + ["sparse"] * 2
 

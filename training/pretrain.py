@@ -4,7 +4,7 @@ The article pretrains with a masked-LM objective. A masked LM learns to fill bla
 the left-to-right distribution p(x_t | x_<t) that `generate()` samples from, so it cannot be used as a generator
 without a second training. LLaMA (and this model) is pretrained as a causal LM: every token predicts the next one.
 
-From scratch (`--preset llama|seed|hybrid`, sizes from the model flags, a byte-level BPE tokenizer trained on the
+From scratch (`--preset llama|staged|hybrid`, sizes from the model flags, a byte-level BPE tokenizer trained on the
 data unless `--tokenizer_name_or_path`) or continuing from `--model_name_or_path`. Uses `Trainer` (so gradient
 accumulation, gradient checkpointing, accelerate/FSDP/DeepSpeed launchers and TensorBoard logging all apply).
 """
