@@ -51,3 +51,21 @@ class MaskCacheView:
 
 def mask_cache_view(cache):
     return None if cache is None else MaskCacheView(cache)
+
+
+def prepare_generation_cache(prepare, generation_config, model_kwargs: dict, *args, install, **kwargs):
+    """`GenerationMixin._prepare_cache_for_generation` (a private hook, same signature on 5.17 and 5.24) followed by
+    `install(cache)` on the cache it built or the user passed: transformers builds cache layers from `layer_types`
+    alone, so layers with a cache layer of their own get it here, before the first forward, and are set recording
+    when generate() records (assistant models: rolled back after every candidate round).
+
+    The cache sits under `model_kwargs["cache"]` on 5.24 and `model_kwargs["past_key_values"]` on 5.17.
+    """
+    result = prepare(generation_config, model_kwargs, *args, **kwargs)
+    for name in ("cache", "past_key_values"):
+        cache = model_kwargs.get(name)
+        if cache is not None:
+            install(cache)
+            if getattr(generation_config, "is_assistant", False):
+                cache.activate_past_recording()
+    return result

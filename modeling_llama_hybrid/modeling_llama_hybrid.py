@@ -8,6 +8,8 @@ type lists decide three things only, all read from the mixer registry (`mixers.M
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -30,7 +32,8 @@ from .checks import (
     check_position_ids,
     warn_beyond_max_positions,
 )
-from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache
+from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache, prepare_generation_cache
+from .compressed_cache import install_compressed_layers
 from .configuration_llama_hybrid import LlamaHybridConfig
 from .loss import LOSS_IMPLEMENTATIONS, linear_cross_entropy
 from .masks import build_masks, create_masks_for_generate, default_position_ids, with_block_rotary
@@ -221,6 +224,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         # a guard on every layer's cache entry, i.e. one recompile per layer)
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
+        install_compressed_layers(cache, self.config)  # compressed sparse layers keep their own, smaller cache
         if position_ids is None:
             position_ids = default_position_ids(self.config, inputs_embeds, cache)
         if not self._warned_beyond_max_positions:  # stop syncing every decode step once the warning is out
@@ -282,6 +286,12 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
 
     # generate() calls this (when present) to prebuild masks for compileable caches; ours knows every layer kind.
     create_masks_for_generate = staticmethod(create_masks_for_generate)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate()'s cache, with the compressed sparse layers' own cache layers (see compat.py)."""
+        parent = super()._prepare_cache_for_generation
+        install = functools.partial(install_compressed_layers, config=self.config.get_text_config())
+        return prepare_generation_cache(parent, generation_config, model_kwargs, *args, install=install, **kwargs)
 
     @can_return_tuple
     def forward(

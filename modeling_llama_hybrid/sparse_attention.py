@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .attention import LlamaHybridAttention, repeat_kv
+from .banded_attention import WindowLayout, banded_window_attention
 from .block_layout import BlockLayout
 from .rotary import rotate_half
 
@@ -35,8 +36,9 @@ class SparseMasks(NamedTuple):
     """What a sparse layer reads from the mask dict: one mask per branch (backend format) and the block layout."""
 
     causal: object  # full causal mask (global "full" branch)
-    local: object  # sliding-window causal mask
-    blocks: BlockLayout | None  # compressed global branch only
+    local: object  # the window: a WindowLayout (eager / sdpa: banded kernel) or the backend's sliding mask
+    blocks: BlockLayout | None  # compressed global branch over the whole sequence (no or a full cache)
+    step: object = None  # compressed_cache.CompressedStep: compressed layers reading their compressed cache
 
 
 def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,8 +168,16 @@ class LlamaHybridSparseAttention(LlamaHybridAttention):
         )
 
     def local_branch(self, query, key, value, masks: SparseMasks, kwargs) -> torch.Tensor:
-        # flash-attention reads the window from the kwarg; eager / sdpa / flex from the sliding mask
+        """The window branch (B, T, H, D): the banded O(T * W) kernel under eager / sdpa (a `WindowLayout`);
+        flex reads its block-sparse sliding mask, flash-attention the `sliding_window` kwarg."""
+        if isinstance(masks.local, WindowLayout):
+            return self.banded(query, key, value, masks.local)
         return self.attend(query, key, value, masks.local, kwargs, sliding_window=self.sliding_window)[0]
+
+    def banded(self, query, key, value, layout: WindowLayout) -> torch.Tensor:
+        dropout = 0.0 if not self.training else self.attention_dropout
+        use_sdpa = self.config._attn_implementation != "eager"
+        return banded_window_attention(query, key, value, layout, self.scaling, dropout, use_sdpa)
 
     def mix(self, hidden_states, global_out, local_out) -> torch.Tensor:
         """g * global + (1 - g) * local, then o_proj. Branch outputs (B, T, H, D)."""
@@ -184,9 +194,10 @@ class LlamaHybridSparseAttention(LlamaHybridAttention):
 class LlamaHybridCompressedSparseAttention(LlamaHybridSparseAttention):
     """Gated sparse attention whose global branch attends to block summaries.
 
-    The cache holds this layer's keys *before* RoPE: the summaries must pool un-rotated keys of the whole prefix at
-    every step, so the layer rotates the cached keys for the local branch instead (cost O(S * D) per step, well
-    below the attention itself). A compressed cache that keeps only the window plus the summaries is future work.
+    With a compressed cache (compressed_cache.py, what the model and generate() give these layers) the layer reads
+    only the cached window, the stored summaries and the open block, and the step costs O(W + n/b) per new token.
+    Without a cache, or with a stock cache layer that already holds keys, the layer works over the whole sequence
+    of pre-RoPE keys (the reference path): it rotates them for the window and pools them into summaries.
     """
 
     def forward(self, hidden_states, position_embeddings, attention_mask: SparseMasks, cache=None, **kwargs):
@@ -195,10 +206,25 @@ class LlamaHybridCompressedSparseAttention(LlamaHybridSparseAttention):
         raw_key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, KV, T, D)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query = rotate_keys(query, *position_embeddings)  # same RoPE as apply_rotary_pos_emb, queries only
-        if cache is not None:
-            raw_key, value = cache.update(raw_key, value, self.layer_idx, kwargs=kwargs)  # (B, KV, S, D)
-        global_out, local_out = self.branches(query, raw_key, value, attention_mask, kwargs)
+        if attention_mask.step is not None:
+            global_out, local_out = self.cached_branches(
+                query, raw_key, value, position_embeddings, cache, attention_mask.step
+            )
+        else:
+            if cache is not None:
+                raw_key, value = cache.update(raw_key, value, self.layer_idx, kwargs=kwargs)  # (B, KV, S, D)
+            global_out, local_out = self.branches(query, raw_key, value, attention_mask, kwargs)
         return self.mix(hidden_states, global_out, local_out), None
+
+    def cached_branches(self, query, raw_key, value, position_embeddings, cache, step):
+        """Both branches (B, T, H, D) against the compressed cache: window keys (B, KV, W - 1 + T, D) through the
+        banded kernel, stored + new summaries (B, KV, G + N, D) through the dense summary kernel (O(T * (G + N)))."""
+        key = rotate_keys(raw_key, *position_embeddings)
+        layer_cache = cache.layers[self.layer_idx]
+        window_key, window_value, summary_key, summary_value = layer_cache.update_compressed(raw_key, key, value, step)
+        local_out = self.banded(query, window_key, window_value, step.window)
+        global_out, has_block = dense_summary_attention(query, summary_key, summary_value, step, self.scaling)
+        return torch.where(has_block, global_out, local_out), local_out
 
     def branches(self, query, raw_key, value, masks: SparseMasks, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Both branch outputs (B, T, H, D) from rotated queries (B, H, T, D) and pre-RoPE keys, values (B, KV, S, D).
