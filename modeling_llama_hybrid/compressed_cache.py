@@ -98,7 +98,7 @@ def compressed_step(
     """
     window, block = state.sliding_window, state.block_size
     batch, length = positions.shape
-    last, doc_start, stored = state.last_position, state.doc_start, state.num_summaries
+    last, doc_start, stored = state.block_state(batch, positions.device)
     new_positions = torch.where(valid, positions, -1)
     window_count = (last - doc_start + 1).clamp(0, window - 1)
     window_positions = right_aligned_positions(last, window_count, window - 1)
@@ -221,6 +221,13 @@ class CompressedSparseLayer(CacheLayerMixin):
 
     def initial_summary_slots(self) -> int:
         return 0
+
+    def block_state(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) last position, document start and stored summaries of each row; an empty row before the first update."""
+        if self.is_initialized:
+            return self.last_position, self.doc_start, self.num_summaries
+        empty = torch.zeros(batch, dtype=torch.long, device=device)
+        return empty - 1, empty, empty
 
     def ensure_initialized(self, key_states: torch.Tensor) -> None:
         if not self.is_initialized:
