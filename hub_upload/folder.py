@@ -17,13 +17,14 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import modeling_llama_hybrid
-from llama_hybrid.convert import save_atomically
+from llama_hybrid.files import save_atomically
 from modeling_llama_hybrid import (
     LlamaHybridConfig,
     LlamaHybridForCausalLM,
     LlamaHybridForSequenceClassification,
     LlamaHybridModel,
 )
+from modeling_llama_hybrid.checks import PICKLE_SUFFIXES, CheckpointError, check_safetensors_file
 
 # The Hub's advice is shards of a few GB: resumable uploads, and no single file too large to download.
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -34,8 +35,6 @@ REMOTE_CLASSES = {
     "AutoModelForCausalLM": LlamaHybridForCausalLM,
     "AutoModelForSequenceClassification": LlamaHybridForSequenceClassification,
 }
-# Formats that unpickle (and so can run code) when loaded; named in the refusal so the user knows why.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 TEXT_SUFFIXES = (".json", ".py", ".md", ".txt", ".jinja")
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "README.md")
 # transformers only follows `from .module import X` when it copies remote code (dynamic_module_utils).
@@ -191,13 +190,10 @@ def _check_file(path: Path) -> None:
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except Exception as err:  # safetensors raises its own SafetensorError for any bad header
-        raise ValueError(f"refusing to ship {path.name}: not a valid safetensors file ({err})") from err
+        check_safetensors_file(path)
+    except CheckpointError as err:
+        raise ValueError(f"refusing to ship {path.name}: not a valid safetensors file ({err.__cause__})") from err
 
 
 def _check_text(path: Path) -> None:

@@ -15,7 +15,9 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Formats that unpickle (and so can run code) when loaded: refused as weights here and never shipped to the Hub
+# (hub_upload). One list, so what loading refuses and what an upload refuses cannot drift apart.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 HEAD_PREFIXES = ("lm_head.", "score.")  # task heads: a checkpoint of another task may lack ours or carry its own
 
 
