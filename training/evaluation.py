@@ -15,19 +15,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-PERPLEXITY_METRIC = str(Path(__file__).with_name("perplexity.py"))
+# The offline `evaluate` module, loaded by path (`evaluate.load` copies the file into its cache and imports it there).
+PERPLEXITY_METRIC = str(Path(__file__).with_name("perplexity_metric.py"))
 IGNORED_NLL = -1.0  # marks unscored positions in per-token NLL arrays (a real NLL is never negative)
 
 
 def load_perplexity_metric():
     """The local perplexity module (`evaluate.load` on its path; no Hub access)."""
-    import evaluate
+    import evaluate  # only Trainer's compute_metrics needs it; `llama-hybrid eval` scores without it
 
     return evaluate.load(PERPLEXITY_METRIC)
 
@@ -64,9 +66,6 @@ class PerplexityResult:
     seconds: float
     tokens_per_s: float  # scored tokens per second of model time
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def token_streams(tokenizer, texts: Sequence[str], mode: str) -> list[list[int]]:
     if mode == "document":
@@ -101,8 +100,6 @@ def evaluate_perplexity(
     mode: str = "document",
     show_progress: bool = False,
 ) -> PerplexityResult:
-    from tqdm.auto import tqdm
-
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048), 2048)
     stride = stride or max_length
     if not 0 < stride <= max_length:

@@ -13,11 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from datasets import Dataset
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, PreTrainedTokenizerBase
-
-# Mixers that cannot tell packed documents apart. None since the short conv resets its taps where position ids
-# restart (tests/test_training_packing.py checks every mixer); kept so a future mixer can opt out of packing.
-MIXERS_THAT_LEAK_ACROSS_DOCUMENTS: tuple[str, ...] = ()
+from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
 
 
 def tokenize_documents(
@@ -39,19 +35,10 @@ def tokenize_documents(
     return dataset.map(split, batched=True, remove_columns=["text"], desc=desc)
 
 
-def can_pack(model) -> bool:
-    return not set(getattr(model.config, "mixer_types", ())) & set(MIXERS_THAT_LEAK_ACROSS_DOCUMENTS)
-
-
-def causal_lm_collator(model, tokenizer):
-    """Padding-free packing when every layer of `model` keeps packed documents apart, else right-padded rows."""
-    if can_pack(model):
-        return packing_collator()
-    return DataCollatorForLanguageModeling(tokenizer, mlm=False)
-
-
 def packing_collator(return_seq_idx: bool = False) -> DataCollatorWithFlattening:
-    """Flattens a batch of documents into one padding-free row (see the module docstring).
+    """Flattens a batch of documents into one padding-free row (see the module docstring). Every mixer keeps
+    packed documents apart (the short conv resets its taps where position ids restart; tests/test_training_packing.py
+    checks each mixer kind).
 
     `return_seq_idx=True` also passes `seq_idx` (document index per token) for mixers that consume it.
     """
