@@ -38,6 +38,7 @@ from gpu_train import SMOKE_TRUNK, TRUNK, keep_fp32_modules
 from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig
 
 import modeling_llama_hybrid  # noqa: F401  (registers LlamaHybrid with the Auto classes)
+from llama_hybrid.reporting import parameter_counts
 from modeling_llama_hybrid import LlamaHybridConfig
 
 SECTIONS = ("hf", "ours")
@@ -99,7 +100,7 @@ def decode_section(section: str, run: dict, measured: dict) -> None:
     config = model_config(section, args.smoke, args)
     model = build(config, device, run["dtype"], args.experts_implementation)
     read = bytes_read_per_token(model)
-    total = sum(p.numel() for p in model.parameters())
+    total, _ = parameter_counts(model)
     results.record(section, kind="model", cls=type(model).__name__, params_total=total, bytes_per_token=read)
     ids = torch.randint(0, config.vocab_size, (1, run["prompt"]), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)

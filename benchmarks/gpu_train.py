@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 from transformers.models.lfm2_moe import Lfm2MoeConfig
 
 import modeling_llama_hybrid  # noqa: F401  (registers LlamaHybrid with the Auto classes)
+from llama_hybrid.reporting import active_elements, parameter_counts
 from modeling_llama_hybrid import LlamaHybridConfig
 
 SECTIONS = ("llama", "moe", "hybrid")
@@ -106,20 +107,10 @@ def keep_fp32_modules(model) -> None:
             param.data = param.data.float()
 
 
-def count_params(model) -> tuple[int, int]:
-    """(total, active per token): routed experts (3-D `.experts.` tensors) count k of their E."""
-    top_k = getattr(model.config, "num_experts_per_tok", None)
-    total = active = 0
-    for name, param in model.named_parameters():  # tied weights are yielded once
-        total += param.numel()
-        active += param.numel() * top_k // param.shape[0] if ".experts." in name else param.numel()
-    return total, active
-
-
 def count_params_on_meta(config) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return count_params(model)[0]
+    return parameter_counts(model)[0]
 
 
 def attention_kinds(config) -> list[str]:
@@ -150,12 +141,11 @@ def flops_per_token(model, seq: int) -> float:
     """6 x active matmul parameters + attention (see the module docstring)."""
     config = model.config
     embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    top_k = getattr(config, "num_experts_per_tok", None)
     matmul = model.get_output_embeddings().weight.numel()  # the LM head (tied or not)
     for name, param in model.named_parameters():
         if id(param) in embeddings or param.ndim < 2:
             continue
-        matmul += param.numel() * top_k // param.shape[0] if ".experts." in name else param.numel()
+        matmul += active_elements(name, param, config)  # routed experts count k of E
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
     attention = sum(12 * width * mean_keys_seen(kind, seq, config) for kind in attention_kinds(config))
@@ -206,7 +196,7 @@ def measure_training(model, run: Run, section: str, label: str, **extra) -> Meas
     timing = median_time(step, run.device, warmup=run.warmup, iters=run.iters)
     tokens = run.batch * run.seq
     flops = flops_per_token(model, run.seq)
-    total, active = count_params(model)
+    total, active = parameter_counts(model)
     measured = Measured(
         tok_s=tokens / timing.median_s,
         peak_gib=peak_memory_gib(run.device),
