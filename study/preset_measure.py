@@ -1,4 +1,4 @@
-"""Which layer layout should the "hybrid" preset be? Train tiny llama / seed / hybrid models and compare.
+"""Which layer layout should the "hybrid" preset be? Train tiny llama / staged / hybrid models and compare.
 
 Byte-level language modelling on CPython's pydoc_data topics (~465 kB of English technical prose), same seed,
 data order, optimiser and step count for every layout, at equal *active* parameters per token (MoE layers route
@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
 
+from llama_hybrid.pydoc_corpus import pydoc_prose
+from llama_hybrid.reporting import parameter_counts
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 from modeling_llama_hybrid.configuration_llama_hybrid import preset_layout
 
 LAYOUTS = {
     "llama": lambda n: preset_layout("llama", n),
-    "seed": lambda n: preset_layout("seed", n),
+    "staged": lambda n: preset_layout("staged", n),
     "hybrid": lambda n: preset_layout("hybrid", n),
     # alternatives the hybrid preset was chosen against
     "conv+attention (no sparse)": lambda n: (
@@ -34,8 +35,7 @@ LAYOUTS = {
 
 
 def corpus_bytes() -> torch.Tensor:
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return torch.tensor(list(pydoc_prose().encode("utf-8")), dtype=torch.long)
 
 
 def batches(data: torch.Tensor, batch: int, length: int, generator: torch.Generator):
@@ -73,16 +73,6 @@ def make_model(layout, layers: int, hidden: int, window: int) -> LlamaHybridForC
     return model
 
 
-def active_params(model) -> int:
-    total = 0
-    for name, param in model.named_parameters():
-        if ".experts." in name:  # k of E experts run per token
-            total += param.numel() * model.config.num_experts_per_tok // model.config.num_experts
-        else:
-            total += param.numel()
-    return total
-
-
 def run(name, layout, args, data_train, data_eval) -> dict:
     model = make_model(layout, args.layers, args.hidden, args.window)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -109,14 +99,8 @@ def run(name, layout, args, data_train, data_eval) -> dict:
             ids = next(eval_stream)
             logits = model(ids).logits[:, :-1]
             losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))))
-    total = sum(p.numel() for p in model.parameters())
-    return {
-        "name": name,
-        "eval": sum(losses) / len(losses),
-        "seconds": seconds,
-        "total": total,
-        "active": active_params(model),
-    }
+    total, active = parameter_counts(model)
+    return {"name": name, "eval": sum(losses) / len(losses), "seconds": seconds, "total": total, "active": active}
 
 
 def main() -> None:
