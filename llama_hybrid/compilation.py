@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modeling_llama_hybrid.modeling_llama_hybrid import LlamaHybridDecoderLayer
+
 # Dynamo recompile limit per code object that leaves room for every layer kind in train and eval mode.
 MIN_RECOMPILE_LIMIT = 32
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a LlamaHybrid model (any head, peft-wrapped included), in order."""
-    from modeling_llama_hybrid.modeling_llama_hybrid import LlamaHybridDecoderLayer
-
     layers = [module for module in model.modules() if isinstance(module, LlamaHybridDecoderLayer)]
     if not layers:
         raise ValueError(f"{type(model).__name__} holds no LlamaHybridDecoderLayer: nothing to compile")

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from transformers import HfArgumentParser
+
 from modeling_llama_hybrid.configuration_llama_hybrid import PRESETS
 
 # Recipe defaults that differ from TrainingArguments' own; any flag the user gives wins (argparse keeps the last).
@@ -83,8 +85,6 @@ class DataArguments:
 
 def parse_stage_args(stage: str, dataclass_types: list, argv: Sequence[str] | None, defaults: dict | None = None):
     """Parse `argv` (default: sys.argv) into `dataclass_types`; `defaults` are flags applied unless the user sets them."""
-    from transformers import HfArgumentParser
-
     parser = HfArgumentParser(dataclass_types, prog=f"llama-hybrid train {stage}")
     argv = list(sys.argv[1:] if argv is None else argv)
     return parser.parse_args_into_dataclasses(args=default_flags(defaults or {}) + argv)

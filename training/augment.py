@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .arguments import ModelArguments, parse_stage_args
 from .io import read_texts, write_json, write_jsonl
@@ -135,8 +136,6 @@ def paraphrase(model, tokenizer, text: str, max_new_tokens: int, temperature: fl
 
 def augment_texts(texts: list[str], args: AugmentArguments, model=None, tokenizer=None) -> list[dict]:
     """Records `{"text", "method", "source_index"}`: originals (if kept) and every method's copies."""
-    from tqdm.auto import tqdm
-
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown augmentation method(s) {unknown}; choose from {list(METHODS)}")

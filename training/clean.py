@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .arguments import parse_stage_args
 from .io import iter_raw_documents, write_json, write_jsonl
 
 REASONS = (
@@ -118,7 +119,7 @@ class NearDuplicateIndex:
     """MinHash LSH over word shingles of the documents kept so far."""
 
     def __init__(self, threshold: float, num_perm: int, shingle_size: int, seed: int):
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHash, MinHashLSH  # pulls in scipy: only when deduplicating
 
         self._minhash = MinHash
         template = MinHash(num_perm=num_perm, seed=seed)  # permutations computed once, shared by every signature
@@ -237,8 +238,6 @@ def _top_reasons(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .arguments import parse_stage_args
-
     (args,) = parse_stage_args("clean", [CleanArguments], argv)
     report = run_clean(args)
     print(format_report(report))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from .arguments import TRAINING_DEFAULTS, DataArguments, ModelArguments, parse_stage_args
@@ -59,8 +60,6 @@ def generate_pseudo_labels(
     model, tokenizer, prompts: list[str], args: SelfTrainArguments, seed: int
 ) -> list[PseudoLabel]:
     """Continuations of `prompts` with the model's own confidence and perplexity for each."""
-    from tqdm.auto import tqdm
-
     model.eval()
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)

@@ -147,7 +147,7 @@ def run_sft(model_args: ModelArguments, data_args: SFTDataArguments, sft_config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import SFTConfig
+    from trl import SFTConfig  # heavy: imported when the stage runs, not when its module is imported
 
     model_args, data_args, sft_config = parse_stage_args(
         "sft", [ModelArguments, SFTDataArguments, SFTConfig], argv, sft_defaults()
