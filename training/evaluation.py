@@ -89,6 +89,11 @@ def sliding_windows(ids: list[int], max_length: int, stride: int) -> list[tuple[
     return windows
 
 
+def window_length(config, max_length: int | None = None) -> int:
+    """`max_length`, else the model's context capped at 2048 tokens: the window `evaluate_perplexity` scores in."""
+    return max_length or min(getattr(config, "max_position_embeddings", 2048), 2048)
+
+
 @torch.no_grad()
 def evaluate_perplexity(
     model,
@@ -100,13 +105,17 @@ def evaluate_perplexity(
     mode: str = "document",
     show_progress: bool = False,
 ) -> PerplexityResult:
-    max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048), 2048)
+    max_length = window_length(model.config, max_length)
     stride = stride or max_length
     if not 0 < stride <= max_length:
         raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
     windows = [w for ids in token_streams(tokenizer, texts, mode) for w in sliding_windows(ids, max_length, stride)]
     if not windows:
-        raise ValueError("the text is too short to score: every document tokenizes to fewer than 2 tokens")
+        longest = max((len(ids) for ids in tokenizer(list(texts))["input_ids"]), default=0)
+        raise ValueError(
+            f"the text is too short to measure: its longest document is {longest} token(s), and perplexity needs at "
+            "least 2 (one to predict from, one to score)"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -1,46 +1,37 @@
-"""`llama-hybrid` command line: convert, generate, chat (and the subcommands other parts of the project add).
+"""`llama-hybrid` command line: the parser, convert / export-llama, and the one place user errors are reported.
 
-The library is imported inside the command functions: it loads torch and transformers, which `--help` and
-argument errors need not wait for.
+The library is imported inside the command functions: it loads torch and transformers, which `--help`, argument
+errors and the up-front input checks (`llama_hybrid.model_source`) need not wait for.
+
+A user error (a missing path, a folder without a model, an unreachable Hub id, a device this machine lacks, an
+output folder in the way ...) ends the command with one `error: ...` line on stderr and exit status 2; `--debug` or
+LLAMA_HYBRID_DEBUG=1 shows the traceback instead, for bug reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from llama_hybrid.hub_upload.publish import HubUploadError
-from llama_hybrid.hub_upload.verify import VerificationError
+from . import demo, generation, push, tokenizer, train
+from .options import DTYPES, add_recipe_option
 
-from . import demo, push, tokenizer, train
-
-# What a user can fix (a missing file, a bad value, an upload refused): one `error:` line and exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, HubUploadError, VerificationError)
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "LLAMA_HYBRID_DEBUG"
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="LlamaHybrid folder or Hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)",
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix: bad values and paths, I/O and network failures, and the Hub upload's refusals."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    hub_errors = (
+        ("llama_hybrid.hub_upload.publish", "HubUploadError"),
+        ("llama_hybrid.hub_upload.verify", "VerificationError"),
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: as saved)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument(
-        "--attn-implementation",
-        default=None,
-        choices=("eager", "sdpa", "flex_attention", "flash_attention_2"),
-        help="attention kernel (default: transformers' choice, sdpa)",
-    )
-
-
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    for module, name in hub_errors:
+        if module in sys.modules:  # not imported = cannot have raised
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def _layer_list(text: str) -> list[int]:
@@ -53,10 +44,11 @@ def _layer_list(text: str) -> list[int]:
 def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "upcycling (function-preserving at step 0; without these the result is plain LLaMA)",
-        "--preset names an upcycle recipe; the explicit options below override its fields. Layer indices refer to "
-        "the source model.",
+        "--recipe names an upcycling recipe: `hybrid` spreads sparse attention, conv blocks and MoE over the whole "
+        "model; the article's staged layout gives each quarter of the layers one kind. The explicit options below "
+        "override the recipe's fields. Layer indices refer to the source model.",
     )
-    group.add_argument("--preset", choices=("hybrid", "seed"), default=None, help="upcycle recipe")
+    add_recipe_option(group, default=None, help="upcycling recipe: %(choices)s (--preset is its deprecated alias)")
     group.add_argument("--sparse-layers", type=_layer_list, help="source layers whose attention becomes sparse")
     group.add_argument("--global-attention", choices=("full", "compressed"), help="global branch of sparse layers")
     group.add_argument("--window", type=int, dest="sliding_window", help="local window of sparse layers")
@@ -81,20 +73,23 @@ UPCYCLE_FIELDS = (
 def _recipe_from_args(args, num_layers_of):
     """None for a plain conversion; else the named recipe (or an empty one) with explicit options applied."""
     overrides = {name: getattr(args, name) for name in UPCYCLE_FIELDS if getattr(args, name, None) is not None}
-    if args.preset is None and not overrides:
+    if args.recipe is None and not overrides:
         return None
     from llama_hybrid.upcycle import UpcycleRecipe, recipe_for
 
-    if args.preset is None:
+    if args.recipe is None:
         return UpcycleRecipe(**overrides)
-    return recipe_for(args.preset, num_layers_of(), **overrides)
+    return recipe_for(args.recipe, num_layers_of(), **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-hybrid",
         description="LlamaHybrid: a LLaMA trunk with sparse-attention, short-conv and MoE layers, for transformers.",
+        epilog=f"A problem with the input ends in one `error: ...` line and exit status {EXIT_USER_ERROR}; "
+        f"--debug (or {DEBUG_ENV}=1) shows the traceback instead, for bug reports.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = sub.add_parser("convert", help="convert a LLaMA checkpoint (folder, Hub id or .gguf) to LlamaHybrid")
@@ -108,25 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export-llama", help="write an all-attention + dense LlamaHybrid model back as a plain LLaMA folder"
     )
-    export.add_argument("model_dir", help="LlamaHybrid folder")
+    export.add_argument("model_dir", help="LlamaHybrid folder or Hub id")
     export.add_argument("output_dir")
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     export.set_defaults(func=_cmd_export_llama)
 
-    generate = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
-    _add_model_args(generate)
-    _add_sampling_args(generate)
-    generate.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
-    generate.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
-    generate.set_defaults(func=_cmd_generate)
-
-    chat = sub.add_parser("chat", help="multi-turn chat; old turns are dropped to fit the context window")
-    _add_model_args(chat)
-    _add_sampling_args(chat)
-    chat.add_argument("--system", default=None, help="system prompt")
-    chat.set_defaults(func=_cmd_chat)
-
-    for add_subcommands in (demo.add_subcommand, tokenizer.add_subcommand, push.add_subcommand, train.add_subcommand):
+    for add_subcommands in (
+        generation.add_subcommand,
+        demo.add_subcommand,
+        tokenizer.add_subcommand,
+        push.add_subcommand,
+        train.add_subcommand,
+    ):
         add_subcommands(sub)
     return parser
 
@@ -137,7 +125,21 @@ def _torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def _convert_source(source: str) -> None:
+    """Refuse a source that is no LLaMA checkpoint before torch loads."""
+    from llama_hybrid.model_source import LLAMA, check_gguf, locate_model
+
+    if source.endswith(".gguf"):
+        check_gguf(source)
+    else:
+        locate_model(source, accept=(LLAMA,), what="a LLaMA checkpoint (model_type 'llama')")
+
+
 def _cmd_convert(args) -> int:
+    from llama_hybrid.model_source import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite)
+    _convert_source(args.source)
     from llama_hybrid.convert import convert_llama, source_location
     from llama_hybrid.upcycle import upcycle_llama
 
@@ -158,59 +160,38 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_export_llama(args) -> int:
+    from llama_hybrid.model_source import LLAMA_HYBRID, check_output_dir, locate_model
+
+    check_output_dir(args.output_dir, args.overwrite)
+    model_dir = locate_model(args.model_dir, accept=(LLAMA_HYBRID,))
     from llama_hybrid.convert import export_llama
 
-    folder = export_llama(args.model_dir, args.output_dir, overwrite=args.overwrite)
+    folder = export_llama(model_dir, args.output_dir, overwrite=args.overwrite)
     print(f"Wrote LLaMA model to {folder} (loadable with transformers.LlamaForCausalLM and LLaMA tooling)")
     return 0
 
 
-def _cmd_generate(args) -> int:
-    from .session import Session
-
-    session = Session.load(args)
-    prompts = args.prompt or [sys.stdin.read()]
-    for prompt in prompts:
-        if not prompt.strip():
-            raise SystemExit("error: the prompt is empty")
-        if len(prompts) > 1 or args.prompt:
-            print(f">>> {prompt}", flush=True)
-        session.respond(prompt, chat=not args.raw)
-    return 0
-
-
-def _cmd_chat(args) -> int:
-    from .session import Session
-
-    session = Session.load(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Chatting with the model. Empty line or Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            if interactive:
-                break
-            continue
-        if not interactive:
-            print(f"you> {line}")
-        history.append({"role": "user", "content": line})
-        answer = session.chat_turn(history)
-        history.append({"role": "assistant", "content": answer})
-    return 0
+def _one_line(err: BaseException) -> str:
+    """The message on one line (transformers' OSErrors span several); the exception's name when it has none."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not isinstance(err, user_errors()):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 __all__ = ["build_parser", "main"]

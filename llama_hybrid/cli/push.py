@@ -1,12 +1,14 @@
-"""`llama-hybrid push`: the command-line face of hub_upload (the main CLI calls `add_subcommand`)."""
+"""`llama-hybrid push`: the command-line face of hub_upload (the main CLI calls `add_subcommand`).
+
+hub_upload (which loads torch and transformers) is imported when the command runs, after the up-front checks of the
+model folder, the repo id and the staging folder.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
-
-from llama_hybrid.hub_upload.folder import DEFAULT_MAX_SHARD_SIZE
-from llama_hybrid.hub_upload.publish import push
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -31,9 +33,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
     push.add_argument("--overwrite", action="store_true", help="replace a non-empty --staging-dir")
     push.add_argument(
         "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
+        default=None,
         metavar="S",
-        help=f"largest safetensors shard, e.g. 500MB, 2GB or a byte count (default: {DEFAULT_MAX_SHARD_SIZE})",
+        help="largest safetensors shard, e.g. 500MB, 2GB or a byte count (default: hub_upload's DEFAULT_MAX_SHARD_SIZE)",
     )
     push.add_argument(
         "--token-env",
@@ -48,15 +50,31 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     """Run `push` (what the user can fix raises; `main` turns it into one `error:` line and exit code 2)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from llama_hybrid.model_source import LLAMA_HYBRID, check_output_dir, locate_model
+
+    if not Path(args.model_dir).expanduser().is_dir():
+        state = "is a file" if Path(args.model_dir).expanduser().exists() else "does not exist"
+        raise ValueError(
+            f"{args.model_dir} {state}; push uploads a local LlamaHybrid folder (from `llama-hybrid convert`)"
+        )
+    model_dir = locate_model(args.model_dir, accept=(LLAMA_HYBRID,))
+    validate_repo_id(args.repo_id)
+    if args.staging_dir:
+        check_output_dir(args.staging_dir, args.overwrite)
+    from llama_hybrid.hub_upload.publish import push
+
+    shard_size = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
     push(
-        args.model_dir,
+        model_dir,
         args.repo_id,
         private=args.private,
         revision=args.revision,
         dry_run=args.dry_run,
         staging_dir=args.staging_dir,
         overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
+        **shard_size,
         token_env=args.token_env,
         base_model=args.base_model,
         license=args.license,

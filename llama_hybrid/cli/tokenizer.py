@@ -7,9 +7,8 @@ The main CLI owns the top-level parser and calls `add_subcommand(subparsers)`; e
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
-
-from llama_hybrid.tokenization.trainer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -34,7 +33,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
         type=int,
         required=True,
         metavar="N",
-        help=f"target vocabulary size including special tokens (at least {MIN_VOCAB_SIZE})",
+        help="target vocabulary size including special tokens (at least the 256 bytes + the special tokens)",
     )
     train.add_argument("--output", required=True, metavar="DIR", help="folder to write the tokenizer into")
     train.add_argument(
@@ -55,6 +54,13 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train, save and summarise (bad input raises; `main` turns it into one `error:` line and exit code 2)."""
+    missing = [name for name in args.input if not Path(name).expanduser().exists()]
+    if missing:
+        raise FileNotFoundError(f"--input: {', '.join(missing)} not found")
+    if Path(args.output).expanduser().is_file():
+        raise ValueError(f"--output {args.output} is a file; give a folder to write the tokenizer into")
+    from llama_hybrid.tokenization.trainer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+
     tokenizer = train_tokenizer(
         args.input,
         vocab_size=args.vocab_size,

@@ -74,17 +74,40 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llama_hybrid.model_source import locate_model
+
+    model_source = locate_model(args.model) if args.model else None
+    if not Path(args.data).expanduser().is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file")
     import torch
 
-    from llama_hybrid.training.evaluation import evaluate_perplexity
+    from llama_hybrid.cli.options import check_device, check_dtype
+    from llama_hybrid.training.evaluation import evaluate_perplexity, token_streams, window_length
     from llama_hybrid.training.io import read_texts
     from llama_hybrid.training.loading import load_model, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, dtype=getattr(torch, args.dtype)).to(device)
-    tokenizer = load_tokenizer(path)
+    device = check_device(args.device)
+    check_dtype(args.dtype, device)
     texts = read_texts(args.data, args.text_field)
+    path = model_source or resolve_model_path(None)
+    tokenizer = load_tokenizer(path)
+    streams = token_streams(tokenizer, texts, args.mode)  # documents (or the packed stream) of >= 2 tokens
+    if not streams:
+        found = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+        raise ValueError(
+            f"--data {args.data} is too short to measure: {found} token(s) in {len(texts)} document(s), and each "
+            "scored position needs a document of at least 2 tokens (one to predict from, one to score)"
+        )
+    model = load_model(path, dtype=getattr(torch, args.dtype)).to(device)
+    window, total = window_length(model.config, args.max_length), sum(len(ids) for ids in streams)
+    if total < window:
+        print(
+            f"warning: --data {args.data} is {total} tokens, shorter than one window of {window}: the perplexity "
+            f"rests on {total - len(streams)} scored tokens and says little",
+            file=sys.stderr,
+        )
     result = evaluate_perplexity(
         model, tokenizer, texts, args.max_length, args.stride, args.batch_size, args.mode, show_progress=True
     )
