@@ -145,27 +145,42 @@ def check_safetensors_file(file: Path) -> None:
         raise CheckpointError(f"{file} is corrupt or truncated ({err}); re-download or re-save it") from err
 
 
-def check_loaded_weights(model_class, info: dict, source) -> None:
-    """Refuse a checkpoint whose weights do not match the model built from its config.
+def check_loaded_weights(info: dict, source, refuse: bool) -> None:
+    """The loading policy for what the checkpoint does not fill (docs/reliability.md, "Checkpoints").
 
-    Stock `from_pretrained` initialises missing layers randomly and drops unexpected ones, with a log line. Allowed:
-    another task's head (`lm_head` / `score`) in the checkpoint, and a head the class trains from scratch
-    (`score` of sequence classification). Tied weights are not reported missing.
+    - A task head the checkpoint lacks (`lm_head`, `score`; e.g. a base-model checkpoint loaded into the LM class)
+      starts from random values with a warning, as in transformers; it stays in `info["missing_keys"]`. Another
+      task's head in the checkpoint is dropped silently. Tied weights are never missing (transformers ties them).
+    - Missing, unexpected or shape-mismatched *trunk* weights (layers the config describes differently from the
+      file) raise CheckpointError when `refuse`; otherwise (the caller opted in, or asked for the loading info) they
+      are warned about and reported in `info`.
     """
-    fresh = getattr(model_class, "_heads_trained_from_scratch", ())
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(fresh or ("\0",)))
+    missing_heads = sorted(k for k in info["missing_keys"] if k.startswith(HEAD_PREFIXES))
+    if missing_heads:
+        logger.warning(
+            f"{source} has no weights for {_preview(missing_heads)}: that head starts from random values (train it "
+            "before use). The loading info lists it under missing_keys."
+        )
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(HEAD_PREFIXES))
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(HEAD_PREFIXES))
-    if not missing and not unexpected:
-        return
+    mismatched = sorted(key for key, *_ in info.get("mismatched_keys", ()))
     parts = []
     if missing:
         parts.append(f"{len(missing)} weights the config needs are missing: {_preview(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weights have another shape in the checkpoint: {_preview(mismatched)}")
     if unexpected:
         parts.append(f"{len(unexpected)} weights in the checkpoint are not in the model: {_preview(unexpected)}")
+    if not parts:
+        return
+    message = f"{source} does not match its config ({'; '.join(parts)})."
+    if not refuse:
+        logger.warning(f"{message} Loaded anyway, with those weights initialised randomly, as asked.")
+        return
     raise CheckpointError(
-        f"{source} does not match its config ({'; '.join(parts)}). The layer lists in config.json (mixer_types, "
-        "mlp_layer_types, num_hidden_layers, ...) must describe the saved weights. To start the missing weights from "
-        "random values on purpose (e.g. new layers), pass allow_missing_weights=True."
+        f"{message} The layer lists in config.json (mixer_types, mlp_layer_types, num_hidden_layers, ...) must "
+        "describe the saved weights. To start the missing weights from random values on purpose (e.g. new layers), "
+        "pass allow_missing_weights=True; output_loading_info=True also returns the model, with this report."
     )
 
 

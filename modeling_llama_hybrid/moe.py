@@ -25,13 +25,18 @@ logger = logging.get_logger(__name__)
 
 
 class LlamaHybridRouter(nn.Module):
-    """Linear router in fp32: returns (logits [N, E], top-k weights [N, k], top-k expert ids [N, k])."""
+    """Linear router in fp32: returns (logits [N, E], top-k weights [N, k], top-k expert ids [N, k]).
+
+    The weight is created in fp32 whatever the default dtype (transformers' `_keep_in_fp32_modules_strict` contract:
+    a model built under `dtype=torch.bfloat16` keeps it fp32 too).
+    """
 
     def __init__(self, config):
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts  # read by expert parallelism on transformers 5.17 (`ep_router`)
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
 
     def forward(self, hidden_NH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits_NE = F.linear(hidden_NH.float(), self.weight.float())  # fp32 even under bf16 autocast/weights
@@ -85,6 +90,8 @@ class LlamaHybridExperts(nn.Module):
     def forward(self, hidden_NH: torch.Tensor, experts_Nk: torch.Tensor, weights_Nk: torch.Tensor) -> torch.Tensor:
         out_NH = torch.zeros_like(hidden_NH)
         for expert in experts_Nk.unique().tolist():  # only the experts that got tokens
+            if expert >= self.num_experts:  # expert parallelism marks another rank's experts with num_experts
+                continue
             token_idx, slot = torch.where(experts_Nk == expert)
             gate, up = F.linear(hidden_NH[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])

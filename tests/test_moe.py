@@ -115,7 +115,7 @@ def test_router_runs_in_fp32_under_bf16():
     model = tiny_model("attention", "eager").to(torch.bfloat16)
     out = model(tokens(1, 5), output_router_logits=True)
     assert all(r.dtype == torch.float32 for r in out.router_logits)
-    assert LlamaHybridForCausalLM._keep_in_fp32_modules_strict  # loading in bf16 keeps router and gates fp32
+    assert model._keep_in_fp32_modules_strict  # loading in bf16 keeps router and gates fp32
 
 
 def test_dense_model_has_no_aux_loss():

@@ -134,10 +134,22 @@ def test_random_initialisation_of_missing_layers_is_an_explicit_opt_in(saved, tm
     assert not hasattr(model.config, "allow_missing_weights")  # the switch is not stored in the config
 
 
-def test_base_model_checkpoint_into_a_causal_lm_is_refused_when_the_head_is_not_tied(tmp_path):
-    LlamaHybridModel(tiny_model("conv").config).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="missing: lm_head.weight"):
-        LlamaHybridForCausalLM.from_pretrained(tmp_path)
+def test_base_model_checkpoint_into_a_causal_lm_gets_a_fresh_head_with_a_warning(tmp_path, caplog):
+    base = LlamaHybridModel(tiny_model("conv").config)
+    base.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model, info = LlamaHybridForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"} and "lm_head.weight" in caplog.text
+    torch.testing.assert_close(model.model.norm.weight, base.norm.weight, atol=0, rtol=0)
+
+
+def test_output_loading_info_returns_the_model_and_reports_missing_trunk_layers(saved, tmp_path, caplog):
+    folder = copy_of(saved[1], tmp_path)
+    edit_config(folder, num_hidden_layers=3, mixer_types=["conv", "attention", "conv"],
+                mlp_layer_types=["dense", "sparse", "dense"], layer_types=None)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        model, info = LlamaHybridForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert any(k.startswith("model.layers.2.") for k in info["missing_keys"]) and "does not match" in caplog.text
 
 
 def test_tied_head_is_not_missing(tmp_path):

@@ -1,0 +1,35 @@
+"""One rank of the expert-parallel test (`torchrun --nproc_per_node 2`, gloo): the model loaded with this
+transformers version's expert-parallel config (`compat.expert_parallel_config`) against the unsharded model.
+Imports come from PYTHONPATH (set by the test). Rank 0 writes the comparison to OUT_DIR/ep_result.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from modeling_llama_hybrid import LlamaHybridForCausalLM
+from modeling_llama_hybrid.compat import expert_parallel_config
+
+model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+dist.init_process_group("gloo")
+world = dist.get_world_size()
+sharded = LlamaHybridForCausalLM.from_pretrained(
+    model_dir, distributed_config=expert_parallel_config(world), dtype=torch.float32
+).eval()
+single = LlamaHybridForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+input_ids = torch.randint(3, single.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    sharded_logits, single_logits = sharded(input_ids).logits, single(input_ids).logits
+layer = next(i for i, kind in enumerate(single.config.mlp_layer_types) if kind == "sparse")
+experts = sharded.model.layers[layer].mlp.experts.gate_up_proj
+local = experts.to_local() if hasattr(experts, "to_local") else experts
+result = {
+    "logit_diff": (sharded_logits - single_logits).abs().max().item(),
+    "local_experts": local.shape[0],
+    "num_experts": single.config.num_experts,
+}
+if dist.get_rank() == 0:
+    (out_dir / "ep_result.json").write_text(json.dumps(result))
+dist.destroy_process_group()
