@@ -1,16 +1,64 @@
 """The one place that knows how transformers' plugin-facing names differ between the versions we support.
 
 5.17 passes the cache to `forward` as `past_key_values=` and names the output field `past_key_values`;
-5.24 uses `cache=` for both. Everything else in this package goes through these helpers.
+5.24 uses `cache=` for both. Expert parallelism is declared and switched on differently (see
+`EXPERT_PARALLEL_PLAN`). Everything else in this package goes through these helpers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from transformers.distributed import DistributedConfig
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 # Output field that holds the cache in this transformers version.
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_past_key_values(forward):
+    """`forward(past_key_values=...)` works on every version and the cache comes back under `CACHE_FIELD`.
+
+    On 5.24 `past_key_values` is the deprecated spelling: renamed to `cache=` with transformers' own FutureWarning,
+    as its models do (`@deprecate_kwarg`). On 5.17 it is the current name and passes through unchanged.
+    """
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")(forward)
+    return forward
+
+
+# Expert parallelism: 5.24 sizes it in DistributedConfig (`ep_size`, beside `tp_size`) and dispatches tokens to the
+# rank holding their expert (`ep_dispatch_experts`); 5.17 turns it on with `enable_expert_parallel`, masks the
+# router's choices to the local experts (`ep_router`) and all-reduces the experts' partial outputs
+# (`moe_tp_experts`); 5.24 raises on those two styles in an EP plan, so one plan cannot serve both. Both shard
+# the fused expert weights by expert (`grouped_gemm`: dim 0), as Qwen3-MoE's plan does in each version.
+EP_SIZED_IN_CONFIG = "ep_size" in {field.name for field in dataclasses.fields(DistributedConfig)}
+if EP_SIZED_IN_CONFIG:
+    EXPERT_PARALLEL_PLAN = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+else:
+    EXPERT_PARALLEL_PLAN = {
+        "layers.*.mlp.gate": "ep_router",
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "moe_tp_experts",
+    }
+
+
+def expert_parallel_config(world_size: int) -> DistributedConfig:
+    """The `distributed_config=` that shards the experts over `world_size` ranks in this version.
+
+    5.24: tensor parallel for the rest of the model plus experts split by expert (what its EP tests use);
+    5.17: the EP plan alone (`enable_expert_parallel` replaces the TP plan with it).
+    """
+    if EP_SIZED_IN_CONFIG:
+        return DistributedConfig(tp_size=world_size, ep_size=world_size)
+    return DistributedConfig(tp_plan="auto", enable_expert_parallel=True)
 
 
 def pick_cache(cache, past_key_values):

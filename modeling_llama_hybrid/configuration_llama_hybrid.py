@@ -94,24 +94,8 @@ class LlamaHybridConfig(PreTrainedConfig):
 
     model_type = "llama_hybrid"
     keys_to_ignore_at_inference = ["past_key_values", "cache", "router_logits"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-        # sparse attention: the per-head gate (weight, bias and its per-head `alpha`) follows the query heads
-        "layers.*.self_attn.branch_gate": "colwise",
-        # MoE (as Qwen3-MoE); the router and the short conv stay replicated (LFM2 does not shard its conv either)
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
-        "layers.*.mlp.shared_experts.gate_proj": "colwise",
-        "layers.*.mlp.shared_experts.up_proj": "colwise",
-        "layers.*.mlp.shared_experts.down_proj": "rowwise",
-    }
+    # base_model_tp_plan / base_model_ep_plan: properties below, derived from the layout (they name only the modules
+    # this config builds)
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -206,6 +190,24 @@ class LlamaHybridConfig(PreTrainedConfig):
             raise ValueError(f"rope_parameters={self.rope_parameters!r} is incomplete: {err.args[0]}") from err
 
     @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of the modules this config builds (transformers reads it when sharding)."""
+        return self.__dict__.get("base_model_tp_plan") or tensor_parallel_plan(self)
+
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan: dict[str, str] | None) -> None:
+        # an explicit plan (transformers 5.17 adds `embed_tokens` to a tied model's); `to_dict` never saves it
+        self.__dict__["base_model_tp_plan"] = plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Expert-parallel plan (experts split by expert over the ranks) when some layer is MoE; the styles depend
+        on the transformers version (`compat.EXPERT_PARALLEL_PLAN`)."""
+        from .compat import EXPERT_PARALLEL_PLAN
+
+        return dict(EXPERT_PARALLEL_PLAN) if self.has_moe else None
+
+    @property
     def is_plain_llama(self) -> bool:
         """True when every layer is full attention + dense MLP: the model is exactly LLaMA."""
         return set(self.mixer_types) == {"attention"} and not self.has_moe
@@ -255,6 +257,28 @@ class LlamaHybridConfig(PreTrainedConfig):
         n = kwargs.setdefault("num_hidden_layers", 12)
         mixers, mlps = preset_layout(preset, n)
         return cls(mixer_types=mixers, mlp_layer_types=mlps, **kwargs)
+
+
+def tensor_parallel_plan(config: "LlamaHybridConfig") -> dict[str, str]:
+    """Attention projections (and the sparse gate, which follows the query heads) colwise in / rowwise out, the dense
+    MLP and the fused experts as Qwen3-MoE; the router and the short conv stay replicated (LFM2 does not shard its
+    conv either). Only rules for modules the layout has: transformers warns about (and its tests refuse) the rest."""
+    plan = {}
+    if config.layers_of("attention", "sparse_attention"):
+        plan |= {f"layers.*.self_attn.{name}": "colwise" for name in ("q_proj", "k_proj", "v_proj")}
+        plan["layers.*.self_attn.o_proj"] = "rowwise"
+    if config.layers_of("sparse_attention"):
+        plan["layers.*.self_attn.branch_gate"] = "colwise"  # weight, bias and the per-head `alpha`
+    mlp_prefixes = ["layers.*.mlp"] if len(config.moe_layers) < config.num_hidden_layers else []
+    if config.has_moe:
+        plan["layers.*.mlp.experts.gate_up_proj"] = "packed_colwise"
+        plan["layers.*.mlp.experts.down_proj"] = "rowwise"
+        plan["layers.*.mlp.experts"] = "moe_tp_experts"
+        if config.num_shared_experts > 0:
+            mlp_prefixes.append("layers.*.mlp.shared_experts")
+    for prefix in mlp_prefixes:
+        plan |= {f"{prefix}.gate_proj": "colwise", f"{prefix}.up_proj": "colwise", f"{prefix}.down_proj": "rowwise"}
+    return plan
 
 
 def preset_layout(preset: str, num_layers: int) -> tuple[list[str], list[str]]:

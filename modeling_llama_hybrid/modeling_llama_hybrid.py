@@ -32,7 +32,14 @@ from .checks import (
     check_position_ids,
     warn_beyond_max_positions,
 )
-from .compat import CACHE_FIELD, cache_output, keep_last_logits, pick_cache, prepare_generation_cache
+from .compat import (
+    CACHE_FIELD,
+    accepts_past_key_values,
+    cache_output,
+    keep_last_logits,
+    pick_cache,
+    prepare_generation_cache,
+)
 from .compressed_cache import install_compressed_layers
 from .configuration_llama_hybrid import LlamaHybridConfig
 from .loss import LOSS_IMPLEMENTATIONS, linear_cross_entropy
@@ -59,6 +66,12 @@ class LlamaHybridRMSNorm(nn.Module):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
+
+
+def fp32_module_names(config: LlamaHybridConfig) -> list[str]:
+    """The router of every MoE layer and the branch gate of every sparse-attention layer (modules of this layout)."""
+    routers = [f"layers.{i}.mlp.gate" for i in config.moe_layers]
+    return routers + [f"layers.{i}.self_attn.branch_gate" for i in config.layers_of("sparse_attention")]
 
 
 def build_ffn(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
@@ -132,8 +145,6 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
         "hidden_states": LlamaHybridDecoderLayer,
         "attentions": LlamaHybridAttention,  # sparse attention subclasses it
     }  # router logits are returned by the layers (see LlamaHybridDecoderLayer.forward), not hooked
-    # Router and sparse-attention gate math stays fp32 even when the model is loaded in fp16/bf16.
-    _keep_in_fp32_modules_strict = ["mlp.gate.weight", "self_attn.branch_gate"]
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -154,10 +165,11 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights: bool = False, **kwargs):
-        """transformers' `from_pretrained`, made strict: safetensors only unless `use_safetensors=False` is passed,
-        corrupt / truncated / incomplete checkpoints refused, and a checkpoint whose weights do not fill the model
-        built from its config refused (stock loading would initialise the missing layers randomly) unless
-        `allow_missing_weights=True`. Raises `CheckpointError` (a ValueError); never returns a half-loaded model."""
+        """transformers' `from_pretrained`, made strict (docs/reliability.md, "Checkpoints"): safetensors only unless
+        `use_safetensors=False` is passed; corrupt / truncated / incomplete files refused; trunk weights that do not
+        fill the model built from its config refused (stock loading would initialise those layers randomly) unless
+        `allow_missing_weights=True` or `output_loading_info=True` (then a warning, and the info lists them). A task
+        head the checkpoint lacks starts fresh with a warning, as in transformers. Raises `CheckpointError`."""
         if kwargs.get("gguf_file") is None and kwargs.get("state_dict") is None:
             kwargs.setdefault("use_safetensors", True)
         check_checkpoint_folder(pretrained_model_name_or_path, kwargs)
@@ -172,8 +184,7 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
             raise CheckpointError(
                 f"{pretrained_model_name_or_path}: a weights file is corrupt or truncated ({err})"
             ) from err
-        if not allow_missing_weights:
-            check_loaded_weights(cls, info, pretrained_model_name_or_path)
+        check_loaded_weights(info, pretrained_model_name_or_path, refuse=not (allow_missing_weights or want_info))
         return (model, info) if want_info else model
 
 
@@ -188,8 +199,12 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         self.rotary_emb = LlamaHybridRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self._warned_beyond_max_positions = False
+        # Router and sparse-gate weights stay fp32 under a bf16/fp16 load; named per layer, for the layers that have
+        # them ("mlp.gate" alone would also match the dense MLP's gate_proj, since transformers matches by search).
+        self._keep_in_fp32_modules_strict = fp32_module_names(config)
         self.post_init()
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -210,8 +225,8 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         # every input is checked before the first kernel (on GPU a bad id is a device-side assert, not an error)
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.vocab_size)
+        if inputs_embeds is None:  # the embedding in the model, which resize_token_embeddings may have replaced
+            check_input_ids(input_ids, self.embed_tokens.num_embeddings)
         else:
             check_inputs_embeds(inputs_embeds, self.config.hidden_size)
         batch, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
@@ -293,6 +308,7 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
         install = functools.partial(install_compressed_layers, config=self.config.get_text_config())
         return prepare_generation_cache(parent, generation_config, model_kwargs, *args, install=install, **kwargs)
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
@@ -372,9 +388,8 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
 
 
 class LlamaHybridForSequenceClassification(GenericForSequenceClassification, LlamaHybridPreTrainedModel):
-    """Classifies a sequence from its last non-padding token (transformers' generic head)."""
-
-    _heads_trained_from_scratch = ("score.",)  # loading a language-model checkpoint gives a fresh classifier
+    """Classifies a sequence from its last non-padding token (transformers' generic head; a language-model
+    checkpoint gives it a fresh `score` head, with transformers' warning)."""
 
 
 __all__ = [

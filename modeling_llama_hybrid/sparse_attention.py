@@ -143,8 +143,9 @@ class LlamaHybridBranchGate(nn.Linear):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, alpha_init: float):
-        super().__init__(hidden_size, num_heads, bias=True)
-        self.alpha = nn.Parameter(torch.full((num_heads,), float(alpha_init)))
+        # fp32 whatever the default dtype (transformers' `_keep_in_fp32_modules_strict` contract)
+        super().__init__(hidden_size, num_heads, bias=True, dtype=torch.float32)
+        self.alpha = nn.Parameter(torch.full((num_heads,), float(alpha_init), dtype=torch.float32))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias).float()  # (B, T, H) in fp32
