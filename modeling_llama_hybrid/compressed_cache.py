@@ -47,6 +47,8 @@ class CompressedStep:
     doc_start: torch.Tensor  # (B,) first position of the row's last document after this step
     num_summaries: torch.Tensor  # (B,) stored summaries after this step
     capacity: int  # G after this step
+    slot_last: torch.Tensor  # (B, T) the row's last position after each new slot (what a crop back to it restores)
+    slot_doc_start: torch.Tensor  # (B, T) its document start after each new slot
     summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, N, D), added by the model
 
     @property
@@ -111,6 +113,7 @@ def compressed_step(
     new_blocks = positions.div(block, rounding_mode="floor")
     prev_block = torch.cat([last.div(block, rounding_mode="floor")[:, None], new_blocks[:, :-1]], 1)
     new_starts = valid & (doc_starts | (new_blocks != prev_block))
+    new_starts |= valid & (open_block_count(last, doc_start, block) == 0)[:, None] & (valid.cumsum(1) == 1)
 
     open_count = open_block_count(last, doc_start, block)
     open_positions = right_aligned_positions(last, open_count, block - 1)
@@ -155,6 +158,11 @@ def compressed_step(
     spare = state.max_summaries if static else new_capacity
     store_index = torch.where(keep, base[:, None] + keep.long().cumsum(1) - 1, spare)
     last_doc_start = last_valid(positions, doc_starts, doc_start)
+    slots = torch.arange(length, device=last.device)
+    upto_valid = torch.where(valid, slots, -1).cummax(1).values
+    upto_start = torch.where(doc_starts, slots, -1).cummax(1).values
+    slot_last = torch.where(upto_valid >= 0, positions.gather(1, upto_valid.clamp(min=0)), last[:, None])
+    slot_doc_start = torch.where(upto_start >= 0, positions.gather(1, upto_start.clamp(min=0)), doc_start[:, None])
     return CompressedStep(
         window=local,
         pool_summary=pool_summary,
@@ -166,6 +174,8 @@ def compressed_step(
         doc_start=torch.where(last_document > 0, last_doc_start, doc_start),
         num_summaries=num_summaries,
         capacity=new_capacity,
+        slot_last=slot_last,
+        slot_doc_start=slot_doc_start,
     )
 
 
@@ -268,6 +278,12 @@ class CompressedSparseLayer(CacheLayerMixin):
             self.window_values = torch.cat([self.window_values, value], -2)
             self.open_keys = torch.cat([self.open_keys, raw_key], -2)
             self.open_values = torch.cat([self.open_values, value], -2)
+            if self.recorded == 0:
+                self.record_base = (self.last_position, self.doc_start)
+                self.recorded_last, self.recorded_doc_start = step.slot_last, step.slot_doc_start
+            else:
+                self.recorded_last = torch.cat([self.recorded_last, step.slot_last], 1)
+                self.recorded_doc_start = torch.cat([self.recorded_doc_start, step.slot_doc_start], 1)
             self.recorded += key.shape[-2]
         else:
             self.window_keys = keep_last(window_keys, self.sliding_window - 1)
@@ -328,6 +344,9 @@ class CompressedSparseLayer(CacheLayerMixin):
             return
         for name in self.batch_tensors():
             setattr(self, name, fn(getattr(self, name)))
+        if self.recorded:
+            self.recorded_last, self.recorded_doc_start = fn(self.recorded_last), fn(self.recorded_doc_start)
+            self.record_base = tuple(fn(t) for t in self.record_base)
         self.batch_size = self.last_position.shape[0]
         self.keys, self.values = self.window_keys, self.window_values
 
@@ -359,7 +378,12 @@ class CompressedSparseLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         if removed:
-            self.last_position = self.last_position - removed
+            kept = self.recorded - removed  # recorded slots that stay: the row state after the last of them
+            if kept:
+                self.last_position = self.recorded_last[:, kept - 1]
+                self.doc_start = self.recorded_doc_start[:, kept - 1]
+            else:
+                self.last_position, self.doc_start = self.record_base
             held = torch.arange(self.summary_slots, device=self.device) < self.num_summaries[:, None]
             done = (self.summary_blocks + 1) * self.block_size - 1 <= self.last_position[:, None]
             self.num_summaries = (held & done).sum(1)

@@ -8,6 +8,8 @@ Model level: cached decode == full forward over sequences >> W, and generate() k
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -208,3 +210,130 @@ def test_beam_reorder_and_batch_select_follow_rows():
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
     layer.batch_select_indices(torch.tensor([0]))
     assert layer.batch_size == 1 and layer.last_position.shape == (1,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model level: the compressed cache is what a compressed model decodes with, and it is exact
+
+WINDOW, BLOCK = 4, 3  # b does not divide W
+
+
+def compressed_model(attn: str = "sdpa", seed: int = 0):
+    from hybrid_mixer_fixtures import tiny_model
+
+    return tiny_model("sparse_compressed", attn, seed=seed, sliding_window=WINDOW, compress_block_size=BLOCK)
+
+
+def fresh_cache(kind: str, model, length: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    return StaticCache(config=model.config, max_cache_len=length + 2)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("length", [4 * WINDOW + 1, 16 * WINDOW + 2])  # partial last blocks
+@torch.no_grad()
+def test_decode_token_by_token_matches_full_forward(length, attn, cache_kind):
+    """Prefill, a multi-token update (chunked prefill / candidates), then one token at a time, left padding in
+    row 1: every position's logits equal the full forward's."""
+    from hybrid_mixer_fixtures import tokens
+
+    model = compressed_model(attn)
+    ids = tokens(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    full = model(ids, attention_mask=mask).logits
+    cache = fresh_cache(cache_kind, model, length)
+    cuts = [0, 5, 12, *range(13, length + 1)]
+    logits = [
+        model(ids[:, a:b], attention_mask=mask[:, :b], cache=cache, use_cache=True).logits
+        for a, b in itertools.pairwise(cuts)
+    ]
+    expected_class = CompressedSparseLayer if cache_kind == "dynamic" else StaticCompressedSparseLayer
+    assert type(cache.layers[0]) is expected_class
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(logits, 1)[valid], full[valid], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_crop_then_continue_equals_never_generating_the_cropped_tokens():
+    from hybrid_mixer_fixtures import tokens
+    from transformers import DynamicCache
+
+    model = compressed_model()
+    ids = tokens(2, 40)
+    full = model(ids).logits
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :17], cache=cache)
+    cache.activate_past_recording()
+    model(tokens(2, 6, seed=7), cache=cache)  # rejected candidates
+    cache.crop(-6)
+    rest = model(ids[:, 17:], cache=cache).logits
+    torch.testing.assert_close(rest, full[:, 17:], atol=1e-5, rtol=0)
+
+
+def greedy(model, ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", 20)  # ends far beyond the window and several blocks
+    return model.generate(ids, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@torch.no_grad()
+def test_generate_modes_with_the_compressed_cache_equal_no_cache():
+    from hybrid_mixer_fixtures import tokens
+
+    model = compressed_model()
+    model.generation_config.eos_token_id = None
+    ids = torch.cat([tokens(1, 6), tokens(1, 6)], dim=1)  # a repeated prompt gives prompt lookup candidates
+    reference = greedy(model, ids, use_cache=False)
+    out = greedy(model, ids, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert type(cache.layers[0]) is CompressedSparseLayer  # generate() built it, no user code
+    assert torch.equal(greedy(model, ids, cache_implementation="static"), reference)
+    assert torch.equal(greedy(model, ids, prompt_lookup_num_tokens=3), reference)
+    assert torch.equal(greedy(model, ids, assistant_model=compressed_model(seed=5)), reference)
+    beams = greedy(model, ids, num_beams=3)
+    assert torch.equal(beams, greedy(model, ids, num_beams=3, use_cache=False))
+    assert torch.equal(beams, greedy(model, ids, num_beams=3, cache_implementation="static"))
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(11)
+        sampled.append(model.generate(ids, do_sample=True, max_new_tokens=20, pad_token_id=0, use_cache=use_cache))
+    assert torch.equal(*sampled)
+
+
+@torch.no_grad()
+def test_continuing_from_a_returned_cache_equals_one_forward():
+    from hybrid_mixer_fixtures import tokens
+
+    model = compressed_model()
+    model.generation_config.eos_token_id = None
+    ids = tokens(1, 9)
+    out = greedy(model, ids, max_new_tokens=15, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    follow = tokens(1, 4, seed=4)
+    # the cache holds every token but the last generated one, which the next forward brings
+    tail = torch.cat([out.sequences[:, -1:], follow], 1)
+    logits = model(tail, cache=cache).logits
+    full = model(torch.cat([out.sequences, follow], 1)).logits
+    torch.testing.assert_close(logits, full[:, -tail.shape[1] :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+@torch.no_grad()
+def test_left_padded_batch_generates_like_single_rows(cache_implementation):
+    from hybrid_mixer_fixtures import tokens
+
+    model = compressed_model()
+    model.generation_config.eos_token_id = None
+    rows = [tokens(1, 11, seed=3)[0], tokens(1, 5, seed=4)[0], tokens(1, 8, seed=5)[0]]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    batch = greedy(model, ids, attention_mask=mask, cache_implementation=cache_implementation)
+    for i, row in enumerate(rows):
+        alone = greedy(model, row[None], cache_implementation=cache_implementation)
+        assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i} differs"
