@@ -87,7 +87,12 @@ class MaskInputs:
         positions = self.position_ids.expand(batch, -1)
         valid = torch.ones_like(positions, dtype=torch.bool)
         if isinstance(self.attention_mask, torch.Tensor) and self.attention_mask.ndim == 2:
-            valid = self.attention_mask[:, -seq_len:].bool()
+            # the new tokens' columns of the 2-D mask, which starts at the first cached slot (as in key_positions:
+            # missing columns count as padding)
+            columns = layer.get_seq_length() + torch.arange(seq_len, device=positions.device)
+            width = self.attention_mask.shape[1]
+            picked = self.attention_mask.bool().gather(1, columns.clamp(max=width - 1).expand(batch, -1))
+            valid = picked & (columns < width)
         return compressed_step(layer, positions, valid, static=layer.is_compileable)
 
 
