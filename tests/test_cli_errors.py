@@ -264,6 +264,11 @@ def test_preset_is_a_deprecated_alias_of_recipe(capsys):
     args = build_parser().parse_args(["convert", "src", "out", "--preset", "hybrid"])
     assert args.recipe == "hybrid"
     assert capsys.readouterr().err.strip() == "warning: --preset is deprecated; use --recipe"
+    from llama_hybrid.upcycle import RENAMED_RECIPES
+
+    for old_name, new_name in RENAMED_RECIPES.items():
+        assert build_parser().parse_args(["convert", "src", "out", "--recipe", old_name]).recipe == new_name
+        assert f"is now called {new_name!r}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["demo", "--recipe", "no-such-recipe"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -5,13 +5,14 @@
 3. fine-tune the hybrid briefly with transformers' Trainer on CPython's pydoc text (progress bar);
 4. report held-out perplexity of the source, the upcycled model at step 0, and after fine-tuning.
 
-Fine-tuning is LoRA (peft, the recipe's `lora_config`: attention, conv projections and the fused experts) plus full
-training of the two small kinds of parameter the upcycling adds, the sparse-attention branch gates and the MoE
-routers; the adapters are merged back at the end. Why not full AdamW: the upcycled model has 441M parameters, and
-AdamW keeps two fp32 moments and a gradient for each, ~7 GB on top of the weights (8.3 GB peak resident memory
-measured), more than a laptop has. Why not only the new parameters: every expert starts as a copy of the same MLP,
-and copies that never train never specialise, so the router has nothing to choose between. LoRA gives every expert
-its own low-rank update at a few MB of optimizer state, and the demo fits in 4 GB.
+Fine-tuning is LoRA (peft) on the attention and conv projections, plus full training of the two small kinds of
+parameter the upcycling adds: the sparse-attention branch gates and the MoE routers; the adapters are merged back
+at the end. Why not full AdamW: the upcycled model has 441M parameters, and AdamW keeps a gradient and two fp32
+moments for each, ~5 GB on top of the weights (8.3 GB peak resident memory measured), more than a laptop has.
+Why these parameters: what the upcycling changes at step 0 is attention (the compressed global branch beyond the
+window) and the new conv blocks, which is where LoRA and the gates act. The fused experts get no LoRA here: peft
+wraps 3-D expert weights in a parametrization that rebuilds every expert's weight on each access, which on CPU cost
+~6 min per step and pushed the peak past 4.5 GB (measured); the recipe's `train sft --lora` adapts them on a GPU.
 """
 
 from __future__ import annotations
@@ -82,17 +83,22 @@ def fine_tune(model, blocks: list[list[int]], args):
     """(the model with its LoRA adapters merged in, the logged training losses)."""
     import torch
     from datasets import Dataset
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from llama_hybrid.training.loading import lora_config
+    from llama_hybrid.training.loading import lora_targets
 
-    model = get_peft_model(model, lora_config(model, rank=args.lora_rank, alpha=2 * args.lora_rank))
+    modules, _ = lora_targets(model)  # attention q/k/v/o and conv in/out projections; experts left out (docstring)
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
     for name, parameter in model.named_parameters():
         if any(part in name for part in FULLY_TRAINED):
             parameter.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training {trainable:,} parameters: LoRA rank {args.lora_rank} + branch gates + routers", flush=True)
+    print(
+        f"training {trainable:,} parameters: LoRA rank {args.lora_rank} on attention and conv + branch gates + routers",
+        flush=True,
+    )
     data = Dataset.from_dict({"input_ids": blocks, "labels": blocks}).shuffle(seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         training = TrainingArguments(
