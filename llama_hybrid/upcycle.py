@@ -17,6 +17,13 @@ Identical expert copies specialise slowly; `expert_noise` (multiplicative Gaussi
 `drop_upcycling` (re-initialise a random fraction of each expert's intermediate units) break the symmetry at the
 price of exactness; both are off by default.
 
+Long context (`context_length`, `rope_scaling`): a context beyond the source's `max_position_embeddings` is
+*extrapolation* (the source never saw those positions). The recipe then rescales RoPE through `rope_parameters`
+(YaRN, or linear position interpolation) and raises `max_position_embeddings`; this changes the function at every
+length (YaRN also scales the attention logits), so step-0 equality holds against the source *with the same RoPE
+scaling*, not against the source itself, and the model needs fine-tuning at that length before it is trusted there.
+`upcycle_llama` prints which case a recipe is in.
+
 Upcycle recipes (`recipe_for`, `RECIPES`; `llama-hybrid convert --recipe`) are not the config presets of the same
 name (`LlamaHybridConfig.from_preset`): a config preset lays out a *new* model (e.g. `hybrid` = short conv in most
 layers), whereas an upcycle recipe keeps every source layer (turning some attention into sparse attention and some
@@ -25,6 +32,7 @@ MLPs into MoE) and *inserts* conv blocks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +49,8 @@ from .reporting import parameter_counts
 
 GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
 ROUTER_STD = 0.01
-RECIPES = ("hybrid", "staged")  # the named upcycle recipes of `recipe_for`
+RECIPES = ("hybrid", "staged", "long-context")  # the named upcycle recipes of `recipe_for`
+ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
 
@@ -63,6 +72,9 @@ class UpcycleRecipe:
     expert_noise: float = 0.0
     drop_upcycling: float = 0.0
     seed: int = 0
+    # None: the source's max_position_embeddings, RoPE unchanged. Beyond it: RoPE rescaled by `rope_scaling`.
+    context_length: int | None = None
+    rope_scaling: str = "yarn"
 
     def check(self, num_source_layers: int) -> None:
         for name in ("sparse_layers", "moe_layers", "insert_conv_after"):
@@ -75,6 +87,13 @@ class UpcycleRecipe:
             raise ValueError(f"drop_upcycling={self.drop_upcycling} must be in [0, 1)")
         if self.expert_noise < 0:
             raise ValueError(f"expert_noise={self.expert_noise} must be >= 0")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose one of {list(ROPE_SCALINGS)}")
+        if self.context_length is not None and (isinstance(self.context_length, bool) or self.context_length < 1):
+            raise ValueError(f"context_length={self.context_length!r} must be a positive number of tokens (or None)")
+        for name in ("sliding_window", "compress_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive int")
 
     @property
     def exact(self) -> bool:
@@ -90,6 +109,17 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
       inserted after every fourth layer: all three mixer kinds and MoE.
     - `staged`: the article's stage order over four quarters: attention kept; sparse attention (full global);
       conv blocks inserted after each layer of the third quarter; MoE in the last quarter.
+    - `long-context`: for long-context fine-tuning. Every attention layer but the first and the last becomes
+      compressed sparse attention (window 512, blocks of 64): those layers' cache is O(W + n/b) instead of O(n),
+      so the cache of the 30-layer SmolLM2 at 32k tokens is about a tenth of the source's (README, "Long-context
+      upcycling"). The first and last layers stay full attention: they keep an exact path to every token (the
+      compressed summaries are block means, which cannot retrieve a single token beyond the window), the first
+      layer's output feeds every later layer (an error there compounds through the stack) and the last one reads
+      the context right before the LM head; layer-pruning studies of LLaMA-family models also find the first and
+      last layers the least replaceable. The two full layers set the cache floor: 2 / layers of the source's
+      cache. MLPs stay dense and no conv is inserted, so the parameters are the source's plus the per-head gates.
+      Give `context_length` for a context beyond the source's `max_position_embeddings` (that is extrapolation:
+      RoPE is then rescaled with `rope_scaling`, YaRN by default). Needs a source of at least 3 layers.
     """
     if recipe_name in RENAMED_RECIPES:
         new_name = RENAMED_RECIPES[recipe_name]
@@ -105,6 +135,18 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
             global_attention="compressed",
             moe_layers=list(range(num_layers // 2, num_layers)),
             insert_conv_after=[i for i in range(num_layers) if i % 4 == 3],
+        )
+    elif recipe_name == "long-context":
+        if num_layers < 3:
+            raise ValueError(
+                f"the long-context recipe keeps the first and last layers full attention; a source of {num_layers} "
+                "layer(s) has none left to convert"
+            )
+        recipe = UpcycleRecipe(
+            sparse_layers=list(range(1, num_layers - 1)),
+            global_attention="compressed",
+            sliding_window=512,
+            compress_block_size=64,
         )
     elif recipe_name == "staged":
         quarter = [min(4 * i // num_layers, 3) for i in range(num_layers)]
@@ -145,14 +187,86 @@ def upcycle_llama(
     report: bool = True,
 ) -> Path:
     """Convert a LLaMA checkpoint (folder, Hub id or GGUF) and upcycle it into a hybrid folder: function-preserving
-    at step 0. Unless `report=False`, prints a table of its layers, parameters and measured deviation from the
-    source (measured in fp32; the weights are saved in `dtype`, default the source's)."""
+    at step 0 (up to a RoPE rescaling the recipe asks for: see `describe_context`). Unless `report=False`, prints a
+    table of its layers, parameters and measured deviation from the source (measured in fp32; the weights are
+    saved in `dtype`, default the source's)."""
     llama, tokenizer, generation = load_llama(source, None)
     hybrid = upcycle(llama, recipe)
     deviation = measure_deviation(llama, hybrid, tokenizer, recipe.sliding_window) if report else None
     print(describe(hybrid, plan_layers(llama.config.num_hidden_layers, recipe), deviation))
+    print(describe_context(llama.config, recipe))
+    if report and context_rope(llama.config, recipe)[1] is not None:
+        rescaled = measure_deviation(rope_scaled_source(llama, recipe), hybrid, tokenizer, recipe.sliding_window)
+        print(
+            f"max |Δlogit| vs the source with the same RoPE scaling (fp32): {rescaled.within_window:.2e} within the "
+            f"window, {rescaled.beyond_window:.2e} beyond it: what the layer conversion itself changes"
+        )
     hybrid = hybrid.to(dtype or llama.dtype)
     return write_model_folder(hybrid, tokenizer, generation, output_dir, overwrite)
+
+
+def context_rope(llama_config, recipe: UpcycleRecipe) -> tuple[int, dict | None]:
+    """(max_position_embeddings, rope_parameters or None to keep the source's) of the upcycled model.
+
+    A `context_length` within the source's `max_position_embeddings` changes nothing. Beyond it, YaRN or linear
+    scaling by `context_length / max_position_embeddings` (`rope_scaling="none"`: unscaled RoPE, raw
+    extrapolation); a source whose RoPE is already scaled is refused rather than scaled twice.
+    """
+    trained = llama_config.max_position_embeddings
+    context = recipe.context_length
+    if context is None or context <= trained:
+        return trained, None
+    source_rope = dict(llama_config.rope_parameters or {})
+    if recipe.rope_scaling == "none":
+        return context, None
+    if source_rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"the source already scales RoPE (rope_type {source_rope['rope_type']!r}); rescaling it again for "
+            f"context_length={context} is not supported. Convert without context_length, or with "
+            "rope_scaling='none' and set rope_parameters yourself"
+        )
+    factor = context / trained
+    rope = {**source_rope, "rope_type": recipe.rope_scaling, "factor": factor}
+    if recipe.rope_scaling == "yarn":
+        rope["original_max_position_embeddings"] = trained
+    return context, rope
+
+
+def describe_context(llama_config, recipe: UpcycleRecipe) -> str:
+    """One line saying whether the recipe's context is within what the source was trained on, or extrapolation."""
+    trained = llama_config.max_position_embeddings
+    context = recipe.context_length
+    if context is None or context <= trained:
+        shown = trained if context is None else context
+        return f"context: {shown} tokens, within the source's max_position_embeddings ({trained}); RoPE unchanged"
+    _, rope = context_rope(llama_config, recipe)
+    head = (
+        f"context: {context} tokens is EXTRAPOLATION beyond the source's max_position_embeddings ({trained}): the "
+        f"source never saw positions past {trained}. "
+    )
+    if rope is None:
+        return head + (
+            "RoPE is NOT rescaled (rope_scaling='none'): those positions are raw extrapolation, which LLaMA-family "
+            "models usually fail at; fine-tune at this length before relying on it"
+        )
+    return head + (
+        f"RoPE is rescaled ({rope['rope_type']}, factor {rope['factor']:g}) so they map into the trained range; "
+        "that changes the function at every length, and the model needs long-context fine-tuning at this length "
+        "before it is trusted there"
+    )
+
+
+def rope_scaled_source(llama: nn.Module, recipe: UpcycleRecipe) -> nn.Module:
+    """A copy of the LLaMA source with the recipe's RoPE scaling: the reference the upcycled model equals at step 0
+    within the window (the source itself, if the recipe keeps RoPE)."""
+    max_positions, rope = context_rope(llama.config, recipe)
+    if rope is None:
+        return llama
+    config = copy.deepcopy(llama.config)
+    config.rope_parameters, config.max_position_embeddings = rope, max_positions
+    scaled = type(llama)(config).to(llama.dtype).eval()
+    scaled.load_state_dict(llama.state_dict())
+    return scaled
 
 
 def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridConfig, list[TargetLayer]]:
@@ -163,6 +277,10 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
     base = hybrid_config_from_llama(llama_config).to_dict()
     for key in ("model_type", "transformers_version", "layer_types", "mixer_types", "mlp_layer_types"):
         base.pop(key, None)
+    max_positions, rope = context_rope(llama_config, recipe)
+    base.update(max_position_embeddings=max_positions)
+    if rope is not None:
+        base.update(rope_parameters=rope)
     base.update(
         num_hidden_layers=len(plan),
         mixer_types=[t.mixer for t in plan],

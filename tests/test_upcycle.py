@@ -7,8 +7,17 @@ import torch
 from conftest import tiny_pair
 
 from llama_hybrid.cli import main
-from llama_hybrid.reporting import parameter_counts
-from llama_hybrid.upcycle import RECIPES, UpcycleRecipe, plan_layers, recipe_for, upcycle
+from llama_hybrid.reporting import cache_bytes, cache_bytes_for, parameter_counts
+from llama_hybrid.upcycle import (
+    RECIPES,
+    UpcycleRecipe,
+    describe_context,
+    plan_layers,
+    recipe_for,
+    rope_scaled_source,
+    upcycle,
+)
+from modeling_llama_hybrid.compat import CACHE_FIELD
 
 WINDOW, BLOCK = 16, 4
 
@@ -53,7 +62,101 @@ def test_the_old_recipe_name_seed_still_works_with_a_warning():
         assert recipe_for("seed", 8) == recipe_for("staged", 8)
     with pytest.raises(ValueError, match="upcycle recipe must be one of"):
         recipe_for("nonsense", 8)
-    assert set(RECIPES) == {"hybrid", "staged"}
+    assert set(RECIPES) == {"hybrid", "staged", "long-context"}
+
+
+def test_long_context_recipe_keeps_the_first_and_last_layers_full_attention(llama):
+    recipe = recipe_for("long-context", 8)
+    assert recipe.sparse_layers == [1, 2, 3, 4, 5, 6] and recipe.global_attention == "compressed"
+    assert (recipe.sliding_window, recipe.compress_block_size, recipe.context_length) == (512, 64, None)
+    hybrid = upcycle(llama, recipe_for("long-context", 8, sliding_window=WINDOW, compress_block_size=BLOCK))
+    assert hybrid.config.mixer_types == ["attention"] + ["sparse_attention"] * 6 + ["attention"]
+    assert hybrid.config.mlp_layer_types == ["dense"] * 8 and hybrid.config.num_hidden_layers == 8
+    gates = sum(p.numel() for n, p in hybrid.named_parameters() if ".branch_gate." in n)
+    assert parameter_counts(hybrid)[0] == parameter_counts(llama)[0] + gates
+    # no context_length: the source's context and RoPE, function-preserving within the window
+    assert hybrid.config.max_position_embeddings == llama.config.max_position_embeddings
+    assert hybrid.config.rope_parameters == llama.config.rope_parameters
+    ids = _ids(WINDOW)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
+    beyond = (_logits(hybrid, _ids(4 * WINDOW)) - _logits(llama, _ids(4 * WINDOW))).abs().max()
+    assert beyond > 1e-3
+    assert "within the source's max_position_embeddings (256)" in describe_context(llama.config, recipe)
+
+
+@pytest.mark.parametrize("scaling", ["yarn", "linear"])
+def test_long_context_recipe_rescales_rope_beyond_the_source_context(llama, scaling):
+    trained = llama.config.max_position_embeddings  # 256
+    recipe = recipe_for(
+        "long-context",
+        8,
+        sliding_window=WINDOW,
+        compress_block_size=BLOCK,
+        context_length=4 * trained,
+        rope_scaling=scaling,
+    )
+    hybrid = upcycle(llama, recipe)
+    rope = hybrid.config.rope_parameters
+    assert hybrid.config.max_position_embeddings == 4 * trained
+    assert rope["rope_type"] == scaling and rope["factor"] == 4.0
+    assert rope["rope_theta"] == llama.config.rope_parameters["rope_theta"]
+    if scaling == "yarn":
+        assert rope["original_max_position_embeddings"] == trained
+    assert llama.config.rope_parameters["rope_type"] == "default"  # the source is left as it was
+    line = describe_context(llama.config, recipe)
+    assert "EXTRAPOLATION" in line and f"past {trained}" in line and scaling in line
+    # step 0 equals the source with the same RoPE scaling within the window; the rescaling itself changes logits
+    reference = rope_scaled_source(llama, recipe)
+    assert reference.config.rope_parameters == rope
+    ids = _ids(WINDOW)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(reference, ids), rtol=0, atol=1e-4)
+    assert (_logits(hybrid, ids) - _logits(llama, ids)).abs().max() > 1e-3
+
+
+def test_long_context_without_rope_scaling_says_it_is_raw_extrapolation(llama):
+    recipe = recipe_for(
+        "long-context", 8, sliding_window=WINDOW, compress_block_size=BLOCK, context_length=1024, rope_scaling="none"
+    )
+    hybrid = upcycle(llama, recipe)
+    assert hybrid.config.max_position_embeddings == 1024
+    assert hybrid.config.rope_parameters == llama.config.rope_parameters
+    assert "NOT rescaled" in describe_context(llama.config, recipe)
+
+
+def test_long_context_recipe_refuses_bad_values(llama):
+    with pytest.raises(ValueError, match="rope_scaling='ntk'; choose one of"):
+        upcycle(llama, recipe_for("long-context", 8, context_length=1024, rope_scaling="ntk"))
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"context_length={bad} must be a positive"):
+            upcycle(llama, recipe_for("long-context", 8, context_length=bad))
+    with pytest.raises(ValueError, match="sliding_window=0 must be a positive int"):
+        upcycle(llama, recipe_for("long-context", 8, sliding_window=0))
+    with pytest.raises(ValueError, match="has none left to convert"):
+        recipe_for("long-context", 2)
+    scaled = tiny_pair(num_hidden_layers=3, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(ValueError, match="already scales RoPE"):
+        upcycle(scaled[0], recipe_for("long-context", 3, context_length=4096))
+
+
+@pytest.mark.parametrize("tokens", [5, 23, 64])
+def test_cache_bytes_computed_from_the_config_match_a_live_cache(llama, tokens):
+    recipe = UpcycleRecipe(
+        sparse_layers=[1, 2, 5],
+        global_attention="compressed",
+        sliding_window=6,
+        compress_block_size=4,
+        insert_conv_after=[3],
+    )
+    hybrid = upcycle(llama, recipe)
+    assert set(hybrid.config.mixer_types) == {"attention", "sparse_attention", "conv"}
+    ids = _ids(tokens)
+    for model, compressed in ((hybrid, 3), (llama, 0)):
+        with torch.no_grad():
+            cache = getattr(model(ids[:, : tokens - 2], use_cache=True), CACHE_FIELD)
+            for t in range(tokens - 2, tokens):  # and two decode steps through it
+                cache = getattr(model(ids[:, t : t + 1], use_cache=True, **{CACHE_FIELD: cache}), CACHE_FIELD)
+        assert sum(type(layer).__name__ == "CompressedSparseLayer" for layer in cache.layers) == compressed
+        assert cache_bytes(cache) == cache_bytes_for(model.config, tokens, batch=2, element_bytes=4)
 
 
 def test_inserted_conv_blocks_are_identity_layers(llama):
