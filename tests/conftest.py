@@ -52,3 +52,19 @@ def smollm2_llama():
 
     path = default_gguf_path()
     return LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hub_model_dir(tmp_path_factory):
+    """A tiny LlamaHybrid folder (every mixer kind) as `convert` / training leave it (tests/hub_support.py)."""
+    from hub_support import write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def hub_dry_run(hub_model_dir, tmp_path_factory):
+    """One real `llama-hybrid push --dry-run` of `hub_model_dir`, shared by the test_hub_*.py checks on its output."""
+    from hub_support import dry_run
+
+    return dry_run(hub_model_dir, tmp_path_factory.mktemp("staging") / "hub")
