@@ -1,5 +1,6 @@
-"""Issue 9, checkpoints: corrupt, truncated, incomplete, pickled or mismatched checkpoints raise a ValueError
-(`CheckpointError`) naming the problem; no half-loaded model is ever returned; interrupted saves leave nothing."""
+"""The loading policy (modeling_llama_hybrid/checks.py + `from_pretrained`): corrupt, truncated, incomplete, pickled
+or mismatched checkpoints raise a ValueError (`CheckpointError`) naming the problem; no half-loaded model is ever
+returned; interrupted saves leave nothing."""
 
 from __future__ import annotations
 

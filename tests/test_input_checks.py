@@ -1,5 +1,6 @@
-"""Issue 9, bad inputs: refused with a ValueError that names the problem before any kernel runs; the inputs that are
-valid but unusual (all-padding rows, bool/float masks, positions past the trained length) give finite outputs."""
+"""Input checks (modeling_llama_hybrid/checks.py): bad inputs are refused with a ValueError that names the problem
+before any kernel runs; the inputs that are valid but unusual (all-padding rows, bool/float masks, positions past
+the trained length) give finite outputs."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Issue 9, numerics and "every valid size works": grouped_mm falls back instead of crashing on unaligned expert
-widths, router and gate stay fp32 in half-precision models, bf16/fp16 agree with fp32 on the real SmolLM2 weights."""
+"""Numerics and "every valid size works": grouped_mm falls back instead of crashing on unaligned expert widths,
+router and gate stay fp32 in half-precision models, bf16/fp16 agree with fp32 on the real SmolLM2 weights."""
 
 from __future__ import annotations
 
