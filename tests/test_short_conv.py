@@ -1,12 +1,14 @@
-"""Short conv: the one-token step equals the full convolution, and padding never leaks into any state."""
+"""Short conv: the one-token step equals the full convolution, padding never leaks into any state, and packed documents
+never see each other through the conv (position-id resets or `seq_idx`)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hybrid_mixer_fixtures import tiny_model, tokens
-from transformers import DynamicCache
+from transformers import DataCollatorWithFlattening, DynamicCache
 
-from modeling_llama_hybrid.short_conv import short_conv_reference, short_conv_step
+from modeling_llama_hybrid.short_conv import document_taps, short_conv_packed, short_conv_reference, short_conv_step
 
 
 def test_step_by_step_equals_full_convolution():
@@ -38,3 +40,35 @@ def test_padded_rows_never_change_any_state():
     torch.testing.assert_close(state[1], conv_state(model, long)[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(state[0], conv_state(model, short)[0], atol=1e-6, rtol=0)  # zeros before 2 tokens
     assert torch.all(state[0][..., :2] == 0)
+
+
+DOCS = [[5, 9, 14, 3, 22], [7, 31, 8], [40, 12, 6, 19, 27, 33]]
+
+
+@pytest.mark.parametrize("by", ["position_ids", "seq_idx"])
+@torch.no_grad()
+def test_conv_layers_keep_packed_documents_apart(by):
+    model = tiny_model("conv", "sdpa", conv_kernel_size=4)
+    collator = DataCollatorWithFlattening(return_position_ids=True, return_seq_idx=True)
+    batch = collator([{"input_ids": d} for d in DOCS])
+    kwargs = {"position_ids": batch["position_ids"]}
+    if by == "seq_idx":  # documents named only by seq_idx: positions run on as in one long row
+        kwargs = {"seq_idx": batch["seq_idx"], "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}
+        model = tiny_model("conv", "sdpa", mixer_types=["conv", "conv"])  # no attention: only the conv could leak
+    packed = model(batch["input_ids"], use_cache=False, **kwargs).logits[0]
+    separate = torch.cat([model(torch.tensor([d]), use_cache=False).logits[0] for d in DOCS])
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=0)
+
+
+def test_document_taps_and_plain_positions_agree_with_the_reference_conv():
+    generator = torch.Generator().manual_seed(0)
+    gated, weight, bias = torch.randn(2, 5, 9, generator=generator), torch.randn(5, 3), torch.randn(5)
+    positions = torch.arange(9)[None]
+    taps = document_taps(positions, None, 9, 3)
+    assert taps.all(dim=-1)[0, 2:].all() and not taps[0, 0, :2].any()
+    torch.testing.assert_close(
+        short_conv_packed(gated, weight, bias, taps), short_conv_reference(gated, weight, bias), atol=1e-6, rtol=0
+    )
+    restarted = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])
+    taps = document_taps(restarted, None, 9, 3)
+    assert taps[0, 4].tolist() == [False, False, True] and taps[0, 5].tolist() == [False, True, True]

@@ -1,4 +1,5 @@
-"""Trainer integration: gradient accumulation, the MoE aux term under accumulation, gradient checkpointing, offload.
+"""Trainer integration: gradient accumulation, the MoE aux term under accumulation, gradient checkpointing, offload,
+and a resumed run continuing with the losses of an uninterrupted one.
 
 Gradients are captured just before the (first) optimizer step; everything is fp32, tolerance 1e-5.
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_pair
 from datasets import Dataset
-from hybrid_mixer_fixtures import tiny_model
+from hybrid_mixer_fixtures import VOCAB, tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from llama_hybrid.training.packing import packing_collator
@@ -155,3 +156,35 @@ def test_device_map_auto_with_disk_offload_gives_the_same_output(mixer, tmp_path
     with torch.no_grad():
         got = offloaded(input_ids=x).logits
     assert (got - expected).abs().max().item() < 1e-5
+
+
+def losses_of_a_run(output_dir, max_steps: int, resume_from=None) -> dict[int, float]:
+    rows = torch.randint(3, VOCAB, (24, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    model = tiny_model("sparse_compressed", seed=0).train()  # MoE + compressed sparse attention + conv
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        logging_steps=1,
+        save_steps=3,
+        seed=7,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=resume_from)
+    return {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+
+
+def test_resumed_trainer_run_continues_with_the_uninterrupted_losses(tmp_path):
+    uninterrupted = losses_of_a_run(tmp_path / "full", max_steps=6)
+    assert (tmp_path / "full" / "checkpoint-3").is_dir()
+    resumed = losses_of_a_run(tmp_path / "resumed", max_steps=6, resume_from=str(tmp_path / "full" / "checkpoint-3"))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # 1-3 come back with the checkpoint's state, 4-6 are new
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
