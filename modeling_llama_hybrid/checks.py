@@ -151,9 +151,11 @@ def check_loaded_weights(info: dict, source, refuse: bool) -> None:
     - A task head the checkpoint lacks (`lm_head`, `score`; e.g. a base-model checkpoint loaded into the LM class)
       starts from random values with a warning, as in transformers; it stays in `info["missing_keys"]`. Another
       task's head in the checkpoint is dropped silently. Tied weights are never missing (transformers ties them).
-    - Missing, unexpected or shape-mismatched *trunk* weights (layers the config describes differently from the
-      file) raise CheckpointError when `refuse`; otherwise (the caller opted in, or asked for the loading info) they
-      are warned about and reported in `info`.
+    - Missing or unexpected *trunk* weights (layers the config describes differently from the file) raise
+      CheckpointError when `refuse`; otherwise (the caller opted in, or asked for the loading info) they are warned
+      about and reported in `info`.
+    - Weights of another shape: transformers itself refuses them unless `ignore_mismatched_sizes=True`, with which
+      the caller asked for them to start fresh (its warning; `info["mismatched_keys"]`).
     """
     missing_heads = sorted(k for k in info["missing_keys"] if k.startswith(HEAD_PREFIXES))
     if missing_heads:
@@ -163,12 +165,9 @@ def check_loaded_weights(info: dict, source, refuse: bool) -> None:
         )
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(HEAD_PREFIXES))
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(HEAD_PREFIXES))
-    mismatched = sorted(key for key, *_ in info.get("mismatched_keys", ()))
     parts = []
     if missing:
         parts.append(f"{len(missing)} weights the config needs are missing: {_preview(missing)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} weights have another shape in the checkpoint: {_preview(mismatched)}")
     if unexpected:
         parts.append(f"{len(unexpected)} weights in the checkpoint are not in the model: {_preview(unexpected)}")
     if not parts:
