@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from fuzz_strategies import CACHED_CONV_ONLY_GENERATE, CONV_ONLY_TINY, SEEDS, batches, bounded, build, hybrid_configs
 from hybrid_mixer_fixtures import MIXERS, VOCAB, tiny_config, tiny_model, tokens
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from packaging import version
 from transformers import CompileConfig, DynamicCache, StaticCache
@@ -214,3 +215,38 @@ def test_all_conv_model_generates():
 
 def test_config_type_is_hybrid():
     assert isinstance(tiny_config(), LlamaHybridConfig)
+
+
+# --- fuzzing (tests/fuzz_strategies.py) ------------------------------------------------------------------------------
+
+
+@bounded(30)
+@given(config=hybrid_configs(), seed=SEEDS, data=st.data())
+@torch.no_grad()
+def test_greedy_generate_agrees_without_cache_and_with_dynamic_and_static_caches(config, seed, data):
+    assume(CACHED_CONV_ONLY_GENERATE or set(config["mixer_types"]) != {"conv"})  # see the test below
+    model = build(config, seed, "sdpa")
+    ids, mask = data.draw(batches(config["vocab_size"]))
+    common = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    no_cache = model.generate(ids, use_cache=False, **common)
+    dynamic = model.generate(ids, **common)
+    static = model.generate(ids, cache_implementation="static", **common)
+    assert torch.equal(dynamic, no_cache), (dynamic, no_cache)
+    assert torch.equal(static, no_cache), (static, no_cache)
+
+
+@pytest.mark.xfail(
+    not CACHED_CONV_ONLY_GENERATE,
+    strict=True,
+    reason="transformers 5.17 generate() calls cache.get_seq_length(), which a conv-only cache cannot answer",
+)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+@torch.no_grad()
+def test_conv_only_stack_generates_with_a_cache(cache_implementation):
+    config = {**CONV_ONLY_TINY, "hidden_size": 8, "conv_kernel_size": 3, "mlp_layer_types": ["dense"]}
+    model = build(config, 0, "sdpa")
+    ids = torch.tensor([[0, 5, 3, 6], [2, 7, 4, 1]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    common = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, use_cache=False, **common)
+    assert torch.equal(model.generate(ids, cache_implementation=cache_implementation, **common), reference)
