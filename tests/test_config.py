@@ -9,6 +9,7 @@ import inspect
 import json
 
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, LlamaConfig
 
 from modeling_llama_hybrid import CONFIG_FORMAT_VERSION, LlamaHybridConfig
@@ -87,6 +88,18 @@ def test_unknown_preset_is_refused():
         LlamaHybridConfig.from_preset("mamba")
 
 
+def test_derived_layout_properties():
+    config = LlamaHybridConfig(
+        **{**ODD, "num_hidden_layers": 4},
+        mixer_types=["conv", "sparse_attention", "attention", "conv"],
+        mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+    )
+    assert config.layers_of("conv") == [0, 3] and config.layers_of("attention", "sparse_attention") == [1, 2]
+    assert config.first_kv_layer == 1 and config.moe_layers == [1, 3] and config.has_moe
+    conv_only = LlamaHybridConfig(**ODD, mixer_types=["conv", "conv"])
+    assert conv_only.first_kv_layer is None and not conv_only.has_moe
+
+
 # --- bad configs: wrong types ------------------------------------------------------------------------------------------
 
 
@@ -128,6 +141,22 @@ def test_every_field_refuses_a_wrong_type_with_a_value_error_naming_it(name):
 def test_typical_wrong_types(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         LlamaHybridConfig(**{**ODD, name: value})
+
+
+@pytest.mark.parametrize(("name", "value"), [("hidden_size", "24"), ("mixer_types", ["attention", 3])])
+def test_a_wrong_type_is_a_value_error_naming_the_field(name, value):
+    with pytest.raises(ConfigTypeError, match=f"^{name} must be ") as err:
+        LlamaHybridConfig(**{**ODD, name: value})
+    assert isinstance(err.value, ValueError) and not isinstance(err.value, StrictDataclassError)
+    config = LlamaHybridConfig(**ODD)
+    with pytest.raises(ValueError, match=f"^{name} must be "):
+        setattr(config, name, value)
+
+
+def test_a_bad_value_is_the_checks_own_value_error():
+    with pytest.raises(ValueError, match=r"mixer_types\[1\]='mamba'") as err:
+        LlamaHybridConfig(**ODD, mixer_types=["attention", "mamba"])
+    assert not isinstance(err.value, StrictDataclassError)
 
 
 # --- bad configs: impossible values ------------------------------------------------------------------------------------

@@ -1,19 +1,17 @@
 """The mixer registry (`modeling_llama_hybrid.mixers.MIXERS`) is honoured everywhere a mixer kind matters: the module
-and the layer attribute it lives under, the mask the layer receives, the cache layer type, LoRA targets, card tags.
-Also: config type errors raised by huggingface_hub's `@strict` reach the user as ValueErrors naming the field."""
+and the layer attribute it lives under, the mask the layer receives, the cache layer type, LoRA targets, card tags (the
+config's derived layout properties and its error types are tested in test_config.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from hybrid_mixer_fixtures import MIXERS as FIXTURE_MIXERS
 from hybrid_mixer_fixtures import tiny_model
 
 from llama_hybrid.hub_upload.card import Provenance, build_model_card
 from llama_hybrid.training.loading import lora_targets
 from modeling_llama_hybrid import LlamaHybridConfig
-from modeling_llama_hybrid.configuration_llama_hybrid import ConfigTypeError
 from modeling_llama_hybrid.masks import MASK_BUILDERS, build_masks
 from modeling_llama_hybrid.mixers import MIXER_TYPES, MIXERS
 from modeling_llama_hybrid.sparse_attention import SparseMasks
@@ -114,31 +112,3 @@ def test_card_tags_every_mixer_present(fixture):
     absent = set(MIXERS) - set(model.config.mixer_types)
     assert not any(MIXERS[kind].card_tag in tags for kind in absent if MIXERS[kind].card_tag)
     assert ("moe" in tags) == model.config.has_moe
-
-
-def test_derived_layout_properties():
-    config = LlamaHybridConfig(
-        **{**SMALL, "num_hidden_layers": 4},
-        mixer_types=["conv", "sparse_attention", "attention", "conv"],
-        mlp_layer_types=["dense", "sparse", "dense", "sparse"],
-    )
-    assert config.layers_of("conv") == [0, 3] and config.layers_of("attention", "sparse_attention") == [1, 2]
-    assert config.first_kv_layer == 1 and config.moe_layers == [1, 3] and config.has_moe
-    conv_only = LlamaHybridConfig(**SMALL, mixer_types=["conv", "conv"])
-    assert conv_only.first_kv_layer is None and not conv_only.has_moe
-
-
-@pytest.mark.parametrize(("name", "value"), [("hidden_size", "24"), ("mixer_types", ["attention", 3])])
-def test_a_wrong_type_is_a_value_error_naming_the_field(name, value):
-    with pytest.raises(ConfigTypeError, match=f"^{name} must be ") as err:
-        LlamaHybridConfig(**{**SMALL, name: value})
-    assert isinstance(err.value, ValueError) and not isinstance(err.value, StrictDataclassError)
-    config = LlamaHybridConfig(**SMALL)
-    with pytest.raises(ValueError, match=f"^{name} must be "):
-        setattr(config, name, value)
-
-
-def test_a_bad_value_is_the_checks_own_value_error():
-    with pytest.raises(ValueError, match=r"mixer_types\[1\]='mamba'") as err:
-        LlamaHybridConfig(**SMALL, mixer_types=["attention", "mamba"])
-    assert not isinstance(err.value, StrictDataclassError)
