@@ -241,9 +241,10 @@ def count_calls(monkeypatch, name: str) -> list:
 def test_block_mask_is_built_once_per_forward_and_only_under_flex(monkeypatch):
     block_masks, dense = count_calls(monkeypatch, "summary_block_mask"), count_calls(monkeypatch, "with_visible")
     ids = tokens(2, 11)
-    tiny_model("sparse_compressed", "flex_attention", **TWO_SPARSE)(ids)
+    # use_cache=False: a forward with a cache reads the compressed cache, which needs no block layout
+    tiny_model("sparse_compressed", "flex_attention", **TWO_SPARSE)(ids, use_cache=False)
     assert (len(block_masks), len(dense)) == (1, 0)  # two compressed layers, one BlockMask
-    tiny_model(**TWO_SPARSE)(ids)
+    tiny_model(**TWO_SPARSE)(ids, use_cache=False)
     assert (len(block_masks), len(dense)) == (1, 1)
 
 
