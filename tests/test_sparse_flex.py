@@ -1,12 +1,12 @@
-"""The compressed global branch on FlexAttention against its dense reference, and the static summary count.
+"""The compressed global branch on FlexAttention against its dense reference (the block layout itself, its tiles and
+the static summary count: test_block_layout.py).
 
-CPU twins of the GPU path (forward only: CPU FlexAttention has no backward): the BlockMask tiles, the flex summary
+CPU twins of the GPU path (forward only: CPU FlexAttention has no backward): the flex summary
 attention, whole-model logits and decoding under flex, the static bound on G under compiled static-cache generate.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -16,19 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from hybrid_mixer_fixtures import tiny_model, tokens
-from torch.nn.attention.flex_attention import create_block_mask
+from sparse_layout_fixtures import ROWS, global_branch, layouts, positions_of
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 from modeling_llama_hybrid import block_layout as block_layout_module
-from modeling_llama_hybrid.block_layout import (
-    group_blocks,
-    sees_summary,
-    static_summary_bound,
-    summary_block_mask,
-    with_visible,
-)
-from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
-from modeling_llama_hybrid.sparse_attention import pool_summaries, summary_attention
+from modeling_llama_hybrid.sparse_attention import pool_summaries
 
 # flex running uncompiled (past the recompile limit) would test the dense fallback instead of the kernels
 pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")
@@ -43,50 +35,6 @@ def roomy_compile_caches():
     with torch._dynamo.config.patch(recompile_limit=64):
         yield
     torch._dynamo.reset()
-
-
-# name -> rows of (documents' lengths, left padding); every row of a case has the same width
-ROWS = {
-    "plain": [([13], 0), ([13], 0)],
-    "left_padded": [([13], 0), ([8], 5)],
-    "packed": [([6, 7], 0), ([4, 4, 5], 0)],
-    "no_complete_block_yet": [([3], 0), ([2], 1)],
-    "many_tiles": [([520], 0), ([483], 37)],  # > 128 queries and summaries: full, partial and empty tiles
-    "many_tiles_packed": [([520], 0), ([200, 283], 37)],
-}
-
-
-def positions_of(rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions (B, S) with -1 for padding, and the valid mask, of rows of packed documents."""
-    out = []
-    for documents, padding in rows:
-        out.append(torch.cat([torch.full((padding,), -1)] + [torch.arange(n) for n in documents]))
-    positions = torch.stack(out)
-    return positions, positions >= 0
-
-
-def layouts(rows, block: int, head_dim: int, max_summaries: int | None = None):
-    """(reference layout, flex layout) of one forward without a cache, with RoPE tables for the summaries."""
-    positions, _ = positions_of(rows)
-    slots = torch.arange(positions.shape[1]).expand_as(positions)
-    layout = group_blocks(positions, slots, positions.clamp(min=0), block, max_summaries)
-    config = tiny_model().config
-    config.head_dim = head_dim
-    rotary = LlamaHybridRotaryEmbedding(config)
-    probe = torch.zeros(1, 1, head_dim)
-    layout.key_rotary = rotary(probe, positions.clamp(min=0))
-    layout.summary_rotary = rotary(probe, layout.summary_positions)
-    return with_visible(layout), dataclasses.replace(layout, block_mask=summary_block_mask(layout))
-
-
-def global_branch(layout, heads: int, kv_heads: int, head_dim: int, seed: int = 0):
-    """Pooling + summary attention of random q, k, v through `layout`: out (B, T, H, D), has_block (B, T, 1, 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    batch, length = layout.key_positions.shape
-    query = torch.randn(batch, heads, length, head_dim, generator=generator)
-    raw_key = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
-    value = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
-    return summary_attention(query, *pool_summaries(raw_key, value, layout), layout, head_dim**-0.5)
 
 
 @pytest.mark.parametrize("case", list(ROWS))
@@ -116,71 +64,6 @@ def check_flex_summary_attention(case: str, heads: int, kv_heads: int) -> None:
     torch.testing.assert_close(torch.where(keep, got, 0), torch.where(keep, want, 0), atol=1e-5, rtol=0)
     if case == "no_complete_block_yet":
         assert not want_has.any()
-
-
-@pytest.mark.parametrize("case", list(ROWS))
-def test_block_mask_tiles_cover_exactly_the_visible_summaries(case):
-    """Our analytic tiles vs torch's create_block_mask over the same rule: never miss a visible tile, never call a
-    tile full that is not; with one document per row the tiles are the same."""
-    reference, flex = layouts(ROWS[case], 2, head_dim=8)
-    first, end = flex.first_visible, flex.end_visible
-
-    def mask_mod(batch, head, q_idx, kv_idx):
-        return sees_summary(first[batch, q_idx], end[batch, q_idx], kv_idx)
-
-    batch, length = first.shape
-    exact = create_block_mask(mask_mod, batch, None, length, reference.visible.shape[-1], device="cpu")
-    ours = flex.block_mask
-    assert torch.equal(ours.to_dense().bool() | exact.to_dense().bool(), ours.to_dense().bool())
-    ours_full = dense_tiles(ours.full_kv_num_blocks, ours.full_kv_indices, ours.kv_indices.shape[-1])
-    exact_full = dense_tiles(exact.full_kv_num_blocks, exact.full_kv_indices, exact.kv_indices.shape[-1])
-    assert not (ours_full & ~exact_full).any()
-    if all(len(documents) == 1 for documents, _ in ROWS[case]):
-        assert torch.equal(ours.to_dense(), exact.to_dense()) and torch.equal(ours_full, exact_full)
-    if case.startswith("many_tiles"):  # all three kinds of tile occur
-        assert ours_full.any() and (ours.kv_num_blocks > 0).any() and not ours.to_dense().all()
-
-
-def dense_tiles(num_blocks: torch.Tensor, indices: torch.Tensor, columns: int) -> torch.Tensor:
-    """(B, H, rows) counts + (B, H, rows, cols) indices -> dense bool tiles."""
-    keep = torch.arange(indices.shape[-1]) < num_blocks[..., None]
-    dense = torch.zeros(*indices.shape[:-1], columns + 1, dtype=torch.bool)
-    return dense.scatter(-1, torch.where(keep, indices.long(), columns), True)[..., :columns]
-
-
-def test_static_bound_layout_matches_exact_layout():
-    """A fixed G larger than needed changes nothing: the unused summaries are invisible on both paths."""
-    rows = ROWS["left_padded"]
-    exact_ref, exact_flex = layouts(rows, 4, head_dim=8)
-    bound = static_summary_bound(StaticCache(config=tiny_model().config, max_cache_len=13), 13, 4)
-    assert bound == 5 and bound > exact_ref.visible.shape[-1]
-    bound_ref, bound_flex = layouts(rows, 4, head_dim=8, max_summaries=bound)
-    assert bound_ref.visible.shape[-1] == bound and not bound_ref.visible[..., exact_ref.visible.shape[-1] :].any()
-    _, valid = positions_of(rows)
-    with torch.no_grad():
-        for exact, bounded in ((exact_ref, bound_ref), (exact_flex, bound_flex)):
-            (out, has), (out_b, has_b) = global_branch(exact, 3, 1, 8), global_branch(bounded, 3, 1, 8)
-            keep = valid[:, :, None, None] & has
-            assert torch.equal(has, has_b)
-            torch.testing.assert_close(torch.where(keep, out_b, 0), torch.where(keep, out, 0), atol=1e-6, rtol=0)
-
-
-def test_rows_beyond_the_static_bound_raise_eagerly_and_drop_under_compile():
-    """Packed documents can need more summaries than a static cache's bound: an error outside torch.compile; inside
-    it no host check is possible, so the extra summaries are dropped (never an out-of-range scatter) and queries
-    that would see only dropped ones fall back to the local branch."""
-    positions, _ = positions_of([([3, 3, 3, 3], 0)])  # 4 documents of 3 tokens, block 2: 8 summaries
-    slots = torch.arange(12)[None]
-    with pytest.raises(ValueError, match="static"):
-        group_blocks(positions, slots, positions, 2, max_summaries=6)
-
-    def layout_ranges(positions, slots):
-        layout = group_blocks(positions, slots, positions, 2, max_summaries=6)
-        return layout.summary_of_key, layout.query_has_block
-
-    summary_of_key, has_block = torch.compile(layout_ranges, backend="eager", fullgraph=True)(positions, slots)
-    assert summary_of_key.max() == 6 and (summary_of_key[0, 9:] == 6).all()  # the spare slot: dropped
-    assert has_block[0, 7] and not has_block[0, 10:].any()  # the last document's blocks were summaries 7 and 8
 
 
 def run_layer_twice(rows, **overrides):
