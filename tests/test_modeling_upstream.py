@@ -9,7 +9,7 @@ not), fetched outside this clone and pointed at with an environment variable; no
 Its relative imports want a package named `tests` (ours has that name), so the folder is loaded as the package
 `transformers_upstream_tests` through importlib. The sdist lacks `tests/generation/` and `tests/exporters/`, which
 `test_modeling_common.py` imports a mixin from each: they get empty stand-ins (generation has its own equivalence
-tests here: test_generate.py, test_mixers_decode.py, test_reliability_fuzz.py). A test is skipped only where it
+tests here: test_generate.py, test_mixers_decode.py and the `fuzz`-marked tests). A test is skipped only where it
 cannot apply to this model, with the reason beside it.
 """
 
