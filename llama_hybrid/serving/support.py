@@ -38,7 +38,7 @@ def check_supported(config, model_wide_window: int | None = None) -> None:
             f"layers {layers} are sparse attention with global_attention='compressed'; the vLLM model does not "
             "implement it (its cache keeps block summaries, for which vLLM's paged KV cache has no kind). Serve this "
             "model with transformers (`llama-hybrid generate`, or `generate()`), or use global_attention='full' "
-            "for vLLM (e.g. `llama-hybrid upcycle --global-attention full`, then fine-tune)."
+            "for vLLM (e.g. `llama-hybrid convert SOURCE OUT --recipe hybrid --global-attention full`, then fine-tune)."
         )
     if config.hidden_act != "silu":
         raise UnsupportedForVllm(
