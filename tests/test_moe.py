@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from hybrid_mixer_fixtures import tiny_config, tiny_model, tokens
 
-from modeling_llama_hybrid import LlamaHybridForCausalLM
 from modeling_llama_hybrid.moe import LlamaHybridExperts, experts_loop_reference, load_balancing_loss, router_z_loss
 
 
