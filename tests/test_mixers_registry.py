@@ -4,6 +4,8 @@ config's derived layout properties and its error types are tested in test_config
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hybrid_mixer_fixtures import MIXERS as FIXTURE_MIXERS
@@ -39,6 +41,12 @@ def same_mask(got, expected) -> bool:
         return same_mask(got.causal, expected.causal) and same_mask(got.local, expected.local) and blocks_match
     if isinstance(expected, torch.Tensor):
         return isinstance(got, torch.Tensor) and torch.equal(got, expected)
+    if dataclasses.is_dataclass(expected):  # e.g. the banded kernel's WindowLayout
+        return type(got) is type(expected) and all(
+            same_mask(getattr(got, field.name), getattr(expected, field.name)) for field in dataclasses.fields(expected)
+        )
+    if isinstance(expected, (int, float, str)):
+        return got == expected
     return got is expected
 
 
