@@ -134,7 +134,19 @@ def test_block_mask_is_built_once_per_forward_and_only_under_flex(monkeypatch):
 # Left padding only with the static cache: with a dynamic cache the key length changes every step, and CPU inductor
 # (torch 2.13) miscompiles transformers' own padded window / causal flex kernels once their shapes turn dynamic
 # (LlamaHybrid with only full attention layers fails the same way).
-@pytest.mark.parametrize("cache_kind, padding", [("dynamic", 0), ("static", 3)])
+CPU_FLEX_DYNAMIC = (
+    "CPU inductor (torch 2.13) miscompiles flex kernels once the cache's key length makes their shapes dynamic "
+    "(NaN / 1e-2 errors on this machine, at the last landed commit too); the static-cache case keeps the check"
+)
+
+
+@pytest.mark.parametrize(
+    "cache_kind, padding",
+    [
+        pytest.param("dynamic", 0, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CPU_FLEX_DYNAMIC)),
+        ("static", 3),
+    ],
+)
 @torch.no_grad()
 def test_flex_decode_matches_full_forward_over_many_blocks(cache_kind, padding):
     """One token at a time for several blocks: every step's G and BlockMask are right."""
