@@ -140,8 +140,8 @@ def write_hub_folder(
 
 
 def _save_with_auto_map(model: LlamaHybridForCausalLM, folder: Path, max_shard_size: int) -> None:
-    # auto_map is written by hand rather than through `register_for_auto_class`, which would mark the installed
-    # classes as remote code for the rest of this process.
+    # Every save_pretrained already writes an auto_map (the model package calls `register_for_auto_class`); the Hub
+    # folder sets its own explicitly so it names exactly the modeling files this folder ships.
     previous = getattr(model.config, "auto_map", None)
     model.config.auto_map = auto_map()
     try:
