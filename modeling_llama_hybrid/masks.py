@@ -133,8 +133,10 @@ def build_masks(config, inputs_embeds, attention_mask, cache, position_ids) -> d
     if position_ids is None:
         position_ids = default_position_ids(config, inputs_embeds, cache)
     inputs = MaskInputs(config, inputs_embeds, attention_mask, cache, position_ids)
-    kinds = dict.fromkeys(MIXERS[mixer].mask_kind for mixer in config.mixer_types)  # in layer order, once each
-    return {kind: MASK_BUILDERS[kind](inputs) for kind in kinds}
+    present = {MIXERS[mixer].mask_kind for mixer in config.mixer_types}
+    # in MASK_BUILDERS order, whatever the layer order: transformers compiles its flex mask helpers, and their
+    # compile caches (and when shapes turn dynamic) follow the order of the calls
+    return {kind: build(inputs) for kind, build in MASK_BUILDERS.items() if kind in present}
 
 
 def with_block_rotary(masks: dict, rotary_emb, inputs_embeds: torch.Tensor) -> dict:
