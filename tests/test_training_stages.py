@@ -8,8 +8,10 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
+from conftest import tiny_pair  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 
 from llama_hybrid.cli import main
+from llama_hybrid.tokenization.trainer import train_tokenizer_from_iterator
 from llama_hybrid.training.evaluation import evaluate_perplexity, load_perplexity_metric, sliding_windows
 
 DOCS = [" ".join(topics[key].split())[:400] for key in sorted(topics)[:16]]
@@ -70,9 +72,6 @@ def test_sliding_window_scores_every_token_once_with_context():
 
 
 def test_full_window_perplexity_is_exp_of_the_model_loss():
-    from conftest import tiny_pair
-
-    from llama_hybrid.tokenization.trainer import train_tokenizer_from_iterator
 
     tokenizer = train_tokenizer_from_iterator(DOCS, vocab_size=290)
     _, model = tiny_pair(vocab_size=len(tokenizer))
