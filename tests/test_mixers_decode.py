@@ -87,12 +87,30 @@ def test_flex_attention_forward_and_decode(mixer):
         torch.testing.assert_close(full, eager(ids).logits, atol=1e-5, rtol=0)
         stepped = decode_step_by_step(flex, ids, make_cache("static", flex))
         torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
-        if torch.cuda.is_available():  # CPU inductor (torch 2.13) miscompiles flex kernels whose shapes turn dynamic
-            dynamic = decode_step_by_step(flex, ids, make_cache("dynamic", flex))
-            torch.testing.assert_close(dynamic, full, atol=1e-5, rtol=0)
     assert WrappedFlexAttention._instance is not None and WrappedFlexAttention._instance._is_flex_compiled
     if mixer == "sparse_full":  # the first flex test of the session compiles (later ones may reuse the graphs)
         assert counters["stats"]["unique_graphs"] > graphs_before or graphs_before > 0
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CPU inductor (torch 2.13) miscompiles flex kernels once a dynamic cache makes their shapes dynamic "
+    "(NaN / 1e-2 errors here, at the last landed commit too); the static-cache flex decode above keeps the check",
+)
+@pytest.mark.parametrize("mixer", ["sparse_full", "sparse_compressed"])
+@torch.no_grad()
+def test_flex_attention_decode_with_a_dynamic_cache(mixer):
+    torch._dynamo.reset()
+    layout = dict(
+        num_hidden_layers=3,
+        mixer_types=["sparse_attention", "attention", "conv"],
+        mlp_layer_types=["dense", "sparse", "dense"],
+    )
+    flex = tiny_model(mixer, "flex_attention", **layout)
+    ids = tokens(2, TOTAL)
+    full = flex(ids).logits
+    dynamic = decode_step_by_step(flex, ids, make_cache("dynamic", flex))
+    torch.testing.assert_close(dynamic, full, atol=1e-5, rtol=0)
 
 
 def generate(model, ids, **kwargs):
