@@ -5,16 +5,19 @@ Variants (batch 1, one layer's attention core plus its q/k/v/o projections, forw
   sparse/full         local window + dense causal global branch                         O(n^2)
   sparse/compressed   local window + attention over block summaries, W = b fixed        O(n*W + n^2/b)
   sparse/compressed√n local window + block summaries with W = b = sqrt(n)               O(n*sqrt(n))
-  sdpa-masked local   the local branch as the model runs it under sdpa on CPU: a dense
-                      (n x n) masked matrix, so O(n^2) whatever W (block-sparse kernels:
-                      FlexAttention block masks / flash-attention windows on GPU)
+  model layer         the model's own `LlamaHybridCompressedSparseAttention` under sdpa, called as the model
+                      calls it (masks built outside the timing): the banded O(n*W) window kernel and the
+                      summary branch, W = b fixed                                           O(n*W + n^2/b)
+  model layer √n      the same with W = b = sqrt(n)                                         O(n*sqrt(n))
 
 The local branch here is a banded window kernel (query chunks of W attend to their own and the previous chunk),
 the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the model's own
-reference (`pool_summaries` + `dense_summary_attention`).
+reference (`pool_summaries` + `dense_summary_attention`). The "model layer" rows are the shipped code path: until
+issue 16 it ran the window as a masked dense (n x n) matrix under sdpa (O(n^2) whatever W; 2.4x slower than dense at
+4k), now the banded kernel.
 
-    python study/sparse_cost.py                 # 256 ... 16384, a few minutes on 2 cores
-    python study/sparse_cost.py --max-len 4096  # quicker
+    python study/sparse_cost.py --threads 1                 # 256 ... 16384, a few minutes
+    python study/sparse_cost.py --threads 1 --max-len 4096  # quicker
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 from modeling_llama_hybrid.block_layout import BlockLayout, group_blocks, with_visible
+from modeling_llama_hybrid.masks import build_masks, with_block_rotary
 from modeling_llama_hybrid.sparse_attention import dense_summary_attention, pool_summaries
 
 HEADS, HEAD_DIM = 4, 32
@@ -110,21 +115,41 @@ def variants(length: int, window: int):
 
         return run
 
-    def sdpa_masked_local():
-        q, k, v = qkv()
-        i = torch.arange(length)
-        mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
-        return out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-
     table = {
         "dense": (dense, proj_flops + dense_core),
         "sparse/full": (sparse_full, proj_flops + dense_core + local_flops(window)),
         "sparse/compressed": (sparse_compressed(window), proj_flops + local_flops(window) + compressed_flops(window)),
         "sparse/compressed√n": (sparse_compressed(root), proj_flops + local_flops(root) + compressed_flops(root)),
     }
-    if length <= 8192:  # the dense mask alone is n^2 bytes
-        table["sdpa-masked local"] = (sdpa_masked_local, proj_flops + 2 * dense_core)
+    gate_flops = 2 * length * HIDDEN * HEADS
+    for name, size in (("model layer", window), ("model layer √n", root)):
+        table[name] = (model_layer(hidden, size), proj_flops + gate_flops + local_flops(size) + compressed_flops(size))
     return table
+
+
+def model_layer(hidden: torch.Tensor, window: int):
+    """The shipped compressed sparse layer (window = block = `window`) under sdpa, called as the model calls it."""
+    config = LlamaHybridConfig(
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HEAD_DIM,
+        mixer_types=["sparse_attention"],
+        sliding_window=window,
+        global_attention="compressed",
+        compress_block_size=window,
+        max_position_embeddings=1 << 17,
+        attn_implementation="sdpa",
+    )
+    model = LlamaHybridForCausalLM(config).eval()
+    position_ids = torch.arange(hidden.shape[1])[None]
+    masks = with_block_rotary(build_masks(config, hidden, None, None, position_ids), model.model.rotary_emb, hidden)
+    rotary = model.model.rotary_emb(hidden, position_ids)
+    layer = model.model.layers[0].self_attn
+    return lambda: layer(hidden, rotary, masks["sparse_attention"])
 
 
 def seconds(fn, min_time: float = 0.3) -> float:
@@ -150,7 +175,13 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=256)
     parser.add_argument("--max-len", type=int, default=16384)
     parser.add_argument("--window", type=int, default=64, help="fixed window = block size")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timings per cell, the fastest kept (other jobs only add time)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lengths = []
     n = args.min_len
@@ -164,7 +195,7 @@ def main() -> None:
         table = variants(length, args.window)
         cells = []
         for name, (fn, flops) in table.items():
-            ms = seconds(fn) * 1e3
+            ms = min(seconds(fn, min_time=0.1) for _ in range(args.repeats)) * 1e3
             results.setdefault(name, []).append((length, ms, flops))
             cells.append(f"{ms:10.2f} | {flops / 1e9:8.3f}")
         print(f"{length:6d} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
