@@ -199,12 +199,21 @@ def main() -> None:
             results.setdefault(name, []).append((length, ms, flops))
             cells.append(f"{ms:10.2f} | {flops / 1e9:8.3f}")
         print(f"{length:6d} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
-    print("\nfitted growth exponent over the upper half of the lengths (time ~ n^k), beside the analytic model:")
+    crossover = args.window * args.window  # n = W * b: below it the fixed layer is linear, above it n^2 / b grows
+    spans = {"n <= W*b": lambda n: 1024 <= n <= crossover, "n >= W*b": lambda n: n >= crossover}
+    print(f"\nfitted growth exponent k (time ~ n^k) below and above n = W*b = {crossover}, beside the analytic model:")
+    print(f"  {'':22s} " + "  ".join(f"{span:^28s}" for span in spans))
     for name, rows in results.items():
-        top = rows[len(rows) // 2 :] if len(rows) >= 4 else rows
-        measured = slope([r[0] for r in top], [r[1] for r in top])
-        analytic = slope([r[0] for r in top], [r[2] for r in top])
-        print(f"  {name:22s} measured k = {measured:4.2f}   analytic FLOPs k = {analytic:4.2f}")
+        cells = []
+        for inside in spans.values():
+            picked = [r for r in rows if inside(r[0])]
+            if len(picked) < 2:
+                cells.append(f"{'-':^28s}")
+                continue
+            measured = slope([r[0] for r in picked], [r[1] for r in picked])
+            analytic = slope([r[0] for r in picked], [r[2] for r in picked])
+            cells.append(f"measured {measured:4.2f}  FLOPs {analytic:4.2f}".center(28))
+        print(f"  {name:22s} " + "  ".join(cells))
 
 
 if __name__ == "__main__":
