@@ -69,6 +69,7 @@ def test_train_prompts_avoid_eval_keys_and_lie_beyond_the_window(tokenizer):
     assert labelled.sum() == 5 and item["input_ids"][labelled].tolist() == examples[0].answer_ids[1:]
 
 
+@pytest.mark.slow  # real weights: the embedded SmolLM2 and its upcycle, about a minute
 def test_quick_run_writes_a_row_per_model_and_length(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "study" / "passkey_probe.py"), "--quick", "--out", str(tmp_path)],
@@ -97,3 +98,26 @@ def test_quick_run_writes_a_row_per_model_and_length(tmp_path):
     table_rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| upcycle ")]
     assert len(table_rows) == 2 * len(passkey_probe.TABLES)  # both upcycles in every summary table
     assert "passkey exact match" in done.stdout
+
+
+@pytest.mark.parametrize("train", ["gates", "attention"])
+def test_finetune_trains_only_what_it_says(train):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
+    )
+    hybrid = passkey_probe.long_context_upcycle(llama)  # layers 1 and 2 sparse, 0 and 3 full attention
+    groups = passkey_probe.trainable_groups(hybrid, train, passkey_probe.SIZES["quick"])
+    trained = {name for name, p in hybrid.named_parameters() if p.requires_grad}
+    grouped = {id(p) for group in groups for p in group["params"]}
+    assert grouped == {id(p) for p in hybrid.parameters() if p.requires_grad}
+    expected = {f"model.layers.{i}.self_attn.branch_gate.{n}" for i in (1, 2) for n in ("weight", "bias", "alpha")}
+    if train == "attention":
+        expected |= {f"model.layers.{i}.self_attn.{m}.weight" for i in (1, 2) for m in passkey_probe.PROJECTIONS}
+    assert trained == expected
+    assert [g["lr"] for g in groups] == [passkey_probe.SIZES["quick"].learning_rate] + (
+        [passkey_probe.SIZES["quick"].projection_learning_rate] if train == "attention" else []
+    )
+    assert isinstance(groups[0]["params"][0], torch.nn.Parameter)
