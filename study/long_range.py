@@ -3,6 +3,8 @@
     python study/long_range.py            # the published run: 4 layouts x 3 seeds, < 30 min on 2 CPU cores
     python study/long_range.py --quick    # smoke test, about a minute (1 seed, a few steps: numbers meaningless)
     python study/long_range.py --render   # redraw results.md and the plot from out/long_range/results.json
+    python study/long_range.py --tasks recall --layouts llama compressed window-only --seeds 1 --steps 4000 \
+        --jobs 3 --out out/long_range_recall   # the longer recall-only run of docs/claims.md (~40 min)
 
 Tiny models are trained from scratch on two tasks generated on the fly (no downloads) and scored at answer distances
 d = W/2 ... 32 W tokens (W = the sparse layers' window; recall from d = W):
@@ -42,7 +44,7 @@ import math
 import multiprocessing
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +89,12 @@ class Size:
     eval_samples: int  # per task and distance
     distances: tuple[int, ...]  # test distances, in tokens
     jobs: int = 2  # training processes, one torch thread each
+    schedule: tuple[str, ...] = TASK_SCHEDULE  # the training batches' tasks, in turn
+    layouts: tuple[str, ...] = LAYOUTS
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(task for task in TASKS if task in self.schedule)
 
 
 FULL_DISTANCES = tuple(int(WINDOW * f) for f in (0.5, 1, 2, 4, 8, 16, 32))
@@ -157,15 +165,15 @@ class EpisodeStream(IterableDataset):
     """Endless training episodes, `batch` in a row sharing task and distance (so a batch needs no long padding);
     distances log-uniform over [W/4, 40 W]. Deterministic per seed: every layout sees the same data."""
 
-    def __init__(self, batch: int, seed: int):
-        self.batch, self.seed = batch, seed
+    def __init__(self, batch: int, seed: int, schedule: tuple[str, ...]):
+        self.batch, self.seed, self.schedule = batch, seed, schedule
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(10_000 + self.seed)
         low, high = math.log(WINDOW / 4), math.log(40 * WINDOW)
         step = 0
         while True:
-            task = TASK_SCHEDULE[step % len(TASK_SCHEDULE)]
+            task = self.schedule[step % len(self.schedule)]
             distance = round(math.exp(low + (high - low) * float(torch.rand((), generator=generator))))
             distance = max(distance, MIN_RECALL_DISTANCE if task == "recall" else 1)
             batch = batch_of(task, distance, self.batch, generator)
@@ -282,13 +290,15 @@ def run_one(job: tuple[str, int, Size, str]) -> dict:
     run_dir = Path(out) / "runs" / f"{layout}-s{seed}"
     began = time.perf_counter()
     trainer = Trainer(
-        model=model, args=training_args(run_dir, size, seed), train_dataset=EpisodeStream(size.batch, seed)
+        model=model,
+        args=training_args(run_dir, size, seed),
+        train_dataset=EpisodeStream(size.batch, seed, size.schedule),
     )
     outcome = trainer.train()
     seconds = time.perf_counter() - began
     scores = {
         task: {str(d): accuracy(model, task, d, size.eval_samples, seed) for d in task_distances(task, size)}
-        for task in TASKS
+        for task in size.tasks
     }
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     row = {
@@ -301,7 +311,7 @@ def run_one(job: tuple[str, int, Size, str]) -> dict:
         "accuracy": scores,
         "curve": {"step": [s for s, _ in losses], "loss": [v for _, v in losses]},
     }
-    shown = "  ".join(f"{t} " + " ".join(f"{a:.2f}" for a in scores[t].values()) for t in TASKS)
+    shown = "  ".join(f"{t} " + " ".join(f"{a:.2f}" for a in scores[t].values()) for t in size.tasks)
     print(f"{layout:<12} seed {seed}: {shown}  ({seconds:.0f} s, {total:,} params)", flush=True)
     return row
 
@@ -312,11 +322,11 @@ def run_one(job: tuple[str, int, Size, str]) -> dict:
 def summarise(runs: list[dict], size: Size) -> dict:
     """task -> distance -> layout -> mean / std / min / max of accuracy over seeds."""
     table = {}
-    for task in TASKS:
+    for task in size.tasks:
         table[task] = {}
         for distance in task_distances(task, size):
             table[task][str(distance)] = {}
-            for layout in LAYOUTS:
+            for layout in size.layouts:
                 values = [r["accuracy"][task][str(distance)] for r in runs if r["layout"] == layout]
                 if values:
                     table[task][str(distance)][layout] = {
@@ -329,13 +339,13 @@ def summarise(runs: list[dict], size: Size) -> dict:
     return table
 
 
-def format_markdown(summary: dict, runs: list[dict], meta: dict) -> str:
+def format_markdown(summary: dict, runs: list[dict], meta: dict, size: Size) -> str:
     lines = [f"# Long-range retrieval ({meta['size']} run, {meta['seconds']:.0f} s)", "", meta["setup"], ""]
     lines += [
         "| layout | total params | active params | train s (mean) | final train loss (mean) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for layout in LAYOUTS:
+    for layout in size.layouts:
         rows = [r for r in runs if r["layout"] == layout]
         if rows:
             lines.append(
@@ -343,31 +353,32 @@ def format_markdown(summary: dict, runs: list[dict], meta: dict) -> str:
                 f"{statistics.fmean(r['train_seconds'] for r in rows):.0f} | "
                 f"{statistics.fmean(r['curve']['loss'][-1] for r in rows):.3f} |"
             )
-    for task in TASKS:
+    for task in size.tasks:
         reference = f"chance {1 / len(VALUES):.3f}" + (
             f", one of the four values {SET_GUESS:.3f}" if task == "recall" else ""
         )
         lines += ["", f"## {task}: accuracy (mean ± std over seeds, min–max; {reference})", ""]
-        lines += ["| distance | d / W | " + " | ".join(LAYOUTS) + " |", "|---:|---:|" + "---|" * len(LAYOUTS)]
+        lines += ["| distance | d / W | " + " | ".join(size.layouts) + " |", "|---:|---:|" + "---|" * len(size.layouts)]
         for distance, cells in summary[task].items():
             shown = [
                 f"{c['mean']:.2f} ± {c['std']:.2f} ({c['min']:.2f}–{c['max']:.2f})" if (c := cells.get(name)) else "—"
-                for name in LAYOUTS
+                for name in size.layouts
             ]
             lines.append(f"| {distance} | {int(distance) / WINDOW:g} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, output: Path) -> Path:
+def plot(summary: dict, output: Path, size: Size) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(12, 4.5), sharey=True)
-    for axis, task in zip(axes, TASKS, strict=True):
+    fig, axes = plt.subplots(1, len(size.tasks), figsize=(6 * len(size.tasks), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for axis, task in zip(axes, size.tasks, strict=True):
         distances = [int(d) for d in summary[task]]
-        for layout in LAYOUTS:
+        for layout in size.layouts:
             cells = [summary[task][str(d)].get(layout) for d in distances]
             if not all(cells):
                 continue
@@ -401,15 +412,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", action="store_true", help="also copy the plot into docs/ (the published run)")
     parser.add_argument("--render", action="store_true", help="only redraw results.md and the plot from results.json")
     parser.add_argument("--jobs", type=int, default=None, help="training processes, one torch thread each")
+    parser.add_argument("--steps", type=int, help="training steps per model (default: the size's)")
+    parser.add_argument("--seeds", type=int, help="seeds per layout (default: the size's)")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, help="layouts to train (default: all)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="train and score only these tasks")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
+    overrides = {"steps": args.steps, "seeds": args.seeds}
+    if args.layouts:
+        overrides["layouts"] = tuple(args.layouts)
+    if args.tasks:
+        overrides["schedule"] = tuple(t for t in TASK_SCHEDULE if t in args.tasks)
+    size = replace(size, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
         saved = json.loads((out / "results.json").read_text())
-        return publish(out, saved["runs"], saved["meta"], Size(**{**saved["meta"]["size_fields"]}), args.docs)
+        fields = saved["meta"]["size_fields"]
+        saved_size = Size(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return publish(out, saved["runs"], saved["meta"], saved_size, args.docs)
     began = time.perf_counter()
-    jobs = [(layout, seed, size, str(out)) for seed in range(size.seeds) for layout in LAYOUTS]
+    jobs = [(layout, seed, size, str(out)) for seed in range(size.seeds) for layout in size.layouts]
     workers = args.jobs or size.jobs
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -418,12 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_one(job) for job in jobs]
     setup = (
         f"{LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, vocabulary {VOCAB}; window W = {WINDOW}, block b = {BLOCK}; "
-        f"{size.steps} steps x {size.batch} episodes (passkey, recall, recall in turn), AdamW {LEARNING_RATE:g} cosine; "
+        f"{size.steps} steps x {size.batch} episodes ({', '.join(size.schedule)} in turn), AdamW {LEARNING_RATE:g} cosine; "
         f"{size.eval_samples} held-out episodes per task and distance; seeds {size.seeds}"
     )
     meta = {
         "size": "quick" if args.quick else "full",
-        "size_fields": {**asdict(size), "distances": list(size.distances)},
+        "size_fields": asdict(size),
         "seconds": time.perf_counter() - began,
         "setup": setup,
     }
@@ -433,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 def publish(out: Path, runs: list[dict], meta: dict, size: Size, to_docs: bool) -> int:
     summary = summarise(runs, size)
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
-    (out / "results.md").write_text(format_markdown(summary, runs, meta), encoding="utf-8")
-    png = plot(summary, out / "long_range.png")
+    (out / "results.md").write_text(format_markdown(summary, runs, meta, size), encoding="utf-8")
+    png = plot(summary, out / f"{out.name}.png", size)  # out/long_range -> long_range.png
     if to_docs:
         (REPO / "docs" / png.name).write_bytes(png.read_bytes())
     print((out / "results.md").read_text())
