@@ -4,7 +4,7 @@
     python study/long_range.py --quick    # smoke test, about a minute (1 seed, a few steps: numbers meaningless)
     python study/long_range.py --render   # redraw results.md and the plot from out/long_range/results.json
     python study/long_range.py --tasks recall --layouts llama compressed window-only --seeds 1 --steps 4000 \
-        --jobs 3 --out out/long_range_recall   # the longer recall-only run of docs/claims.md (~40 min)
+        --jobs 3 --out out/long_range_recall --docs   # the longer recall-only run of docs/claims.md (21 min)
 
 Tiny models are trained from scratch on two tasks generated on the fly (no downloads) and scored at answer distances
 d = W/2 ... 32 W tokens (W = the sparse layers' window; recall from d = W):
@@ -383,7 +383,8 @@ def plot(summary: dict, output: Path, size: Size) -> Path:
             if not all(cells):
                 continue
             ratio = [d / WINDOW for d in distances]
-            (line,) = axis.plot(ratio, [c["mean"] for c in cells], marker="o", label=layout)
+            color = f"C{LAYOUTS.index(layout)}"  # one colour per layout in every run's plot
+            (line,) = axis.plot(ratio, [c["mean"] for c in cells], marker="o", label=layout, color=color)
             axis.fill_between(
                 ratio, [c["min"] for c in cells], [c["max"] for c in cells], alpha=0.15, color=line.get_color()
             )
