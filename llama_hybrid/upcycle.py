@@ -113,13 +113,14 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
       compressed sparse attention (window 512, blocks of 64): those layers' cache is O(W + n/b) instead of O(n),
       so the cache of the 30-layer SmolLM2 at 32k tokens is about a tenth of the source's (README, "Long-context
       upcycling"). The first and last layers stay full attention: they keep an exact path to every token (the
-      compressed summaries are block means, which cannot retrieve a single token beyond the window), the first
-      layer's output feeds every later layer (an error there compounds through the stack) and the last one reads
-      the context right before the LM head; layer-pruning studies of LLaMA-family models also find the first and
-      last layers the least replaceable. The two full layers set the cache floor: 2 / layers of the source's
-      cache. MLPs stay dense and no conv is inserted, so the parameters are the source's plus the per-head gates.
-      Give `context_length` for a context beyond the source's `max_position_embeddings` (that is extrapolation:
-      RoPE is then rescaled with `rope_scaling`, YaRN by default). Needs a source of at least 3 layers.
+      compressed summaries are block means; a converted LLaMA does not retrieve a single token through them
+      without long-context training: docs/claims.md, section 4), the first layer's output feeds every later
+      layer (an error there compounds through the stack) and the last one reads the context right before the LM
+      head; layer-pruning studies of LLaMA-family models also find the first and last layers the least
+      replaceable. The two full layers set the cache floor: 2 / layers of the source's cache. MLPs stay dense
+      and no conv is inserted, so the parameters are the source's plus the per-head gates. Give `context_length`
+      for a context beyond the source's `max_position_embeddings` (that is extrapolation: RoPE is then rescaled
+      with `rope_scaling`, YaRN by default). Needs a source of at least 3 layers.
     """
     if recipe_name in RENAMED_RECIPES:
         new_name = RENAMED_RECIPES[recipe_name]
