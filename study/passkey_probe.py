@@ -30,9 +30,9 @@ Models (all fp32, `attn_implementation="sdpa"`):
    g over the first probe's tokens, per layer) are written to results.json and results.md.
 
 Budget (one torch thread on the shared 2-core CPU, another job on the other core): one forward measured 5-8 s at
-1k, 12-16 s at 2k and 29-37 s at 4k tokens (LLaMA and upcycle alike), a gate-only training step 16 s at 768 tokens.
-The sample counts (10 / 5 / 5) and the 24 steps are what fits three models and the fine-tune in the 30 minutes with
-room to spare (the full run took 21 minutes); they are fixed and printed with every table. Deterministic: keys,
+1k, 12-16 s at 2k and 29-37 s at 4k tokens (LLaMA and upcycle alike), a training step 16 s at 768 tokens. The
+sample counts (10 / 5 / 5) and the 24 steps are what fits three models and the fine-tune in the 30 minutes with room
+to spare (the full run took 21 minutes, either `--train`); they are fixed and printed with every table. Deterministic: keys,
 depths and filler offsets come from fixed seeds, and `set_seed` before the fine-tune.
 
 Outputs in --out (default out/passkey, git-ignored): results.json (every sample's score, the fine-tune's record,
