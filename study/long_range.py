@@ -14,8 +14,8 @@ d = W/2 ... 32 W tokens (W = the sparse layers' window; recall from d = W):
 - recall    multi-query associative recall: `BOS RECALL filler.. k1 v1 k2 v2 k3 v3 k4 v4 filler.. kπ1 vπ1 .. kπ4 vπ4`:
             four key-value pairs, then every key again in a random order, each answered by its value (teacher
             forced: loss and score on the four values). A query lies d +- 6 tokens after its pair's value, d on
-            average (so d >= 7 here). Values repeat across tasks' vocabularies; the answer needs the *binding* of a
-            key to its value. Two reference points: chance 1/16, and 0.297 for a model that knows which four values
+            average (so d >= 7 here). The four keys differ, values may repeat; the answer needs the *binding* of
+            a key to its value. Two reference points: chance 1/16, and 0.297 for a model that knows which four values
             occurred but not which key holds which (it guesses one of them).
 
 Layouts (4 layers, hidden 64, 4 heads, equal parameter count within 1 %, equal tokens, same data per seed):
@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
+        if not (out / "results.json").is_file():
+            parser.error(f"--render: no results.json in {out}; run the study into that folder first")
         saved = json.loads((out / "results.json").read_text())
         fields = saved["meta"]["size_fields"]
         saved_size = Size(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

@@ -4,25 +4,18 @@ parameters, and `--quick` runs end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import study_scripts
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("long_range", REPO / "study" / "long_range.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return study_scripts.load("long_range")
 
 
 @pytest.mark.parametrize("distance", [1, 4, 7, 33])
@@ -99,14 +92,7 @@ def test_window_only_control_sees_nothing_beyond_its_stacked_windows(study):
 
 
 def test_quick_run_end_to_end(study, tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "study" / "long_range.py"), "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    study_scripts.run("long_range", "--quick", "--out", str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
     size = study.SIZES["quick"]
     assert {(r["layout"], r["seed"]) for r in saved["runs"]} == {
@@ -121,3 +107,14 @@ def test_quick_run_end_to_end(study, tmp_path):
         assert set(saved["summary"][task]) == {str(d) for d in study.task_distances(task, size)}
     assert (tmp_path / f"{tmp_path.name}.png").stat().st_size > 0
     assert "window-only" in (tmp_path / "results.md").read_text()
+
+
+def test_render_without_a_run_is_one_clear_error(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(study_scripts.REPO / "study" / "long_range.py"), "--render", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("run the study into that folder first")

@@ -4,16 +4,11 @@ tokens) and `--quick` end to end (a row per model x length, accuracies in [0, 1]
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import study_scripts
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "study"))
-
-import passkey_probe  # noqa: E402  (a study script, not a package)
+passkey_probe = study_scripts.load("passkey_probe")
 
 MODELS = ("smollm2 (llama)", "upcycle step 0", "upcycle fine-tuned")
 
@@ -71,14 +66,7 @@ def test_train_prompts_avoid_eval_keys_and_lie_beyond_the_window(tokenizer):
 
 @pytest.mark.slow  # real weights: the embedded SmolLM2 and its upcycle, about a minute
 def test_quick_run_writes_a_row_per_model_and_length(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(REPO / "study" / "passkey_probe.py"), "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    done = study_scripts.run("passkey_probe", "--quick", "--out", str(tmp_path), timeout=600)
     results = json.loads((tmp_path / "results.json").read_text())
     size = passkey_probe.SIZES["quick"]
     stated = dict(zip(map(str, size.lengths), size.samples, strict=True))
