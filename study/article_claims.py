@@ -313,7 +313,7 @@ def cost_study(size: Size, window: int = 64) -> dict:
         for name, (fn, flops) in sparse_cost.variants(length, window).items():
             if name in expected and abs(flops - proj - expected[name]) > 1e-6 * flops:
                 raise AssertionError(f"analytic model out of step with study/sparse_cost.py for {name}")
-            ms = best_of(fn) * 1e3
+            ms = sparse_cost.best_of(fn) * 1e3
             measured.setdefault(name, []).append({"n": length, "ms": ms, "gflop": flops / 1e9})
         print(f"cost n={length}: " + ", ".join(f"{k} {v[-1]['ms']:.1f} ms" for k, v in measured.items()), flush=True)
     exponents = {}
@@ -324,12 +324,6 @@ def cost_study(size: Size, window: int = 64) -> dict:
             "analytic_flops": sparse_cost.slope([r["n"] for r in top], [r["gflop"] for r in top]),
         }
     return {"window": window, "measured": measured, "exponents": exponents, "asymptotic": asymptotic_exponents(window)}
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    """The fastest of `repeats` timings (`sparse_cost.seconds`, 0.1 s each): on a shared CPU other jobs only ever add
-    time, so the minimum is the least disturbed estimate."""
-    return min(sparse_cost.seconds(fn, min_time=0.1) for _ in range(repeats))
 
 
 def asymptotic_exponents(window: int) -> dict:

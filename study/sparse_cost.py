@@ -12,9 +12,9 @@ Variants (batch 1, one layer's attention core plus its q/k/v/o projections, forw
 
 The local branch here is a banded window kernel (query chunks of W attend to their own and the previous chunk),
 the O(n*W) algorithm a block-sparse kernel runs; the compressed branch is the model's own
-reference (`pool_summaries` + `dense_summary_attention`). The "model layer" rows are the shipped code path: until
-issue 16 it ran the window as a masked dense (n x n) matrix under sdpa (O(n^2) whatever W; 2.4x slower than dense at
-4k), now the banded kernel.
+reference (`pool_summaries` + `dense_summary_attention`). The "model layer" rows are the shipped code path: before
+the long-context work it ran the window as a masked dense (n x n) matrix under sdpa (O(n^2) whatever W; 2.4x slower
+than dense at 4k), now the banded kernel.
 
     python study/sparse_cost.py --threads 1                 # 256 ... 16384, a few minutes
     python study/sparse_cost.py --threads 1 --max-len 4096  # quicker
@@ -164,6 +164,12 @@ def seconds(fn, min_time: float = 0.3) -> float:
                 return elapsed / runs
 
 
+def best_of(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` timings (`seconds`, 0.1 s each): on a shared CPU other jobs only ever add time, so the
+    minimum is the least disturbed estimate."""
+    return min(seconds(fn, min_time=0.1) for _ in range(repeats))
+
+
 def slope(xs, ys) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
@@ -195,12 +201,12 @@ def main() -> None:
         table = variants(length, args.window)
         cells = []
         for name, (fn, flops) in table.items():
-            ms = min(seconds(fn, min_time=0.1) for _ in range(args.repeats)) * 1e3
+            ms = best_of(fn, args.repeats) * 1e3
             results.setdefault(name, []).append((length, ms, flops))
             cells.append(f"{ms:10.2f} | {flops / 1e9:8.3f}")
         print(f"{length:6d} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
     crossover = args.window * args.window  # n = W * b: below it the fixed layer is linear, above it n^2 / b grows
-    spans = {"n <= W*b": lambda n: 1024 <= n <= crossover, "n >= W*b": lambda n: n >= crossover}
+    spans = {"1k <= n <= W*b": lambda n: 1024 <= n <= crossover, "n >= W*b": lambda n: n >= crossover}
     print(f"\nfitted growth exponent k (time ~ n^k) below and above n = W*b = {crossover}, beside the analytic model:")
     print(f"  {'':22s} " + "  ".join(f"{span:^28s}" for span in spans))
     for name, rows in results.items():
