@@ -44,9 +44,10 @@ from gpu_common import (
 )
 
 from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid.compressed_attention import LlamaHybridCompressedSparseAttention
 from modeling_llama_hybrid.masks import build_masks
 from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
-from modeling_llama_hybrid.sparse_attention import LlamaHybridCompressedSparseAttention, gate_mix
+from modeling_llama_hybrid.sparse_attention import gate_mix
 
 SECTIONS = ("correctness", "speed")
 TARGETS = {32768: (4.0, 5.0), 131072: (8.0, 10.0)}  # length -> (target, stretch) for SDPA time / ours
@@ -87,16 +88,10 @@ class SparseCore:
         self.rotary = LlamaHybridRotaryEmbedding(self.config).to(device)
 
     def masks(self, length: int, dtype: torch.dtype):
-        """SparseMasks of one unpadded row, with the RoPE tables masks.with_block_rotary adds."""
+        """SparseMasks of one unpadded row, its block layout with RoPE tables."""
         stub = torch.empty(1, 1, self.config.hidden_size, device=self.device, dtype=dtype).expand(1, length, -1)
         positions = torch.arange(length, device=self.device)[None]
-        sparse = build_masks(self.config, stub, None, None, positions)["sparse_attention"]
-        blocks = dataclasses.replace(
-            sparse.blocks,
-            key_rotary=self.rotary(stub, sparse.blocks.key_positions.clamp(min=0)),
-            summary_rotary=self.rotary(stub, sparse.blocks.summary_positions),
-        )
-        return sparse._replace(blocks=blocks)
+        return build_masks(self.config, stub, None, None, positions, self.rotary)["sparse_attention/compressed"]
 
     def __call__(self, query, raw_key, value, gate, masks) -> torch.Tensor:
         """q (B, H, T, D) rotated, k (B, KV, T, D) before RoPE, v, gate (B, T, H) fp32 -> mixed (B, T, H, D)."""

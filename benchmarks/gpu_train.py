@@ -43,6 +43,7 @@ from transformers.models.lfm2_moe import Lfm2MoeConfig
 import modeling_llama_hybrid  # noqa: F401  (registers LlamaHybrid with the Auto classes)
 from llama_hybrid.reporting import active_elements, parameter_counts
 from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid.mixers import layer_specs
 
 SECTIONS = ("llama", "moe", "hybrid")
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
@@ -115,9 +116,10 @@ def count_params_on_meta(config) -> int:
 
 def attention_kinds(config) -> list[str]:
     """Per layer: "causal", "sparse_full", "sparse_compressed" (ours), "window" or "none" (short conv)."""
-    if isinstance(config, LlamaHybridConfig):
-        sparse = f"sparse_{config.global_attention}"
-        return [{"attention": "causal", "sparse_attention": sparse, "conv": "none"}[m] for m in config.mixer_types]
+    if isinstance(config, LlamaHybridConfig):  # the registry entry's name of each layer
+        kinds = {"attention": "causal", "sparse_attention/full": "sparse_full", "conv": "none"}
+        kinds["sparse_attention/compressed"] = "sparse_compressed"
+        return [kinds[spec.name] for spec in layer_specs(config)]
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return [{"full_attention": "causal", "sliding_attention": "window"}.get(t, "none") for t in layer_types]
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.masks import build_masks, with_block_rotary
+from modeling_llama_hybrid.masks import build_masks
 
 
 def model_for(global_attention: str, attn: str, window: int, block: int) -> LlamaHybridForCausalLM:
@@ -68,12 +68,12 @@ def main() -> None:
             model = model_for(global_attention, args.attn, args.window, args.block)
             hidden = torch.randn(1, length, 256)
             position_ids = torch.arange(length)[None]
-            masks = build_masks(model.config, hidden, None, None, position_ids)
-            masks = with_block_rotary(masks, model.model.rotary_emb, hidden)
+            masks = build_masks(model.config, hidden, None, None, position_ids, model.model.rotary_emb)
             rotary = model.model.rotary_emb(hidden, position_ids)
-            sparse, full = (layer.self_attn for layer in model.model.layers)
+            sparse_layer, full_layer = model.model.layers
+            sparse, full = sparse_layer.self_attn, full_layer.self_attn
             row[global_attention] = median_seconds(
-                functools.partial(sparse, hidden, rotary, masks["sparse_attention"]), args.repeats
+                functools.partial(sparse, hidden, rotary, masks[sparse_layer.mask_kind]), args.repeats
             )
             if global_attention == "full":
                 row["dense"] = median_seconds(

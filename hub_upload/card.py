@@ -12,7 +12,7 @@ from torch import nn
 
 from llama_hybrid.default_model import DEFAULT_MODEL_NAME, cache_dir
 from llama_hybrid.reporting import parameter_counts
-from modeling_llama_hybrid.mixers import MIXERS
+from modeling_llama_hybrid.mixers import layer_specs
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -97,11 +97,9 @@ def architecture_section(model: nn.Module) -> str:
         "dense": "dense SwiGLU",
         "sparse": f"MoE ({config.num_experts_per_tok} of {config.num_experts} experts)",
     }
-    mixer_names = {"attention": "full attention", "sparse_attention": "sparse attention (global + local)"}
-    mixer_names["conv"] = f"short convolution (kernel {config.conv_kernel_size})"
     rows = [
-        f"| {i} | {mixer_names.get(mixer, mixer)} | {ffn_names.get(ffn, ffn)} |"
-        for i, (mixer, ffn) in enumerate(zip(config.mixer_types, config.mlp_layer_types, strict=True))
+        f"| {i} | {spec.display_name(config)} | {ffn_names.get(ffn, ffn)} |"
+        for i, (spec, ffn) in enumerate(zip(layer_specs(config), config.mlp_layer_types, strict=True))
     ]
     return "\n".join(
         [
@@ -195,7 +193,7 @@ def build_model_card(
 ) -> ModelCard:
     config = model.config
     tags = ["llama-hybrid", "custom_code", *provenance.tags]
-    tags += [spec.card_tag for spec in MIXERS.values() if spec.card_tag and config.layers_of(spec.kind)]
+    tags += list(dict.fromkeys(spec.card_tag for spec in layer_specs(config) if spec.card_tag))
     if config.has_moe:
         tags.append("moe")
     data = ModelCardData(

@@ -124,11 +124,7 @@ def export_llama(model_dir: str | Path, output_dir: str | Path, overwrite: bool 
     (vLLM, TGI, llama.cpp's `convert_hf_to_gguf.py`). Refuses hybrids, naming the layers that are not LLaMA."""
     config = LlamaHybridConfig.from_pretrained(model_dir)
     if not config.is_plain_llama:
-        odd = [
-            f"{i}: {mixer}/{mlp}"
-            for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_layer_types, strict=True))
-            if (mixer, mlp) != ("attention", "dense")
-        ]
+        odd = [f"{i}: {config.mixer_types[i]}/{config.mlp_layer_types[i]}" for i in config.non_llama_layers]
         raise ValueError(
             "only models whose layers are all 'attention' + 'dense' can be exported to LLaMA; these layers are "
             f"not: {', '.join(odd)}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modeling_llama_hybrid.mixers import MIXERS, layer_spec
+
 # Routed experts are fused tensors under `<block>.experts.` whose leading dimension is the number of experts
 # (`shared_experts.` does not match: a shared expert runs for every token).
 ROUTED_EXPERTS_MARK = ".experts."
@@ -54,35 +56,17 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(param.numel() for param in model.parameters() if param.requires_grad)
 
 
-LONG_INDEX_BYTES = 8  # the compressed cache's block state is int64: block numbers, last position, document start
-
-
 def cache_layer_bytes(config, layer_idx: int, tokens: int, batch: int = 1, element_bytes: int = 2) -> int:
-    """Bytes layer `layer_idx`'s cache holds after `tokens` tokens (every row that long), from the config alone.
-
-    - full attention, and sparse attention with a full global branch: keys and values of every token,
-      2 * batch * KV heads * tokens * head_dim values;
-    - sparse attention with a compressed global branch (its compressed cache layer): the last W - 1 keys/values of
-      the window, the b - 1 raw keys/values of the open block (fixed buffers), one key/value summary per completed
-      block (tokens // b), plus int64 block state (a block number per summary; last position, document start and
-      summary count per row): O(W + n/b), not O(n);
-    - short conv: its last `conv_kernel_size` gated inputs per channel, batch * hidden * K values.
+    """Bytes layer `layer_idx`'s cache holds after `tokens` tokens (every row that long), from the config alone: its
+    registry entry's `cache_bytes` (e.g. full attention: keys and values of every token; a compressed global branch:
+    the window, the open block and one summary per completed block, O(W + n/b); the short conv: its last
+    `conv_kernel_size` inputs).
 
     `element_bytes`: 2 for bf16/fp16 caches, 4 for fp32. A plain `LlamaConfig` (no `mixer_types`) is all attention.
     """
-    mixers = getattr(config, "mixer_types", None) or ["attention"] * config.num_hidden_layers
-    kind = mixers[layer_idx]
-    if kind == "conv":
-        return batch * config.hidden_size * config.conv_kernel_size * element_bytes
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_slot = 2 * batch * config.num_key_value_heads * head_dim * element_bytes  # one key and one value
-    if kind == "sparse_attention" and config.global_attention == "compressed":
-        window, block = config.sliding_window, config.compress_block_size
-        summaries = tokens // block
-        return per_slot * (window - 1 + block - 1 + summaries) + LONG_INDEX_BYTES * batch * (summaries + 3)
-    if kind in ("attention", "sparse_attention"):
-        return per_slot * tokens
-    raise ValueError(f"mixer_types[{layer_idx}]={kind!r}: no cache size known for this mixer")
+    if getattr(config, "mixer_types", None) is None:
+        return MIXERS["attention"].cache_bytes(config, layer_idx, tokens, batch, element_bytes)
+    return layer_spec(config, layer_idx).cache_bytes(config, layer_idx, tokens, batch, element_bytes)
 
 
 def cache_bytes_for(config, tokens: int, batch: int = 1, element_bytes: int = 2) -> int:

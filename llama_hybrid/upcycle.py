@@ -2,16 +2,18 @@
 
 What each conversion does to the source model (docs/architecture.md describes each mixer):
 
-- attention -> sparse attention: the same q/k/v/o weights. With a `"full"` global branch the gate starts fully
-  global (`alpha = 0`, so `g = 1` exactly): the layer *is* the source attention at any length. With a
-  `"compressed"` global branch the gate starts fully local (`alpha = 1`, gate bias +12, so `g = 6e-6`): the layer
-  equals the source attention only while the context fits in the window; beyond it the deviation is measured and
-  reported. In both cases the gate still learns: d g / d alpha = -sigmoid(.) is not small.
+- attention -> sparse attention: the same q/k/v/o weights; the global branch's registry entry (`mixers.
+  GLOBAL_BRANCHES[...].upcycle`) starts the gate and says what step 0 promises. With a `"full"` global branch the
+  gate starts fully global (`alpha = 0`, so `g = 1` exactly): the layer *is* the source attention at any length.
+  With a `"compressed"` global branch the gate starts fully local (`alpha = 1`, gate bias +12, so `g = 6e-6`): the
+  layer equals the source attention only while the context fits in the window; beyond it the deviation is measured
+  and reported. In both cases the gate still learns: d g / d alpha = -sigmoid(.) is not small.
 - dense MLP -> MoE, `moe_init="copy"` (sparse upcycling): every expert is a copy of the dense MLP, top-k weights
   renormalised to sum to 1 (`norm_topk_prob=True`) and a small random router, so the mixture equals the MLP.
   `moe_init="shared"`: the dense MLP becomes the shared expert and routed experts start with zero `down_proj`.
-- conv blocks are *inserted* as new layers whose `conv.out_proj` and `mlp.down_proj` are zero, so each new block is
-  the identity at step 0 (LLaMA-Pro block expansion). Replacing attention by a conv would lose the source's function.
+- conv blocks (or any kind whose entry is `source="inserted"`, `insert_kind`) are *inserted* as new layers whose
+  mixer output (`conv.out_proj`) and `mlp.down_proj` are zero, so each new block is the identity at step 0
+  (LLaMA-Pro block expansion). Replacing attention by a conv would lose the source's function.
 
 Identical expert copies specialise slowly; `expert_noise` (multiplicative Gaussian noise on each copy) and
 `drop_upcycling` (re-initialise a random fraction of each expert's intermediate units) break the symmetry at the
@@ -42,12 +44,12 @@ import torch
 from torch import nn
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+from modeling_llama_hybrid.mixers import GLOBAL_BRANCHES, MIXERS, STEP0_PROMISES, layer_spec
 
 from .convert import hybrid_config_from_llama, load_llama, write_model_folder
 from .pydoc_corpus import pydoc_prose
 from .reporting import parameter_counts
 
-GATE_SATURATION = 12.0  # sigmoid(12) = 1 - 6e-6: the compressed-global gate starts (almost exactly) local
 ROUTER_STD = 0.01
 RECIPES = ("hybrid", "staged", "long-context")  # the named upcycle recipes of `recipe_for`
 ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
@@ -68,6 +70,7 @@ class UpcycleRecipe:
     num_experts_per_tok: int = 2
     moe_init: str = "copy"
     insert_conv_after: list[int] = field(default_factory=list)
+    insert_kind: str = "conv"  # the mixer kind of the inserted identity blocks (an entry with source "inserted")
     conv_kernel_size: int = 4
     expert_noise: float = 0.0
     drop_upcycling: float = 0.0
@@ -81,6 +84,10 @@ class UpcycleRecipe:
             bad = [i for i in getattr(self, name) if not 0 <= i < num_source_layers]
             if bad:
                 raise ValueError(f"{name} has {bad}: the source has layers 0..{num_source_layers - 1}")
+        if self.global_attention not in GLOBAL_BRANCHES:
+            raise ValueError(f"global_attention={self.global_attention!r}; choose one of {list(GLOBAL_BRANCHES)}")
+        if self.insert_kind not in insertable_kinds():
+            raise ValueError(f"insert_kind={self.insert_kind!r}; choose one of {insertable_kinds()}")
         if self.moe_init not in ("copy", "shared"):
             raise ValueError(f"moe_init={self.moe_init!r}; choose 'copy' or 'shared'")
         if not 0 <= self.drop_upcycling < 1:
@@ -162,6 +169,11 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def insertable_kinds() -> list[str]:
+    """Mixer kinds upcycling can insert as identity blocks (their registry entry says `source="inserted"`)."""
+    return [kind for kind, spec in MIXERS.items() if spec.upcycle is not None and spec.upcycle.source == "inserted"]
+
+
 @dataclass(frozen=True)
 class TargetLayer:
     source: int | None  # source layer copied into this one; None = an inserted conv block
@@ -175,7 +187,7 @@ def plan_layers(num_source_layers: int, recipe: UpcycleRecipe) -> list[TargetLay
         mixer = "sparse_attention" if i in recipe.sparse_layers else "attention"
         plan.append(TargetLayer(i, mixer, "sparse" if i in recipe.moe_layers else "dense"))
         if i in recipe.insert_conv_after:
-            plan.append(TargetLayer(None, "conv", "dense"))
+            plan.append(TargetLayer(None, recipe.insert_kind, "dense"))
     return plan
 
 
@@ -289,7 +301,6 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
         sliding_window=recipe.sliding_window,
         global_attention=recipe.global_attention,
         compress_block_size=recipe.compress_block_size,
-        sparse_gate_init=0.0 if recipe.global_attention == "full" else 1.0,
         conv_kernel_size=recipe.conv_kernel_size,
         num_experts=recipe.num_experts,
         num_experts_per_tok=recipe.num_experts_per_tok,
@@ -297,6 +308,9 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
         num_shared_experts=1 if recipe.moe_init == "shared" else 0,
         norm_topk_prob=True,
     )
+    gate_init = GLOBAL_BRANCHES[recipe.global_attention].upcycle.sparse_gate_init  # what the gate starts as
+    if gate_init is not None:
+        base.update(sparse_gate_init=gate_init)
     return LlamaHybridConfig(**base), plan
 
 
@@ -312,18 +326,15 @@ def upcycle(llama: nn.Module, recipe: UpcycleRecipe) -> LlamaHybridForCausalLM:
     if not config.tie_word_embeddings:
         hybrid.lm_head.weight.copy_(llama.lm_head.weight)
     generator = torch.Generator().manual_seed(recipe.seed)
-    for layer, spec in zip(target.layers, plan, strict=True):
+    for index, (layer, spec) in enumerate(zip(target.layers, plan, strict=True)):
+        rule = layer_spec(config, index).upcycle
         if spec.source is None:
-            _init_inserted_conv_block(layer)
+            _init_inserted_block(layer, rule)
             continue
         src = source.layers[spec.source]
         layer.input_layernorm.load_state_dict(src.input_layernorm.state_dict())
         layer.post_attention_layernorm.load_state_dict(src.post_attention_layernorm.state_dict())
-        missing, unexpected = layer.self_attn.load_state_dict(src.self_attn.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("branch_gate.") for key in missing):
-            raise RuntimeError(f"layer {spec.source}: attention weights do not line up ({missing=}, {unexpected=})")
-        if spec.mixer == "sparse_attention":
-            _init_gate(layer.self_attn.branch_gate, config.global_attention)
+        _load_attention(layer.mixer, src.self_attn, rule, spec.source)
         if spec.mlp == "sparse":
             _init_experts_from_dense(layer.mlp, src.mlp, recipe, generator)
         else:
@@ -331,15 +342,16 @@ def upcycle(llama: nn.Module, recipe: UpcycleRecipe) -> LlamaHybridForCausalLM:
     return hybrid
 
 
-def _init_gate(gate: nn.Module, global_attention: str) -> None:
-    """`g = 1 - alpha * sigmoid(W x + b)`: alpha 0 gives g = 1 (global); alpha 1, W 0, b +12 gives g ~ 6e-6 (local)."""
-    nn.init.zeros_(gate.weight)
-    if global_attention == "full":
-        nn.init.zeros_(gate.bias)
-        nn.init.zeros_(gate.alpha)
-    else:
-        nn.init.constant_(gate.bias, GATE_SATURATION)
-        nn.init.ones_(gate.alpha)
+def _load_attention(mixer: nn.Module, source_attention: nn.Module, rule, source_index: int) -> None:
+    """The source layer's q/k/v/o into a mixer made from attention, then the entry's own start (e.g. the gate's).
+    Parameters the source lacks are the mixer's own (set by `rule.init`); every source weight must land."""
+    if rule is None or rule.source != "attention":
+        raise ValueError(f"source layer {source_index}: {type(mixer).__name__} cannot be made from an attention layer")
+    missing, unexpected = mixer.load_state_dict(source_attention.state_dict(), strict=False)
+    if unexpected:
+        raise RuntimeError(f"layer {source_index}: attention weights do not line up ({missing=}, {unexpected=})")
+    if rule.init is not None:
+        rule.init(mixer)
 
 
 def _init_experts_from_dense(moe: nn.Module, dense: nn.Module, recipe: UpcycleRecipe, generator) -> None:
@@ -380,13 +392,15 @@ def _like(block: torch.Tensor, reference: torch.Tensor, generator) -> torch.Tens
     return reference.mean() + reference.std() * noise
 
 
-def _init_inserted_conv_block(layer: nn.Module) -> None:
-    """An identity block: zero the two output projections, so both residual branches add exactly zero."""
-    nn.init.zeros_(layer.conv.out_proj.weight)
+def _init_inserted_block(layer: nn.Module, rule) -> None:
+    """An identity block: the mixer's entry zeroes its output, and the MLP's `down_proj` is zeroed, so both residual
+    branches add exactly zero."""
+    if rule is None or rule.source != "inserted":
+        raise ValueError(f"{type(layer.mixer).__name__} cannot be inserted as an identity block")
+    rule.init(layer.mixer)
     nn.init.zeros_(layer.mlp.down_proj.weight)
-    for proj in (layer.conv.out_proj, layer.mlp.down_proj):
-        if proj.bias is not None:
-            nn.init.zeros_(proj.bias)
+    if layer.mlp.down_proj.bias is not None:
+        nn.init.zeros_(layer.mlp.down_proj.bias)
 
 
 @dataclass
@@ -424,12 +438,16 @@ def _max_delta(source: nn.Module, hybrid: nn.Module, ids: torch.Tensor) -> float
 def describe(hybrid: LlamaHybridForCausalLM, plan: list[TargetLayer], report: DeviationReport | None) -> str:
     """The converter's table: every layer with its kinds and origin, parameters, measured deviation."""
     config = hybrid.config
-    lines = [f"{'layer':>5}  {'mixer':<19}{'ffn':<11}origin"]
+    lines = [f"{'layer':>5}  {'mixer':<28}{'ffn':<11}origin"]
+    promises = {}
     for i, spec in enumerate(plan):
+        entry = layer_spec(config, i)
         ffn = f"moe{config.num_experts}/top{config.num_experts_per_tok}" if spec.mlp == "sparse" else "dense"
         origin = "inserted (identity at init)" if spec.source is None else f"source layer {spec.source}"
-        mixer = spec.mixer if spec.mixer != "sparse_attention" else f"sparse/{config.global_attention}"
-        lines.append(f"{i:>5}  {mixer:<19}{ffn:<11}{origin}")
+        lines.append(f"{i:>5}  {entry.name:<28}{ffn:<11}{origin}")
+        promises.setdefault(entry.upcycle.step0, []).append(i)
+    for promise, layers in promises.items():
+        lines.append(f"step 0, layers {layers}: {STEP0_PROMISES[promise]}")
     total, active = parameter_counts(hybrid)
     lines.append(f"parameters: {total / 1e6:.1f}M total, {active / 1e6:.1f}M active per token")
     if report is not None:

@@ -2,12 +2,13 @@
 
 Window rule (transformers' `sliding_window = W`): a query sees the valid keys of its own document at slots
 (q - W, q]. A document starts wherever a valid key's position id does not continue the previous slot's (packing),
-so padding and packed documents are separated the same way as the compressed branch's blocks (sparse_attention.py).
+so padding and packed documents are separated the same way as the compressed branch's blocks (`document_starts`).
 
 `banded_window_attention` is the fast path: queries in chunks of Q = min(W, T) attend to a band of Q + W key
 slots (their own chunk and the W slots before it), all chunks in one batched SDPA (or eager) call, so the cost is
-O(T * (Q + W)) scores instead of O(T * S). `dense_window_attention` is its plain reference: the same rule as one
-(T x S) masked matrix. Both read a `WindowLayout`, built once per forward (masks.py) and shared by the layers.
+O(T * (Q + W)) scores instead of O(T * S). Its plain reference, the same rule as one (T x S) masked matrix, lives
+with the tests (tests/reference_kernels.py). Both read a `WindowLayout`, built once per forward and shared by the
+layers (masks.py; a compressed cache's step for its layers).
 
 Shape legend: B batch, H query heads, KV key/value heads, T queries, S key slots, C query chunks, Q chunk length,
 L = Q + W band length, D head dim.
@@ -33,13 +34,24 @@ class WindowLayout:
     window: int
 
 
+def document_starts(positions: torch.Tensor, valid: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) bool: the valid slots that start a document. The one rule every branch and the cache share: a valid
+    slot starts a document where the slot before it is invalid or its position does not continue (after padding, or
+    where packed position ids restart). `before` (B,): the position just before the first slot (a cache's last
+    position, -1 when it is empty); None: nothing comes before the first slot."""
+    if before is None:
+        prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
+        prev_pos = F.pad(positions[:, :-1], (1, 0), value=-2)
+    else:
+        prev_valid = F.pad(valid[:, :-1], (1, 0), value=True)
+        prev_pos = torch.cat([before[:, None], positions[:, :-1]], 1)
+    return valid & (~prev_valid | (positions != prev_pos + 1))
+
+
 def document_ids(key_positions: torch.Tensor) -> torch.Tensor:
-    """(B, S) positions (-1 invalid) -> (B, S) document numbers; a document starts where a valid position does not
-    continue the previous slot (after padding, or where packed position ids restart). Invalid slots get -1."""
+    """(B, S) positions (-1 invalid) -> (B, S) document numbers (`document_starts`); invalid slots get -1."""
     valid = key_positions >= 0
-    prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
-    prev_pos = F.pad(key_positions[:, :-1], (1, 0), value=-2)
-    starts = valid & (~prev_valid | (key_positions != prev_pos + 1))
+    starts = document_starts(key_positions, valid)
     return torch.where(valid, starts.long().cumsum(1), -1)
 
 
@@ -122,21 +134,3 @@ def banded_window_attention(
     )
     out = out.view(batch, chunks, heads, chunk, dim).permute(0, 1, 3, 2, 4)  # (B, C, Q, H, D)
     return out.reshape(batch, chunks * chunk, heads, dim)[:, :length]
-
-
-def dense_window_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: WindowLayout,
-    scaling: float,
-    dropout: float = 0.0,
-    use_sdpa: bool = True,
-) -> torch.Tensor:
-    """The plain reference: the same window rule as one (T x S) mask. q (B, H, T, D), k/v (B, KV, S, D)."""
-    batch, _, length, _ = query.shape
-    device = query.device
-    query_slots = (layout.query_offset + torch.arange(length, device=device)).expand(batch, -1)
-    key_slots = torch.arange(key.shape[2], device=device).expand(batch, -1)
-    mask = window_mask(layout, query_slots, key_slots)[:, None]  # (B, 1, T, S)
-    return band_attention(query, key, value, mask, scaling, dropout, use_sdpa).transpose(1, 2)

@@ -2,8 +2,8 @@
 sees, and the RoPE tables of both. Built once per forward and shared by every compressed layer.
 
 Blocks follow position ids, not key slots (`key_positions`): left padding does not shift them, padded keys are never
-pooled, and packed documents (a position that does not continue the previous one) restart their blocks
-(`group_blocks` holds the rule). The visibility is kept as one range of summaries per query and expanded once per
+pooled, and packed documents restart their blocks (`banded_attention.document_starts` holds the rule, shared with
+the window branch and the compressed cache). The visibility is kept as one range of summaries per query and expanded once per
 forward into what the backend needs: the dense `visible` for the reference path (`with_visible`) or a FlexAttention
 BlockMask (`summary_block_mask`). `with_rotary` adds the RoPE tables of the keys and of the summaries.
 
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
+
+from .banded_attention import document_starts
 
 FLEX_TILE = 128  # queries x summaries per BlockMask tile: FlexAttention's default sparse block size
 
@@ -72,10 +74,8 @@ def group_blocks(
     """
     valid = key_positions >= 0
     block = torch.where(valid, key_positions.div(block_size, rounding_mode="floor"), -1)
-    prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
-    prev_pos = F.pad(key_positions[:, :-1], (1, 0), value=-2)
     prev_block = F.pad(block[:, :-1], (1, 0), value=-1)
-    doc_start = valid & (~prev_valid | (key_positions != prev_pos + 1))
+    doc_start = document_starts(key_positions, valid)
     summary_start = valid & (doc_start | (block != prev_block))
     summary = summary_start.long().cumsum(1) - 1  # (B, S) summary number of each valid key
     num_summaries = summary_count(summary_start, max_summaries)  # G
@@ -97,7 +97,10 @@ def group_blocks(
 
 
 def summary_count(summary_start: torch.Tensor, max_summaries: int | None) -> int:
-    """G: the exact count (a host sync), or the static bound, checked where a check does not break compilation."""
+    """The number of summaries a (B, S) start mask opens: the exact count (a host sync), or the static bound.
+
+    The bound is checked where a check does not break compilation (inside torch.compile it is taken as given).
+    """
     if max_summaries is not None and torch.compiler.is_compiling():
         return max_summaries
     needed = max(int(summary_start.sum(1).max()), 1)
@@ -108,6 +111,19 @@ def summary_count(summary_start: torch.Tensor, max_summaries: int | None) -> int
             "dynamic cache (cache_implementation='dynamic') or a larger max_cache_len"
         )
     return max_summaries or needed
+
+
+def block_means(states: torch.Tensor, summary_of_key: torch.Tensor, num_summaries: int) -> torch.Tensor:
+    """(B, KV, S, D) -> (B, KV, G, D): mean of each summary's keys (`summary_of_key` (B, S), G = spare), summed in
+    fp32 (a block is b terms long)."""
+    batch, heads, _, dim = states.shape
+    index = summary_of_key[:, None, :, None].expand_as(states)  # (B, KV, S, D)
+    sums = states.new_zeros(batch, heads, num_summaries + 1, dim, dtype=torch.float32)
+    sums = sums.scatter_add_(2, index, states.float())[:, :, :-1]
+    counts = sums.new_zeros(batch, num_summaries + 1).scatter_add_(
+        1, summary_of_key, torch.ones_like(summary_of_key, dtype=sums.dtype)
+    )
+    return (sums / counts[:, None, :-1, None].clamp(min=1)).to(states.dtype)
 
 
 def with_visible(layout: BlockLayout) -> BlockLayout:
@@ -145,14 +161,17 @@ def key_positions(attention_mask, cache, position_ids, layer_idx: int, batch: in
     return keys, query_slots
 
 
-def compressed_block_layout(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx: int):
-    """The block layout of this forward, with the visibility in the backend's format (BlockMask under flex)."""
+def compressed_block_layout(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx: int, rotary_emb):
+    """The block layout of this forward with its RoPE tables (from the model's `rotary_emb`), its visibility in the
+    backend's format (BlockMask under flex)."""
     batch, seq_len = inputs_embeds.shape[:2]
     keys, query_slots = key_positions(attention_mask, cache, position_ids, layer_idx, batch, seq_len)
     queries = position_ids.expand(keys.shape[0], -1)
     block_size = config.compress_block_size
     bound = static_summary_bound(cache, keys.shape[1], block_size)
-    layout = group_blocks(keys, query_slots, queries, block_size, max_summaries=bound)
+    layout = with_rotary(
+        group_blocks(keys, query_slots, queries, block_size, max_summaries=bound), rotary_emb, inputs_embeds
+    )
     if config._attn_implementation == "flex_attention":
         return dataclasses.replace(layout, block_mask=summary_block_mask(layout))
     return with_visible(layout)
@@ -224,7 +243,7 @@ def ordered_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def with_rotary(layout: BlockLayout, rotary_emb, inputs_embeds: torch.Tensor) -> BlockLayout:
     """The layout with the RoPE tables (cos, sin) of its keys and summaries, from the model's rotary embedding."""
-    if layout.key_rotary is not None:
+    if layout.key_rotary is not None or rotary_emb is None:
         return layout
     return dataclasses.replace(
         layout,

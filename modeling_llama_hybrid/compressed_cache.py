@@ -1,22 +1,25 @@
-"""The cache of a compressed sparse attention layer: only what the layer reads, O(W + n/b) per layer.
+"""The cache of compressed sparse attention layers: only what the layers read, O(W + n/b) per layer.
 
-Per row it holds the last W - 1 keys (rotated) and values of the window, the rotated key and value summaries of the
-completed blocks, and the open block's raw (pre-RoPE) keys and values (at most b - 1), all right-aligned in fixed
-buffers, plus the row's block state: its last position, where its document started and how many summaries it has.
-Everything else follows from those (how many window / open slots are valid, the open block's positions), so left-
-padded rows keep their own block boundaries, and rolling back a step is a slice of recorded buffers, never a
-floating-point subtraction from a running sum.
+Per row each layer holds the last W - 1 keys (rotated) and values of the window, the rotated key and value summaries
+of the completed blocks, and the open block's raw (pre-RoPE) keys and values (at most b - 1), all right-aligned in
+fixed buffers. The row's block state (its last position, where its document started, how many summaries it has and
+their block numbers) is the same for every compressed layer (they see the same tokens), so it is kept once, in a
+`BlockState` owned by the first compressed layer of the cache: the owner opens each forward's step, advances the
+state, and moves it under `reorder_cache`, `batch_*`, `crop` and `reset`; the other layers share it and move only
+their own buffers. Everything else follows from the state (how many window / open slots are valid, the open block's
+positions), so left-padded rows keep their own block boundaries, and rolling back a step is a slice of recorded
+buffers, never a floating-point subtraction from a running sum.
 
-One forward through the cache (prefill, chunked prefill, assisted candidates or one token) is described by a
-`CompressedStep`, built once per forward from the first compressed layer's state (every compressed layer holds the
-same block state: they see the same tokens) by `compressed_step`. Each layer then calls `update_compressed`, which
-returns the window keys and values (cached + new) and the summaries (stored + those the new tokens form), and keeps
-the new state. The layer attends with the banded window kernel and the summary kernel (sparse_attention.py).
+One forward through the cache (prefill, chunked prefill, assisted candidates or one token) is a `CompressedStep`.
+The model opens it once per forward (`open_step`, on every cache layer that has one: transformers' `Cache` has no
+hook for that); each compressed layer then reads it from its cache layer and calls `update_compressed`, which returns
+the window keys and values (cached + new) and the summaries (stored + those the new tokens form, rotated here with
+the step's RoPE tables) and keeps the new tokens. The layer attends with the banded window kernel and the summary
+kernel (compressed_attention.py).
 
-Classes: `CompressedSparseLayer` (dynamic: the summary buffer grows by one slot per completed block) and
-`StaticCompressedSparseLayer` (fixed buffers, in-place updates, compileable; cannot crop). Both replace the stock
-layer of a compressed sparse attention layer in a transformers `Cache` (`install_compressed_layers`), which keeps
-the config's stock `layer_types` and every other layer as transformers built it.
+Classes: `CompressedSparseLayer` (dynamic: the summary buffers grow by one slot per completed block) and
+`StaticCompressedSparseLayer` (fixed buffers, in-place updates, compileable; cannot crop). `compressed_cache_layer`
+is the registry's factory: it replaces the stock layer transformers built from the config's stock `layer_types`.
 
 Shape legend: B batch, KV key/value heads, T new tokens, D head dim, W window, b block size, P = b - 1 + T pooled
 slots, G stored summaries (+1 spare slot in static buffers), N summaries the new tokens form.
@@ -29,8 +32,13 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
 
-from .banded_attention import WindowLayout, window_layout
-from .sparse_attention import block_means, rotate_keys
+from .banded_attention import WindowLayout, document_starts, window_layout
+from .block_layout import block_means, summary_count
+from .rotary import rotate_keys
+
+LAYER_TENSORS = ("window_keys", "window_values", "open_keys", "open_values", "summary_keys", "summary_values")
+STATE_TENSORS = ("summary_blocks", "last_position", "doc_start", "num_summaries")  # (B, G) and (B,): int64
+LONG_INDEX_BYTES = 8  # the block state is int64
 
 
 @dataclass
@@ -49,7 +57,7 @@ class CompressedStep:
     capacity: int  # G after this step
     slot_last: torch.Tensor  # (B, T) the row's last position after each new slot (what a crop back to it restores)
     slot_doc_start: torch.Tensor  # (B, T) its document start after each new slot
-    summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, N, D), added by the model
+    summary_rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, N, D) at summary_positions
 
     @property
     def num_new_summaries(self) -> int:
@@ -76,22 +84,7 @@ def last_valid(values: torch.Tensor, valid: torch.Tensor, default: torch.Tensor)
     return torch.where(index >= 0, values.gather(1, index.clamp(min=0)[:, None])[:, 0], default)
 
 
-def new_summary_count(starts: torch.Tensor, bound: int | None) -> int:
-    """N: the exact count (a host sync), or the static bound (checked where a check does not break compilation)."""
-    if bound is not None and torch.compiler.is_compiling():
-        return bound
-    needed = max(int(starts.sum(1).max()), 1)
-    if bound is not None and needed > bound:
-        raise ValueError(
-            f"the new tokens form {needed} block summaries in one row, more than the {bound} a static compressed "
-            "cache bounds for one document per row; use cache_implementation='dynamic' for packed documents"
-        )
-    return bound or needed
-
-
-def compressed_step(
-    state: CompressedSparseLayer, positions: torch.Tensor, valid: torch.Tensor, static: bool = False
-) -> CompressedStep:
+def compressed_step(state: BlockState, positions: torch.Tensor, valid: torch.Tensor) -> CompressedStep:
     """The step layout of T new tokens at `positions` (B, T) (`valid` False for padding) against `state`.
 
     Documents: a new token starts one where its position does not continue the previous slot's (the row's last
@@ -106,9 +99,7 @@ def compressed_step(
     window_positions = right_aligned_positions(last, window_count, window - 1)
     local = window_layout(torch.cat([window_positions, new_positions], 1), window - 1, window)
 
-    prev_pos = torch.cat([last[:, None], positions[:, :-1]], 1)
-    prev_valid = torch.cat([valid.new_ones(batch, 1), valid[:, :-1]], 1)
-    doc_starts = valid & (~prev_valid | (positions != prev_pos + 1))
+    doc_starts = document_starts(positions, valid, before=last)
     document = doc_starts.long().cumsum(1)  # (B, T) 0: continues the cached document
     new_blocks = positions.div(block, rounding_mode="floor")
     prev_block = torch.cat([last.div(block, rounding_mode="floor")[:, None], new_blocks[:, :-1]], 1)
@@ -123,8 +114,9 @@ def compressed_step(
     pool_positions = torch.cat([open_positions, new_positions], 1)
     pool_valid = pool_positions >= 0
     summary = starts.long().cumsum(1) - 1
+    static = state.is_static
     bound = -(-starts.shape[1] // block) + 1 if static else None
-    count = new_summary_count(starts, bound)
+    count = summary_count(starts, bound)
     pool_summary = torch.where(pool_valid & (summary < count), summary, count)  # (B, P)
     pool_document = torch.cat([document.new_zeros(batch, block - 1), document], 1)
     pool_blocks = pool_positions.div(block, rounding_mode="floor")
@@ -184,26 +176,165 @@ def keep_last(states: torch.Tensor, slots: int) -> torch.Tensor:
     return states.narrow(-2, states.shape[-2] - slots, slots)
 
 
+def new_tokens_valid(attention_mask, past: int | torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
+    """(B, T) which new tokens are real: the new tokens' columns of a 2-D mask that starts at the first cached slot
+    (missing columns count as padding, as in `block_layout.key_positions`); all of them without a 2-D mask."""
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    columns = past + torch.arange(length, device=device)
+    width = attention_mask.shape[1]
+    picked = attention_mask.bool().gather(1, columns.clamp(max=width - 1).expand(batch, -1))
+    return picked & (columns < width)
+
+
+class BlockState:
+    """The block state all compressed layers of a cache share, kept by the owner layer: per row the last position,
+    the document start, how many summaries are stored and their block numbers; the open step; and, while recording
+    (assisted decoding), what a crop restores."""
+
+    def __init__(self, sliding_window: int, block_size: int, max_summaries: int | None = None):
+        self.sliding_window = sliding_window
+        self.block_size = block_size
+        self.max_summaries = max_summaries  # static caches: a fixed bound
+        self.is_static = max_summaries is not None
+        self.is_initialized = False
+        self.step: CompressedStep | None = None
+        self.record_past = False
+        self.recorded = 0  # tokens added since recording started or the last crop
+
+    def key(self) -> tuple:
+        return (type(self), self.sliding_window, self.block_size, self.max_summaries)
+
+    @property
+    def summary_slots(self) -> int:
+        if self.is_static:
+            return self.max_summaries + 1
+        return self.summary_blocks.shape[1] if self.is_initialized else 0
+
+    def lazy_initialization(self, batch: int, device) -> None:
+        long = dict(dtype=torch.long, device=device)
+        self.summary_blocks = torch.full((batch, self.summary_slots), -1, **long)
+        self.last_position = torch.full((batch,), -1, **long)
+        self.doc_start = torch.zeros(batch, **long)
+        self.num_summaries = torch.zeros(batch, **long)
+        self.is_initialized = True
+        if self.is_static and not torch.compiler.is_compiling():
+            for name in STATE_TENSORS:
+                torch._dynamo.mark_static_address(getattr(self, name))
+
+    def block_state(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) last position, document start and stored summaries of each row."""
+        if not self.is_initialized:
+            self.lazy_initialization(batch, device)
+        return self.last_position, self.doc_start, self.num_summaries
+
+    def open(self, positions: torch.Tensor, valid: torch.Tensor, rotary) -> CompressedStep:
+        """The step of new tokens at `positions` (B, T) (`valid`: not padding), with the RoPE tables `rotary(positions)`
+        of its new summaries; the state moves past them at once (the layers read only the step)."""
+        step = compressed_step(self, positions, valid)
+        step.summary_rotary = rotary(step.summary_positions)
+        self.advance(step)
+        self.step = step
+        return step
+
+    def advance(self, step: CompressedStep) -> None:
+        if self.record_past:
+            if self.recorded == 0:
+                self.record_base = (self.last_position, self.doc_start)
+                self.recorded_last, self.recorded_doc_start = step.slot_last, step.slot_doc_start
+            else:
+                self.recorded_last = torch.cat([self.recorded_last, step.slot_last], 1)
+                self.recorded_doc_start = torch.cat([self.recorded_doc_start, step.slot_doc_start], 1)
+            self.recorded += step.slot_last.shape[1]
+        if self.is_static:  # in place: compiled steps keep the addresses
+            self.summary_blocks.scatter_(1, step.store_index, step.store_blocks)
+            self.last_position.copy_(step.last_position)
+            self.doc_start.copy_(step.doc_start)
+            self.num_summaries.copy_(step.num_summaries)
+            return
+        grow = step.capacity - self.summary_slots + 1  # + 1: a spare slot for the summaries that are not kept
+        blocks = torch.cat([self.summary_blocks, self.summary_blocks.new_full((len(self.last_position), grow), -1)], 1)
+        self.summary_blocks = blocks.scatter(1, step.store_index, step.store_blocks)[:, : step.capacity]
+        self.last_position, self.doc_start, self.num_summaries = step.last_position, step.doc_start, step.num_summaries
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in STATE_TENSORS:
+            buffer = getattr(self, name)
+            moved = fn(buffer)
+            if self.is_static and moved.shape == buffer.shape:
+                buffer.copy_(moved)  # in place: keeps the static addresses
+            else:
+                setattr(self, name, moved)
+        if self.recorded:
+            self.recorded_last, self.recorded_doc_start = fn(self.recorded_last), fn(self.recorded_doc_start)
+            self.record_base = tuple(fn(t) for t in self.record_base)
+
+    def crop(self, removed: int) -> None:
+        """Restore the state after the last recorded token that stays; stored summaries of blocks no longer
+        complete are dropped from the count (their slots are overwritten later)."""
+        if removed and self.is_initialized:
+            kept = self.recorded - removed
+            if kept:
+                self.last_position = self.recorded_last[:, kept - 1]
+                self.doc_start = self.recorded_doc_start[:, kept - 1]
+            else:
+                self.last_position, self.doc_start = self.record_base
+            held = torch.arange(self.summary_slots, device=self.last_position.device) < self.num_summaries[:, None]
+            done = (self.summary_blocks + 1) * self.block_size - 1 <= self.last_position[:, None]
+            self.num_summaries = (held & done).sum(1)
+        self.recorded = 0
+
+    def reset(self) -> None:
+        if self.is_static and self.is_initialized:
+            for name in STATE_TENSORS:
+                getattr(self, name).zero_()
+            self.last_position.fill_(-1)
+            self.summary_blocks.fill_(-1)
+        else:
+            self.is_initialized = False
+        self.step = None
+        self.recorded = 0
+
+
 class CompressedSparseLayer(CacheLayerMixin):
     """Dynamic compressed cache of one compressed sparse attention layer (see the module docstring).
 
-    Rolling back (assisted decoding, `crop`): while `record_past` is on, the window and open-block buffers keep
-    every new token instead of dropping the ones the layer no longer reads, and the summaries carry their block
-    numbers, so `crop(-n)` is a slice; the buffers go back to W - 1 and b - 1 slots at every `crop`, as
-    transformers' `DynamicSlidingWindowLayer` does.
+    `state` is shared by every compressed layer of the cache; `is_owner` marks the one that opens steps and moves it.
+    Rolling back (assisted decoding, `crop`): while recording, the window and open-block buffers keep every new token
+    instead of dropping the ones the layer no longer reads, and the state keeps the row state after every new slot,
+    so `crop(-n)` is a slice; the buffers go back to W - 1 and b - 1 slots at every `crop`, as transformers'
+    `DynamicSlidingWindowLayer` does.
     """
 
     is_sliding = True
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, sliding_window: int, block_size: int, **kwargs):
+    def __init__(self, sliding_window: int, block_size: int, state: BlockState | None = None, **kwargs):
         super().__init__()
         self.sliding_window = sliding_window
         self.block_size = block_size
+        self.is_owner = state is None
+        self.state = state if state is not None else self.new_state()
         self.cumulative_length = 0
-        self.record_past = False
-        self.recorded = 0  # tokens added since recording started or the last crop: the most `crop` can remove
+        self.recorded = 0  # tokens this layer added since recording started or the last crop: the most it can remove
+
+    def new_state(self) -> BlockState:
+        return BlockState(self.sliding_window, self.block_size)
+
+    # the shared block state, read through the layer
+    last_position = property(lambda self: self.state.last_position)
+    doc_start = property(lambda self: self.state.doc_start)
+    num_summaries = property(lambda self: self.state.num_summaries)
+    summary_blocks = property(lambda self: self.state.summary_blocks)
+    record_past = property(lambda self: self.state.record_past)
+
+    @property
+    def step(self) -> CompressedStep | None:
+        """The step the model opened for this forward (None before the first one)."""
+        return self.state.step
 
     @property
     def summary_slots(self) -> int:
@@ -221,27 +352,31 @@ class CompressedSparseLayer(CacheLayerMixin):
         self.open_keys, self.open_values = zeros(self.block_size - 1), zeros(self.block_size - 1)
         slots = self.initial_summary_slots()
         self.summary_keys, self.summary_values = zeros(slots), zeros(slots)
-        long = dict(dtype=torch.long, device=self.device)
-        self.summary_blocks = torch.full((batch, slots), -1, **long)
-        self.last_position = torch.full((batch,), -1, **long)
-        self.doc_start = torch.zeros(batch, **long)
-        self.num_summaries = torch.zeros(batch, **long)
         self.keys, self.values = self.window_keys, self.window_values  # what generic Cache code inspects
         self.is_initialized = True
 
     def initial_summary_slots(self) -> int:
         return 0
 
-    def block_state(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B,) last position, document start and stored summaries of each row; an empty row before the first update."""
-        if self.is_initialized:
-            return self.last_position, self.doc_start, self.num_summaries
-        empty = torch.zeros(batch, dtype=torch.long, device=device)
-        return empty - 1, empty, empty
-
     def ensure_initialized(self, key_states: torch.Tensor) -> None:
         if not self.is_initialized:
             self.lazy_initialization(key_states, key_states)
+
+    def open_tokens(self, positions: torch.Tensor, valid: torch.Tensor, rotary) -> CompressedStep:
+        """Open the step of new tokens at `positions` (B, T), `valid` False for padding; `rotary(positions)` gives
+        RoPE tables (cos, sin) at positions (B, N). Only the owner opens steps."""
+        if not self.is_owner:
+            raise RuntimeError("only the compressed cache layer that owns the block state opens steps")
+        return self.state.open(positions, valid, rotary)
+
+    def open_step(self, inputs_embeds, position_ids, attention_mask, rotary_emb, **kwargs) -> None:
+        """The model's once-per-forward call on every cache layer that has it: the owner opens the step of this
+        forward's tokens (the others share it)."""
+        if not self.is_owner:
+            return
+        batch, length = inputs_embeds.shape[:2]
+        valid = new_tokens_valid(attention_mask, self.get_seq_length(), batch, length, inputs_embeds.device)
+        self.open_tokens(position_ids.expand(batch, -1), valid, lambda positions: rotary_emb(inputs_embeds, positions))
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
@@ -250,13 +385,14 @@ class CompressedSparseLayer(CacheLayerMixin):
         )
 
     def update_compressed(
-        self, raw_key: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: CompressedStep
+        self, raw_key: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new tokens; return what this step attends to.
+        """Store the new tokens of the open step; return what this step attends to.
 
         raw_key (pre-RoPE), key (rotated), value: (B, KV, T, D). Returns the window keys and values (B, KV, W-1+T, D)
-        and the summary keys (rotated) and values (B, KV, G + N, D), stored ones first, laid out as `step` says.
+        and the summary keys (rotated) and values (B, KV, G + N, D), stored ones first, laid out as the step says.
         """
+        step = self.step
         self.ensure_initialized(raw_key)
         window_keys = torch.cat([keep_last(self.window_keys, self.sliding_window - 1), key], -2)
         window_values = torch.cat([keep_last(self.window_values, self.sliding_window - 1), value], -2)
@@ -267,29 +403,26 @@ class CompressedSparseLayer(CacheLayerMixin):
         new_values = block_means(pool_values, step.pool_summary, count)
         summary_keys = torch.cat([self.summary_keys, new_keys], -2)
         summary_values = torch.cat([self.summary_values, new_values], -2)
-        self.store(key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step)
+        self.store((key, value, raw_key, value), (window_keys, window_values, pool_keys, pool_values))
+        self.store_summaries(new_keys, new_values, step)
+        self.cumulative_length += key.shape[-2]  # in place for a static layer's tensor count
         return window_keys, window_values, summary_keys, summary_values
 
-    def store(
-        self, key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step
-    ):
+    def store(self, new: tuple, joined: tuple) -> None:
+        """Keep the window and open-block buffers: everything while recording, else only their working size.
+        `new`: this step's (key, value, raw key, value); `joined`: the buffers with them appended."""
         if self.record_past:
-            self.window_keys = torch.cat([self.window_keys, key], -2)
-            self.window_values = torch.cat([self.window_values, value], -2)
-            self.open_keys = torch.cat([self.open_keys, raw_key], -2)
-            self.open_values = torch.cat([self.open_values, value], -2)
-            if self.recorded == 0:
-                self.record_base = (self.last_position, self.doc_start)
-                self.recorded_last, self.recorded_doc_start = step.slot_last, step.slot_doc_start
-            else:
-                self.recorded_last = torch.cat([self.recorded_last, step.slot_last], 1)
-                self.recorded_doc_start = torch.cat([self.recorded_doc_start, step.slot_doc_start], 1)
-            self.recorded += key.shape[-2]
+            buffers = (getattr(self, name) for name in LAYER_TENSORS[:4])
+            for name, buffer, tokens in zip(LAYER_TENSORS[:4], buffers, new, strict=True):
+                setattr(self, name, torch.cat([buffer, tokens], -2))
+            self.recorded += new[0].shape[-2]
+            self.keys, self.values = self.window_keys, self.window_values
         else:
-            self.window_keys = keep_last(window_keys, self.sliding_window - 1)
-            self.window_values = keep_last(window_values, self.sliding_window - 1)
-            self.open_keys = keep_last(pool_keys, self.block_size - 1)
-            self.open_values = keep_last(pool_values, self.block_size - 1)
+            for name, states in zip(LAYER_TENSORS[:4], joined, strict=True):
+                setattr(self, name, states)
+            self.trim()
+
+    def store_summaries(self, new_keys: torch.Tensor, new_values: torch.Tensor, step: CompressedStep) -> None:
         grow = step.capacity - self.summary_slots + 1  # + 1: a spare slot for the summaries that are not kept
         index = step.store_index[:, None, :, None].expand_as(new_keys)
 
@@ -299,11 +432,16 @@ class CompressedSparseLayer(CacheLayerMixin):
 
         self.summary_keys = scatter(self.summary_keys, new_keys)
         self.summary_values = scatter(self.summary_values, new_values)
-        blocks = torch.cat([self.summary_blocks, self.summary_blocks.new_full((self.batch_size, grow), -1)], 1)
-        self.summary_blocks = blocks.scatter(1, step.store_index, step.store_blocks)[:, : step.capacity]
-        self.last_position, self.doc_start, self.num_summaries = step.last_position, step.doc_start, step.num_summaries
+
+    def trim(self) -> None:
+        """Bring the window and open-block buffers back to their working size: W - 1 and b - 1 slots."""
+        for name, slots in zip(LAYER_TENSORS[:4], self.working_slots(), strict=True):
+            setattr(self, name, keep_last(getattr(self, name), slots))
         self.keys, self.values = self.window_keys, self.window_values
-        self.cumulative_length += key.shape[-2]
+
+    def working_slots(self) -> tuple[int, int, int, int]:
+        window, block = self.sliding_window - 1, self.block_size - 1
+        return window, window, block, block
 
     # --- the Cache API -----------------------------------------------------------------------------------------
 
@@ -313,56 +451,47 @@ class CompressedSparseLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         kv_offset = max(self.get_seq_length() - self.sliding_window + 1, 0)
         return self.sliding_window - 1 + query_length, kv_offset
 
     def stored_bytes(self) -> int:
-        """Bytes of every tensor the layer holds."""
+        """Bytes of every tensor the layer holds (the shared block state counts with its owner)."""
         if not self.is_initialized:
             return 0
-        names = ("window_keys", "window_values", "open_keys", "open_values", "summary_keys", "summary_values")
-        names += ("summary_blocks", "last_position", "doc_start", "num_summaries")
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+        held = [getattr(self, name) for name in LAYER_TENSORS]
+        if self.is_owner and self.state.is_initialized:
+            held += [getattr(self.state, name) for name in STATE_TENSORS]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def batch_tensors(self) -> tuple[str, ...]:
-        return (
-            "window_keys",
-            "window_values",
-            "open_keys",
-            "open_values",
-            "summary_keys",
-            "summary_values",
-            "summary_blocks",
-            "last_position",
-            "doc_start",
-            "num_summaries",
-        )
+        """Names of the per-row tensors the layer reads (its own buffers, then the shared state's)."""
+        return LAYER_TENSORS + STATE_TENSORS
 
     def map_batch(self, fn) -> None:
+        """Apply a per-row map to the layer's buffers, and to the shared state if this layer owns it."""
+        if self.is_owner:
+            self.state.map_batch(fn)
         if not self.is_initialized:
             return
-        for name in self.batch_tensors():
+        for name in LAYER_TENSORS:
             setattr(self, name, fn(getattr(self, name)))
-        if self.recorded:
-            self.recorded_last, self.recorded_doc_start = fn(self.recorded_last), fn(self.recorded_doc_start)
-            self.record_base = tuple(fn(t) for t in self.record_base)
-        self.batch_size = self.last_position.shape[0]
+        self.batch_size = self.window_keys.shape[0]
         self.keys, self.values = self.window_keys, self.window_values
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
         self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
+    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
         self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
+    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
         self.map_batch(lambda t: t[indices])
 
-    def activate_past_recording(self) -> None:
-        self.record_past = True
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        self.state.record_past = True
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         """Remove the last `-tokens_to_remove` tokens (a negative int, as transformers' layers take it); `crop(0)`
         brings recorded buffers back to their working size. Only tokens recorded since recording started (or the
         last crop) can be removed: the layer dropped everything else it no longer reads."""
@@ -375,30 +504,21 @@ class CompressedSparseLayer(CacheLayerMixin):
                 f"{self.recorded}: call cache.activate_past_recording() before adding the tokens to roll back "
                 "(generate() does so for assisted decoding)"
             )
+        if self.is_owner:
+            self.state.crop(removed)
         if not self.is_initialized:
             return
         if removed:
-            kept = self.recorded - removed  # recorded slots that stay: the row state after the last of them
-            if kept:
-                self.last_position = self.recorded_last[:, kept - 1]
-                self.doc_start = self.recorded_doc_start[:, kept - 1]
-            else:
-                self.last_position, self.doc_start = self.record_base
-            held = torch.arange(self.summary_slots, device=self.device) < self.num_summaries[:, None]
-            done = (self.summary_blocks + 1) * self.block_size - 1 <= self.last_position[:, None]
-            self.num_summaries = (held & done).sum(1)
-            for name in ("window_keys", "window_values", "open_keys", "open_values"):
+            for name in LAYER_TENSORS[:4]:
                 states = getattr(self, name)
                 setattr(self, name, states[..., : states.shape[-2] - removed, :])
             self.cumulative_length -= removed
-        self.window_keys = keep_last(self.window_keys, self.sliding_window - 1)
-        self.window_values = keep_last(self.window_values, self.sliding_window - 1)
-        self.open_keys = keep_last(self.open_keys, self.block_size - 1)
-        self.open_values = keep_last(self.open_values, self.block_size - 1)
-        self.keys, self.values = self.window_keys, self.window_values
+        self.trim()
         self.recorded = 0
 
-    def reset(self) -> None:
+    def reset(self, *args, **kwargs) -> None:
+        if self.is_owner:
+            self.state.reset()
         self.is_initialized = False
         self.keys = self.values = None
         self.cumulative_length = 0
@@ -414,11 +534,14 @@ class StaticCompressedSparseLayer(CompressedSparseLayer):
     is_compileable = True
     is_croppable = False
 
-    def __init__(self, sliding_window: int, block_size: int, max_cache_len: int, **kwargs):
-        super().__init__(sliding_window, block_size)
+    def __init__(self, sliding_window: int, block_size: int, max_cache_len: int, state=None, **kwargs):
         self.max_cache_len = max_cache_len
         self.max_summaries = -(-max_cache_len // block_size) + 1
+        super().__init__(sliding_window, block_size, state)
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def new_state(self) -> BlockState:
+        return BlockState(self.sliding_window, self.block_size, self.max_summaries)
 
     @property
     def summary_slots(self) -> int:
@@ -431,86 +554,78 @@ class StaticCompressedSparseLayer(CompressedSparseLayer):
         super().lazy_initialization(key_states, value_states)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
-            for name in (*self.batch_tensors(), "cumulative_length"):
+            for name in (*LAYER_TENSORS, "cumulative_length"):
                 torch._dynamo.mark_static_address(getattr(self, name))
 
-    def store(
-        self, key, value, raw_key, window_keys, window_values, pool_keys, pool_values, new_keys, new_values, step
-    ):
-        self.window_keys.copy_(keep_last(window_keys, self.sliding_window - 1))
-        self.window_values.copy_(keep_last(window_values, self.sliding_window - 1))
-        self.open_keys.copy_(keep_last(pool_keys, self.block_size - 1))
-        self.open_values.copy_(keep_last(pool_values, self.block_size - 1))
+    def store(self, new: tuple, joined: tuple) -> None:
+        for name, states, slots in zip(LAYER_TENSORS[:4], joined, self.working_slots(), strict=True):
+            getattr(self, name).copy_(keep_last(states, slots))
+
+    def store_summaries(self, new_keys: torch.Tensor, new_values: torch.Tensor, step: CompressedStep) -> None:
         index = step.store_index[:, None, :, None].expand_as(new_keys)
         self.summary_keys.scatter_(2, index, new_keys)
         self.summary_values.scatter_(2, index, new_values)
-        self.summary_blocks.scatter_(1, step.store_index, step.store_blocks)
-        self.last_position.copy_(step.last_position)
-        self.doc_start.copy_(step.doc_start)
-        self.num_summaries.copy_(step.num_summaries)
-        self.cumulative_length.add_(key.shape[-2])
 
     def get_max_length(self) -> int:
         return self.max_cache_len
 
     def map_batch(self, fn) -> None:
+        if self.is_owner:
+            self.state.map_batch(fn)
         if not self.is_initialized:
             return
-        for name in self.batch_tensors():
+        for name in LAYER_TENSORS:
             buffer = getattr(self, name)
             moved = fn(buffer)
             if moved.shape == buffer.shape:
                 buffer.copy_(moved)  # in place: keeps the static addresses
             else:
                 setattr(self, name, moved)
-        self.batch_size = self.last_position.shape[0]
+        self.batch_size = self.window_keys.shape[0]
         self.keys, self.values = self.window_keys, self.window_values
 
-    def crop(self, tokens_to_remove: int) -> None:
+    def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         if tokens_to_remove != 0:
             raise RuntimeError(
                 "a static compressed sparse attention cache cannot be rolled back (it keeps only the window, the "
                 "block summaries and the open block); use cache_implementation='dynamic' for assisted decoding"
             )
 
-    def reset(self) -> None:
+    def reset(self, *args, **kwargs) -> None:
+        if self.is_owner:
+            self.state.reset()
         if self.is_initialized:
-            for name in self.batch_tensors():
+            for name in LAYER_TENSORS:
                 getattr(self, name).zero_()
-            self.last_position.fill_(-1)
-            self.summary_blocks.fill_(-1)
         self.cumulative_length.zero_()
 
 
-def compressed_layer_indices(config) -> list[int]:
-    """Layers whose mixer is compressed sparse attention."""
-    if getattr(config, "global_attention", None) != "compressed":
-        return []
-    return [i for i, kind in enumerate(config.mixer_types) if kind == "sparse_attention"]
+def compressed_cache_layer(cache, config, layer_idx: int):
+    """The registry's cache-layer factory: a compressed cache layer replacing the fresh stock layer
+    `cache.layers[layer_idx]` (a `DynamicLayer` or `StaticLayer` that holds nothing yet), sharing the block state of
+    the cache's first compressed layer of the same kind; None to keep the stock layer (one that already holds keys:
+    the layer then runs its reference path over the full cache)."""
+    stock = cache.layers[layer_idx]
+    if stock.is_initialized or type(stock) not in (DynamicLayer, StaticLayer):
+        return None
+    window, block = config.sliding_window, config.compress_block_size
+    if type(stock) is DynamicLayer:
+        layer = CompressedSparseLayer(window, block)
+    else:
+        layer = StaticCompressedSparseLayer(window, block, stock.max_cache_len)
+    owner = next((other for other in cache.layers if isinstance(other, CompressedSparseLayer) and other.is_owner), None)
+    if owner is not None and owner.state.key() == layer.state.key():
+        layer.state, layer.is_owner = owner.state, False
+    return layer
 
 
-def install_compressed_layers(cache, config):
-    """Give each compressed sparse attention layer of `cache` its compressed cache layer, in place.
-
-    Only fresh stock layers are replaced (a transformers `DynamicLayer` / `StaticLayer` that holds nothing yet); a
-    layer that already holds keys keeps them (the layer then runs its reference path over the full cache). A
-    `Cache` that creates its layers lazily gets them created up to the compressed ones.
-    """
-    if cache is None or not hasattr(cache, "layers"):
-        return cache
-    for index in compressed_layer_indices(config):
-        if index >= len(cache.layers):
-            if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer:
-                continue
-            while len(cache.layers) <= index:
-                cache.layers.append(DynamicLayer())
-        layer = cache.layers[index]
-        if isinstance(layer, CompressedSparseLayer) or layer.is_initialized:
-            continue
-        if type(layer) is DynamicLayer:
-            cache.layers[index] = CompressedSparseLayer(config.sliding_window, config.compress_block_size)
-        elif type(layer) is StaticLayer:
-            cache.layers[index] = StaticCompressedSparseLayer(
-                config.sliding_window, config.compress_block_size, layer.max_cache_len
-            )
-    return cache
+def compressed_cache_bytes(config, tokens: int, batch: int, element_bytes: int, owner: bool) -> int:
+    """Bytes a compressed layer's cache holds after `tokens` tokens: the last W - 1 keys/values of the window and the
+    b - 1 raw keys/values of the open block (fixed buffers), one key/value summary per completed block, and, for the
+    owner of the shared block state (the first compressed layer), the int64 state: a block number per summary, last
+    position, document start and summary count per row. O(W + n/b), not O(n)."""
+    per_slot = 2 * batch * config.num_key_value_heads * config.head_dim * element_bytes  # one key and one value
+    window, block = config.sliding_window, config.compress_block_size
+    summaries = tokens // block
+    layer_bytes = per_slot * (window - 1 + block - 1 + summaries)
+    return layer_bytes + (LONG_INDEX_BYTES * batch * (summaries + 3) if owner else 0)

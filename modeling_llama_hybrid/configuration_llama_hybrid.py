@@ -13,11 +13,11 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
-from .mixers import MIXER_TYPES, MIXERS
+from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 
-CONFIG_FORMAT_VERSION = 1
+# 2: `global_attention` may be a per-layer list (format 1: one string for every sparse-attention layer)
+CONFIG_FORMAT_VERSION = 2
 MLP_LAYER_TYPES = ("dense", "sparse")
-GLOBAL_ATTENTION_TYPES = ("full", "compressed")
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
 # are not stored in a saved config (only the layer lists they produce are), so renaming one changes no checkpoint.
@@ -81,8 +81,10 @@ class LlamaHybridConfig(PreTrainedConfig):
         mlp_layer_types: per layer, `"dense"` (SwiGLU, LLaMA) or `"sparse"` (Mixture of Experts). Default: all dense.
         sliding_window: the local branch of sparse attention sees the current token and the `sliding_window - 1`
             before it (transformers' meaning).
-        global_attention: `"full"` (dense causal) or `"compressed"` (attention over mean-pooled blocks of
-            `compress_block_size` tokens) for the global branch of sparse attention.
+        global_attention: the global branch of sparse attention, a registered variant (`mixers.GLOBAL_BRANCHES`):
+            `"full"` (dense causal) or `"compressed"` (attention over mean-pooled blocks of `compress_block_size`
+            tokens). One string for every sparse-attention layer, or a list with one entry per layer: a variant for
+            each `"sparse_attention"` layer and None for the others (a model may mix variants).
         sparse_gate_init: initial per-head weight of the local branch in `g = 1 - alpha * sigmoid(W x + b)`;
             0 makes a fresh sparse layer exactly its global branch.
         conv_kernel_size, conv_bias: the short convolution's taps and bias.
@@ -131,7 +133,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     mlp_layer_types: list[str] | None = None
     layer_types: list[str] | None = None  # derived from mixer_types; never set by hand
     sliding_window: int | None = 512
-    global_attention: str = "full"
+    global_attention: str | list[str | None] = "full"
     compress_block_size: int = 64
     sparse_gate_init: float | int = 0.5
     conv_kernel_size: int = 4
@@ -210,7 +212,13 @@ class LlamaHybridConfig(PreTrainedConfig):
     @property
     def is_plain_llama(self) -> bool:
         """True when every layer is full attention + dense MLP: the model is exactly LLaMA."""
-        return set(self.mixer_types) == {"attention"} and not self.has_moe
+        return not self.non_llama_layers
+
+    @property
+    def non_llama_layers(self) -> list[int]:
+        """Indices of the layers that are not LLaMA's (full attention + dense MLP)."""
+        kinds = zip(self.mixer_types, self.mlp_layer_types, strict=True)
+        return [i for i, (mixer, mlp) in enumerate(kinds) if (mixer, mlp) != ("attention", "dense")]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -222,6 +230,10 @@ class LlamaHybridConfig(PreTrainedConfig):
         """Some layer's feed-forward is a Mixture of Experts (the router losses apply)."""
         return bool(self.moe_layers)
 
+    def variant_of(self, layer_idx: int) -> str | None:
+        """The global branch of layer `layer_idx` if it is sparse attention, else None."""
+        return variant_of(self, layer_idx)
+
     def layers_of(self, *kinds: str) -> list[int]:
         """Indices of the layers whose mixer is one of `kinds` (values of `mixer_types`)."""
         return [i for i, kind in enumerate(self.mixer_types) if kind in kinds]
@@ -229,8 +241,8 @@ class LlamaHybridConfig(PreTrainedConfig):
     @property
     def first_kv_layer(self) -> int | None:
         """The first layer with a key/value cache entry (its entry answers the cache length), None if none has one."""
-        kv_layers = [i for i, kind in enumerate(self.mixer_types) if MIXERS[kind].cache_layer_type == "full_attention"]
-        return kv_layers[0] if kv_layers else None
+        kinds = [MIXERS[kind].cache_layer_type for kind in self.mixer_types]
+        return kinds.index("full_attention") if "full_attention" in kinds else None
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "LlamaHybridConfig":
@@ -260,15 +272,16 @@ class LlamaHybridConfig(PreTrainedConfig):
 
 
 def tensor_parallel_plan(config: "LlamaHybridConfig") -> dict[str, str]:
-    """Attention projections (and the sparse gate, which follows the query heads) colwise in / rowwise out, the dense
-    MLP and the fused experts as Qwen3-MoE; the router and the short conv stay replicated (LFM2 does not shard its
-    conv either). Only rules for modules the layout has: transformers warns about (and its tests refuse) the rest."""
+    """The mixers' rules from their registry entries (attention projections colwise in / rowwise out, the sparse gate
+    with the query heads; the short conv replicated, as LFM2 does), the dense MLP and the fused experts as Qwen3-MoE,
+    the router replicated. Only rules for modules the layout has: transformers warns about (and its tests refuse)
+    the rest."""
     plan = {}
-    if config.layers_of("attention", "sparse_attention"):
-        plan |= {f"layers.*.self_attn.{name}": "colwise" for name in ("q_proj", "k_proj", "v_proj")}
-        plan["layers.*.self_attn.o_proj"] = "rowwise"
-    if config.layers_of("sparse_attention"):
-        plan["layers.*.self_attn.branch_gate"] = "colwise"  # weight, bias and the per-head `alpha`
+    for spec in {spec.name: spec for spec in layer_specs(config)}.values():
+        for module, style in spec.tp_plan.items():
+            name = f"layers.*.{spec.attribute}.{module}"
+            if plan.setdefault(name, style) != style:
+                raise ValueError(f"mixer entries disagree on the tensor-parallel style of {name}")
     mlp_prefixes = ["layers.*.mlp"] if len(config.moe_layers) < config.num_hidden_layers else []
     if config.has_moe:
         plan["layers.*.mlp.experts.gate_up_proj"] = "packed_colwise"
@@ -303,8 +316,10 @@ def _migrate(config: "LlamaHybridConfig") -> None:
 
     Format 0 is a `config.json` without the version field, e.g. a LLaMA `config.json` whose `model_type` was
     switched to `"llama_hybrid"` by hand: no layer lists (they default to plain LLaMA) and possibly legacy
-    `rope_theta` / `rope_scaling` keys, which transformers folds into `rope_parameters`. Nothing to rewrite yet;
-    a format 2 would add its steps here, keyed by the version it upgrades from.
+    `rope_theta` / `rope_scaling` keys, which transformers folds into `rope_parameters`. Format 2 lets
+    `global_attention` be a per-layer list; a format-1 string means the same in format 2 (and stays a string: the
+    field's type is the union, so `@strict` accepts both while `__init__` runs). Nothing to rewrite yet; a later
+    format adds its steps here, keyed by the version it upgrades from.
     """
     version = config.config_format_version or 0
     if version < 0:
@@ -378,10 +393,9 @@ def check_hybrid_config(config: "LlamaHybridConfig") -> None:
         raise ValueError(f"rms_norm_eps must be a positive number, got {config.rms_norm_eps!r}")
     if not (isinstance(config.attention_dropout, (int, float)) and 0 <= config.attention_dropout < 1):
         raise ValueError(f"attention_dropout must be in [0, 1), got {config.attention_dropout!r}")
-    _choice_list(config, "mixer_types", MIXER_TYPES)
+    _choice_list(config, "mixer_types", tuple(MIXERS))
     _choice_list(config, "mlp_layer_types", MLP_LAYER_TYPES)
-    if config.global_attention not in GLOBAL_ATTENTION_TYPES:
-        raise ValueError(f"global_attention={config.global_attention!r}; choose one of {list(GLOBAL_ATTENTION_TYPES)}")
+    _check_global_attention(config)
     _positive_int(config, "sliding_window", allow_none=not config.layers_of("sparse_attention"))
     _positive_int(config, "compress_block_size")
     if not 0 <= config.sparse_gate_init <= 1:
@@ -392,6 +406,25 @@ def check_hybrid_config(config: "LlamaHybridConfig") -> None:
         for token_id in ids if isinstance(ids, list) else [ids]:
             if token_id is not None and not (0 <= token_id < config.vocab_size):
                 raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def _check_global_attention(config: "LlamaHybridConfig") -> None:
+    """One registered variant for every sparse-attention layer: a string, or a per-layer list (None elsewhere)."""
+    chosen, allowed = config.global_attention, list(GLOBAL_BRANCHES)
+    if isinstance(chosen, str):
+        if chosen not in GLOBAL_BRANCHES:
+            raise ValueError(f"global_attention={chosen!r}; choose one of {allowed} (or one per layer)")
+        return
+    if len(chosen) != config.num_hidden_layers:
+        raise ValueError(
+            f"global_attention has {len(chosen)} entries but num_hidden_layers={config.num_hidden_layers}; give one "
+            f"per layer: one of {allowed} for each sparse_attention layer, None for the others (or one string)"
+        )
+    for i, (kind, variant) in enumerate(zip(config.mixer_types, chosen, strict=True)):
+        if MIXERS[kind].variants is None and variant is not None:
+            raise ValueError(f"global_attention[{i}]={variant!r} but layer {i} is {kind!r}, which has none: use None")
+        if MIXERS[kind].variants is not None and variant not in GLOBAL_BRANCHES:
+            raise ValueError(f"global_attention[{i}]={variant!r} is not allowed; choose one of {allowed}")
 
 
 def _check_moe(config: "LlamaHybridConfig") -> None:
@@ -420,7 +453,6 @@ __all__ = [
     "LlamaHybridConfig",
     "ConfigTypeError",
     "CONFIG_FORMAT_VERSION",
-    "MIXER_TYPES",
     "MLP_LAYER_TYPES",
     "preset_layout",
 ]

@@ -2,8 +2,10 @@
 
 Every layer is `h = x + mixer(norm1(x))`, `out = h + ffn(norm2(h))`. With every layer full attention + dense
 SwiGLU the stack is exactly `transformers.LlamaForCausalLM` (same parameter names, same logits). The per-layer
-type lists decide three things only, all read from the mixer registry (`mixers.MIXERS`): which mixer
-(`LlamaHybridDecoderLayer.__init__`), which mask (`mask_kind`) and which cache layer (`config.layer_types`).
+type lists decide three things only, all read from the layer's registry entry (`mixers.layer_spec`): which mixer
+(`LlamaHybridDecoderLayer.__init__`), which mask (`mask_kind`) and which cache layer (`config.layer_types`, and the
+entry's own `cache_layer`, installed after transformers built the stock one). A forward opens one cache step on every
+cache layer that keeps one (`open_cache_steps`); the layers read it from their cache layer.
 """
 
 from __future__ import annotations
@@ -40,15 +42,13 @@ from .compat import (
     pick_cache,
     prepare_generation_cache,
 )
-from .compressed_cache import install_compressed_layers
 from .configuration_llama_hybrid import LlamaHybridConfig
 from .loss import LOSS_IMPLEMENTATIONS, linear_cross_entropy
-from .masks import build_masks, create_masks_for_generate, default_position_ids, with_block_rotary
-from .mixers import MIXERS
+from .masks import build_masks
+from .mixers import install_cache_layers, layer_spec, layer_specs
 from .mlp import LlamaHybridMLP
 from .moe import LlamaHybridExperts, LlamaHybridRouter, LlamaHybridSparseMoeBlock, load_balancing_loss, router_z_loss
 from .rotary import LlamaHybridRotaryEmbedding
-from .short_conv import LlamaHybridShortConv
 from .sparse_attention import LlamaHybridBranchGate
 
 
@@ -69,9 +69,10 @@ class LlamaHybridRMSNorm(nn.Module):
 
 
 def fp32_module_names(config: LlamaHybridConfig) -> list[str]:
-    """The router of every MoE layer and the branch gate of every sparse-attention layer (modules of this layout)."""
+    """The router of every MoE layer and each mixer's fp32 modules (its registry entry's `fp32_modules`)."""
     routers = [f"layers.{i}.mlp.gate" for i in config.moe_layers]
-    return routers + [f"layers.{i}.self_attn.branch_gate" for i in config.layers_of("sparse_attention")]
+    specs = enumerate(layer_specs(config))
+    return routers + [f"layers.{i}.{spec.attribute}.{name}" for i, spec in specs for name in spec.fp32_modules]
 
 
 def build_ffn(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
@@ -81,20 +82,16 @@ def build_ffn(config: LlamaHybridConfig, layer_idx: int) -> nn.Module:
 
 
 class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
-    """`h = x + mixer(norm1(x))`, `out = h + ffn(norm2(h))`. The mixer lives under its registry attribute: LLaMA's
-    `self_attn` for the attention kinds, LFM2's `conv` for the short conv (the other one is None)."""
-
-    self_attn: LlamaHybridAttention | None  # "attention", "sparse_attention" (sparse attention subclasses it)
-    conv: LlamaHybridShortConv | None  # "conv"
+    """`h = x + mixer(norm1(x))`, `out = h + ffn(norm2(h))`. The mixer lives under its registry entry's attribute
+    (LLaMA's `self_attn` for the attention kinds, LFM2's `conv` for the short conv): `layer.mixer` reads it."""
 
     def __init__(self, config: LlamaHybridConfig, layer_idx: int):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
-        spec = MIXERS[self.mixer_type]
+        spec = layer_spec(config, layer_idx)
         self.mask_kind = spec.mask_kind
-        mixer = spec.build(config, layer_idx)
-        self.self_attn = mixer if spec.attribute == "self_attn" else None
-        self.conv = mixer if spec.attribute == "conv" else None
+        self.mixer_attribute = spec.attribute
+        self.add_module(spec.attribute, spec.build(config, layer_idx))
         self.mlp = build_ffn(config, layer_idx)
         self.is_moe = layer_idx in config.moe_layers
         self.input_layernorm = LlamaHybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -127,7 +124,7 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
     @property
     def mixer(self) -> nn.Module:
         """The token mixer, whichever attribute holds it."""
-        return self.self_attn if self.self_attn is not None else self.conv
+        return getattr(self, self.mixer_attribute)
 
 
 class LlamaHybridPreTrainedModel(PreTrainedModel):
@@ -239,15 +236,15 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         # a guard on every layer's cache entry, i.e. one recompile per layer)
         if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
-        install_compressed_layers(cache, self.config)  # compressed sparse layers keep their own, smaller cache
+        install_cache_layers(cache, self.config)  # e.g. compressed sparse layers keep their own, smaller cache
         if position_ids is None:
             position_ids = default_position_ids(self.config, inputs_embeds, cache)
         if not self._warned_beyond_max_positions:  # stop syncing every decode step once the warning is out
             self._warned_beyond_max_positions = warn_beyond_max_positions(
                 position_ids, self.config.max_position_embeddings
             )
-        masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids)
-        masks = with_block_rotary(masks, self.rotary_emb, inputs_embeds)
+        masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, self.rotary_emb)
+        open_cache_steps(cache, inputs_embeds, position_ids, masks.get("padding"), self.rotary_emb)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -299,13 +296,23 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
             raise ValueError(f"loss implementation {implementation!r}; choose one of {list(LOSS_IMPLEMENTATIONS)}")
         self.loss_implementation = implementation
 
-    # generate() calls this (when present) to prebuild masks for compileable caches; ours knows every layer kind.
-    create_masks_for_generate = staticmethod(create_masks_for_generate)
+    def create_masks_for_generate(
+        self, config, inputs_embeds, attention_mask, cache=None, position_ids=None, past_key_values=None, **kwargs
+    ):
+        """What the forward builds itself, prebuilt by `generate()` for compileable caches (outside the compiled
+        forward). transformers' default would omit the sliding-window mask (no layer has `layer_types ==
+        "sliding_attention"`) and knows nothing of block layouts."""
+        cache = cache if cache is not None else past_key_values
+        config = config.get_text_config()
+        install_cache_layers(cache, config)  # a fresh cache's own layers are in place before masks read it
+        if position_ids is None:
+            position_ids = default_position_ids(config, inputs_embeds, cache)
+        return build_masks(config, inputs_embeds, attention_mask, cache, position_ids, self.model.rotary_emb)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate()'s cache, with the compressed sparse layers' own cache layers (see compat.py)."""
+        """generate()'s cache, with the layers' own cache layers installed (see compat.py)."""
         parent = super()._prepare_cache_for_generation
-        install = functools.partial(install_compressed_layers, config=self.config.get_text_config())
+        install = functools.partial(install_cache_layers, config=self.config.get_text_config())
         return prepare_generation_cache(parent, generation_config, model_kwargs, *args, install=install, **kwargs)
 
     @accepts_past_key_values
@@ -385,6 +392,23 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
             own_items = (labels[..., 1:] != -100).sum()
             term = term * own_items.to(term.device) / torch.as_tensor(num_items, device=term.device).clamp(min=1)
         return term
+
+
+def default_position_ids(config, inputs_embeds, cache) -> torch.Tensor:
+    """(1, T) positions continuing the cache. Only attention layers count tokens (a conv-only stack needs none)."""
+    kv_layer = config.first_kv_layer
+    past = cache.get_seq_length(kv_layer) if cache is not None and kv_layer is not None else 0
+    return (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
+
+
+def open_cache_steps(cache, inputs_embeds, position_ids, padding_mask, rotary_emb) -> None:
+    """Open this forward's step on every cache layer that keeps one (transformers' `Cache` has no per-forward hook):
+    e.g. the owner of the compressed layers' shared block state lays out where the new tokens go."""
+    if cache is None or not hasattr(cache, "layers"):
+        return
+    for layer in cache.layers:
+        if hasattr(layer, "open_step"):
+            layer.open_step(inputs_embeds, position_ids, padding_mask, rotary_emb)
 
 
 class LlamaHybridForSequenceClassification(GenericForSequenceClassification, LlamaHybridPreTrainedModel):

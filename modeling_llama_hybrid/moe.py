@@ -99,18 +99,6 @@ class LlamaHybridExperts(nn.Module):
         return out_NH
 
 
-def experts_loop_reference(experts: LlamaHybridExperts, hidden_NH, experts_Nk, weights_Nk) -> torch.Tensor:
-    """Token-by-token reference for the experts kernels: y_n = sum_i w_ni * expert_{e_ni}(x_n)."""
-    rows = []
-    for n in range(hidden_NH.shape[0]):
-        total = torch.zeros_like(hidden_NH[n])
-        for expert, weight in zip(experts_Nk[n].tolist(), weights_Nk[n], strict=True):
-            gate, up = (experts.gate_up_proj[expert] @ hidden_NH[n]).chunk(2)
-            total = total + weight * (experts.down_proj[expert] @ (experts.act_fn(gate) * up))
-        rows.append(total)
-    return torch.stack(rows)
-
-
 class LlamaHybridSparseMoeBlock(nn.Module):
     """Routed experts plus `num_shared_experts` always-on experts (one fused SwiGLU of that many times the width)."""
 

@@ -50,9 +50,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (B, heads, N, D) with cos, sin (B, N, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return keys * cos + rotate_half(keys) * sin
+
+
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q, k of shape (B, heads, T, D) by cos, sin of shape (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate_keys(q, cos, sin), rotate_keys(k, cos, sin)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 from modeling_llama_hybrid.block_layout import BlockLayout, group_blocks, with_visible
-from modeling_llama_hybrid.masks import build_masks, with_block_rotary
-from modeling_llama_hybrid.sparse_attention import dense_summary_attention, pool_summaries
+from modeling_llama_hybrid.compressed_attention import dense_summary_attention, pool_summaries
+from modeling_llama_hybrid.masks import build_masks
 
 HEADS, HEAD_DIM = 4, 32
 HIDDEN = HEADS * HEAD_DIM
@@ -146,10 +146,10 @@ def model_layer(hidden: torch.Tensor, window: int):
     )
     model = LlamaHybridForCausalLM(config).eval()
     position_ids = torch.arange(hidden.shape[1])[None]
-    masks = with_block_rotary(build_masks(config, hidden, None, None, position_ids), model.model.rotary_emb, hidden)
+    masks = build_masks(config, hidden, None, None, position_ids, model.model.rotary_emb)
     rotary = model.model.rotary_emb(hidden, position_ids)
-    layer = model.model.layers[0].self_attn
-    return lambda: layer(hidden, rotary, masks["sparse_attention"])
+    layer = model.model.layers[0]
+    return lambda: layer.self_attn(hidden, rotary, masks[layer.mask_kind])
 
 
 def seconds(fn, min_time: float = 0.3) -> float:

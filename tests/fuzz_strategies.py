@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.configuration_llama_hybrid import MIXER_TYPES
+from modeling_llama_hybrid.mixers import MIXERS
 
 FRESH = int(os.environ.get("LLAMA_HYBRID_FUZZ", "0"))
 # Found by fuzzing: transformers 5.17's generate() asks the cache for its length before the first forward, and a
@@ -53,7 +53,7 @@ def hybrid_configs(draw) -> dict:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=draw(st.sampled_from([2, 4, 6])),
-        mixer_types=draw(st.lists(st.sampled_from(MIXER_TYPES), min_size=layers, max_size=layers)),
+        mixer_types=draw(st.lists(st.sampled_from(tuple(MIXERS)), min_size=layers, max_size=layers)),
         mlp_layer_types=draw(st.lists(st.sampled_from(["dense", "sparse"]), min_size=layers, max_size=layers)),
         sliding_window=draw(st.integers(1, 6)),
         global_attention=draw(st.sampled_from(["full", "compressed"])),

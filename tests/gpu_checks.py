@@ -28,11 +28,12 @@ import traceback
 import torch
 import transformers
 from packaging import version
+from reference_kernels import experts_loop_reference
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from llama_hybrid.compilation import compile_decoder_layers
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.moe import LlamaHybridExperts, experts_loop_reference
+from modeling_llama_hybrid.moe import LlamaHybridExperts
 
 # (top-1 agreement at least, max |diff| / reference spread at most) per dtype
 TOLERANCE = {torch.float32: (1.0, 1e-4), torch.bfloat16: (0.98, 5e-2), torch.float16: (0.99, 1e-2)}

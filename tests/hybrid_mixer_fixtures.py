@@ -11,10 +11,12 @@ WINDOW = 3  # shorter than every test sequence
 BLOCK = 3
 
 # name -> (mixer of layer 0, global_attention); layer 1 is full attention with an MoE FFN (conv for "attention").
+# A per-layer global_attention makes layer 1 sparse attention too, with the second variant: one model, two variants.
 MIXERS = {
     "attention": ("attention", "full"),
     "sparse_full": ("sparse_attention", "full"),
     "sparse_compressed": ("sparse_attention", "compressed"),
+    "sparse_mixed": ("sparse_attention", ["compressed", "full"]),
     "conv": ("conv", "full"),
 }
 
@@ -22,6 +24,8 @@ MIXERS = {
 def tiny_config(mixer: str = "sparse_compressed", attn: str = "eager", **overrides) -> LlamaHybridConfig:
     kind, global_attention = MIXERS[mixer]
     second = "conv" if kind == "attention" else "attention"
+    if isinstance(global_attention, list):
+        second = "sparse_attention"
     values = dict(
         vocab_size=VOCAB,
         hidden_size=24,

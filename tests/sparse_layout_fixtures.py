@@ -9,8 +9,8 @@ import torch
 from hybrid_mixer_fixtures import tiny_model
 
 from modeling_llama_hybrid.block_layout import group_blocks, summary_block_mask, with_visible
+from modeling_llama_hybrid.compressed_attention import pool_summaries, summary_attention
 from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding
-from modeling_llama_hybrid.sparse_attention import pool_summaries, summary_attention
 
 # name -> rows of (documents' lengths, left padding); every row of a case has the same width
 ROWS = {

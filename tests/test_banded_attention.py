@@ -10,16 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hybrid_mixer_fixtures import tiny_config
+from reference_kernels import dense_window_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_sliding_window_causal_mask
 
 from modeling_llama_hybrid.attention import eager_attention_forward
-from modeling_llama_hybrid.banded_attention import (
-    banded_window_attention,
-    dense_window_attention,
-    document_ids,
-    window_layout,
-)
+from modeling_llama_hybrid.banded_attention import banded_window_attention, document_ids, window_layout
 
 DIM = 8
 

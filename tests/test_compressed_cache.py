@@ -15,12 +15,8 @@ import torch
 
 from modeling_llama_hybrid.attention import repeat_kv
 from modeling_llama_hybrid.banded_attention import banded_window_attention
-from modeling_llama_hybrid.compressed_cache import (
-    CompressedSparseLayer,
-    StaticCompressedSparseLayer,
-    compressed_step,
-)
-from modeling_llama_hybrid.sparse_attention import rotate_keys
+from modeling_llama_hybrid.compressed_cache import CompressedSparseLayer, StaticCompressedSparseLayer
+from modeling_llama_hybrid.rotary import rotate_keys
 
 DIM = 8
 
@@ -79,14 +75,12 @@ def naive_branches(query, raw_key, value, positions, valid, window, block):
     return local, glob
 
 
-def cached_branches(layer, query, raw_key, value, positions, valid, static=False):
+def cached_branches(layer, query, raw_key, value, positions, valid):
     """Both branches (B, T, H, D) through `layer`, one update of the given length at a time, as the model does."""
-    layer.ensure_initialized(raw_key)
-    step = compressed_step(layer, positions, valid, static=static)
-    step.summary_rotary = rotary(step.summary_positions)
+    step = layer.open_tokens(positions, valid, rotary)
     cos, sin = rotary(positions)
     q_rot, k_rot = rotate_keys(query, cos, sin), rotate_keys(raw_key, cos, sin)
-    window_keys, window_values, summary_keys, summary_values = layer.update_compressed(raw_key, k_rot, value, step)
+    window_keys, window_values, summary_keys, summary_values = layer.update_compressed(raw_key, k_rot, value)
     local = banded_window_attention(q_rot, window_keys, window_values, step.window, DIM**-0.5)
     groups = query.shape[1] // summary_keys.shape[1]
     scores = (q_rot @ repeat_kv(summary_keys, groups).transpose(-1, -2)) * DIM**-0.5
@@ -95,12 +89,12 @@ def cached_branches(layer, query, raw_key, value, positions, valid, static=False
     return local, torch.where(step.visible.any(-1)[:, :, None, None], glob, local)
 
 
-def run_in_chunks(layer, tensors, positions, valid, chunks, static=False):
+def run_in_chunks(layer, tensors, positions, valid, chunks):
     outs, start = [], 0
     for size in chunks:
         span = slice(start, start + size)
         q, k, v = (t[:, :, span] for t in tensors)
-        outs.append(cached_branches(layer, q, k, v, positions[:, span], valid[:, span], static))
+        outs.append(cached_branches(layer, q, k, v, positions[:, span], valid[:, span]))
         start += size
     return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
 
@@ -125,7 +119,7 @@ def test_cache_branches_match_naive_reference(window, block, chunks, static):
     tensors, positions, valid = sequence()
     expected = naive_branches(*tensors, positions, valid, window, block)
     layer = StaticCompressedSparseLayer(window, block, 30) if static else CompressedSparseLayer(window, block)
-    local, glob = run_in_chunks(layer, tensors, positions, valid, CHUNKINGS[chunks], static)
+    local, glob = run_in_chunks(layer, tensors, positions, valid, CHUNKINGS[chunks])
     torch.testing.assert_close(local[valid], expected[0][valid], atol=1e-5, rtol=0)
     torch.testing.assert_close(glob[valid], expected[1][valid], atol=1e-5, rtol=0)
 
@@ -175,7 +169,7 @@ def test_crop_without_recording_is_refused():
         layer.crop(-2)
     layer.crop(0)  # nothing to remove: allowed
     static = StaticCompressedSparseLayer(5, 3, 12)
-    run_in_chunks(static, tensors, positions, valid, [12], static=True)
+    run_in_chunks(static, tensors, positions, valid, [12])
     with pytest.raises(RuntimeError, match="dynamic"):
         static.crop(-1)
 

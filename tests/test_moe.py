@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hybrid_mixer_fixtures import tiny_config, tiny_model, tokens
+from reference_kernels import experts_loop_reference
 
-from modeling_llama_hybrid.moe import LlamaHybridExperts, experts_loop_reference, load_balancing_loss, router_z_loss
+from modeling_llama_hybrid.moe import LlamaHybridExperts, load_balancing_loss, router_z_loss
 
 
 def make_experts(width: int, implementation: str) -> LlamaHybridExperts:

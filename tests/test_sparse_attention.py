@@ -8,7 +8,7 @@ import torch
 from hybrid_mixer_fixtures import tiny_config, tiny_model, tokens
 
 from modeling_llama_hybrid import LlamaHybridForCausalLM
-from modeling_llama_hybrid.masks import build_masks, with_block_rotary
+from modeling_llama_hybrid.masks import build_masks
 from modeling_llama_hybrid.rotary import rotate_half
 
 
@@ -123,10 +123,10 @@ def attend(query, keys, values, dim):
 
 
 def run_layer(model, hidden, attention_mask, position_ids):
-    masks = build_masks(model.config, hidden, attention_mask, None, position_ids)
-    masks = with_block_rotary(masks, model.model.rotary_emb, hidden)
+    masks = build_masks(model.config, hidden, attention_mask, None, position_ids, model.model.rotary_emb)
     rotary = model.model.rotary_emb(hidden, position_ids)
-    return model.model.layers[0].self_attn(hidden, rotary, masks["sparse_attention"])[0]
+    layer = model.model.layers[0]
+    return layer.self_attn(hidden, rotary, masks[layer.mask_kind])[0]
 
 
 CASES = {

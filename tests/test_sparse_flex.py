@@ -20,7 +20,7 @@ from sparse_layout_fixtures import ROWS, global_branch, layouts, positions_of
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 from modeling_llama_hybrid import block_layout as block_layout_module
-from modeling_llama_hybrid.sparse_attention import pool_summaries
+from modeling_llama_hybrid.compressed_attention import pool_summaries
 
 # flex running uncompiled (past the recompile limit) would test the dense fallback instead of the kernels
 pytestmark = pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")

@@ -12,7 +12,7 @@ from llama_hybrid.default_model import default_model_dir
 from llama_hybrid.reporting import parameter_counts
 from llama_hybrid.tokenization.trainer import model_config_kwargs, train_tokenizer_from_iterator
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.mixers import MIXERS
+from modeling_llama_hybrid.mixers import layer_specs
 
 from .arguments import ModelArguments
 
@@ -99,8 +99,7 @@ def lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """LoRA targets for every mixer present (each registry entry's `lora_targets`: attention q/k/v/o, short-conv
     in/out projections) and, through `target_parameters`, the fused 3-D experts."""
     config = model.config
-    present = [spec for spec in MIXERS.values() if config.layers_of(spec.kind)]
-    modules = list(dict.fromkeys(target for spec in present for target in spec.lora_targets))
+    modules = list(dict.fromkeys(target for spec in layer_specs(config) for target in spec.lora_targets))
     parameters = []
     if config.has_moe:
         parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

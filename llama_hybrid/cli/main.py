@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import demo, generation, push, tokenizer, train
-from .options import DTYPES, add_recipe_option
+from .options import DTYPES, GlobalBranches, InsertableKinds, add_recipe_option
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "LLAMA_HYBRID_DEBUG"
@@ -50,14 +50,25 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
     )
     add_recipe_option(group, default=None, help="upcycling recipe: %(choices)s (--preset is its deprecated alias)")
     group.add_argument("--sparse-layers", type=_layer_list, help="source layers whose attention becomes sparse")
-    group.add_argument("--global-attention", choices=("full", "compressed"), help="global branch of sparse layers")
+    group.add_argument(
+        "--global-attention",
+        choices=GlobalBranches(),
+        metavar="NAME",
+        help="global branch of sparse layers: %(choices)s",
+    )
     group.add_argument("--window", type=int, dest="sliding_window", help="local window of sparse layers")
     group.add_argument("--compress-block-size", type=int, help="block size of the compressed global branch")
     group.add_argument("--moe-layers", type=_layer_list, help="source layers whose MLP becomes a Mixture of Experts")
     group.add_argument("--num-experts", type=int)
     group.add_argument("--top-k", type=int, dest="num_experts_per_tok", help="experts per token")
     group.add_argument("--moe-init", choices=("copy", "shared"), help="copies of the MLP, or MLP as shared expert")
-    group.add_argument("--insert-conv-after", type=_layer_list, help="insert an identity conv block after these")
+    group.add_argument("--insert-conv-after", type=_layer_list, help="insert an identity block after these")
+    group.add_argument(
+        "--insert-kind",
+        choices=InsertableKinds(),
+        metavar="KIND",
+        help="mixer of inserted blocks: %(choices)s (default: conv)",
+    )
     group.add_argument("--conv-kernel-size", type=int)
     group.add_argument("--expert-noise", type=float, help="symmetry breaking: relative noise on expert copies")
     group.add_argument("--drop-upcycling", type=float, help="symmetry breaking: re-initialised fraction of units")
@@ -66,7 +77,7 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
 
 UPCYCLE_FIELDS = (
     "sparse_layers global_attention sliding_window compress_block_size moe_layers num_experts num_experts_per_tok "
-    "moe_init insert_conv_after conv_kernel_size expert_noise drop_upcycling seed"
+    "moe_init insert_conv_after insert_kind conv_kernel_size expert_noise drop_upcycling seed"
 ).split()
 
 

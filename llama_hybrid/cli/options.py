@@ -1,7 +1,8 @@
-"""Option types shared by several subcommands: upcycling recipe names, deprecated aliases, devices and dtypes.
+"""Option types shared by several subcommands: upcycling recipe names, registry choices, deprecated aliases,
+devices and dtypes.
 
-Nothing heavy is imported when the parser is built: the recipe names are read from `llama_hybrid.upcycle` (which
-loads torch) only when an option needs them, and the device checks import torch when a command runs.
+Nothing heavy is imported when the parser is built: the recipe names and the registry's choices are read from the
+library (which loads torch) only when an option needs them, and the device checks import torch when a command runs.
 """
 
 from __future__ import annotations
@@ -12,20 +13,51 @@ import sys
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class RecipeNames:
-    """argparse `choices` holding the upcycling recipes `llama_hybrid.upcycle.RECIPES`, read on first use; the old
-    names of renamed recipes are accepted too (see `recipe_name`) but not listed."""
+class LazyChoices:
+    """argparse `choices` read on first use from the library (which loads torch), so building the parser stays light:
+    the upcycling recipes, and the registry's global branches and insertable mixer kinds (a kind or variant that is
+    registered is a choice, with no list kept here)."""
 
-    def _names(self) -> tuple[str, ...]:
-        from llama_hybrid import upcycle
-
-        return tuple(upcycle.RECIPES)
+    def __init__(self, read):
+        self.read = read
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names()
+        return name in self.read()
 
     def __iter__(self):
-        return iter(self._names())
+        return iter(self.read())
+
+
+def _recipes() -> tuple[str, ...]:
+    from llama_hybrid import upcycle
+
+    return tuple(upcycle.RECIPES)
+
+
+def _global_branches() -> tuple[str, ...]:
+    from modeling_llama_hybrid.mixers import GLOBAL_BRANCHES
+
+    return tuple(GLOBAL_BRANCHES)
+
+
+def _insertable_kinds() -> tuple[str, ...]:
+    from llama_hybrid import upcycle
+
+    return tuple(upcycle.insertable_kinds())
+
+
+def RecipeNames() -> LazyChoices:  # noqa: N802 (reads as the choices it stands for)
+    """The upcycling recipes `llama_hybrid.upcycle.RECIPES`; the old names of renamed recipes are accepted too (see
+    `recipe_name`) but not listed."""
+    return LazyChoices(_recipes)
+
+
+def GlobalBranches() -> LazyChoices:  # noqa: N802
+    return LazyChoices(_global_branches)
+
+
+def InsertableKinds() -> LazyChoices:  # noqa: N802
+    return LazyChoices(_insertable_kinds)
 
 
 def recipe_name(text: str) -> str:

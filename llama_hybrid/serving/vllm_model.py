@@ -61,7 +61,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
 from llama_hybrid.serving.support import check_supported
-from modeling_llama_hybrid.mixers import MIXERS
+from modeling_llama_hybrid.mixers import layer_spec
 
 
 class LlamaHybridMLP(nn.Module):
@@ -261,11 +261,12 @@ def build_sparse_attention(config, vllm_config: VllmConfig, layer_idx: int, pref
     return LlamaHybridSparseAttention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
 
 
-# vLLM's module for each kind of modeling_llama_hybrid.mixers.MIXERS (support.py refuses kinds missing here); the
-# registry's `attribute` names the layer attribute, so the checkpoint's parameter names load unchanged.
+# vLLM's module for each registry entry that does not refuse vLLM (`support.served_mixers()`, keyed by the entry's
+# `name`; a test keeps the two equal); the entry's `attribute` names the layer attribute, so the checkpoint's
+# parameter names load unchanged.
 MIXER_BUILDERS = {
     "attention": build_attention,
-    "sparse_attention": build_sparse_attention,
+    "sparse_attention/full": build_sparse_attention,
     "conv": build_short_conv,
 }
 
@@ -274,9 +275,9 @@ class LlamaHybridDecoderLayer(nn.Module):
     def __init__(self, config, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         layer_idx = extract_layer_index(prefix)
-        kind = config.mixer_types[layer_idx]
-        self.mixer_attribute = MIXERS[kind].attribute
-        mixer = MIXER_BUILDERS[kind](config, vllm_config, layer_idx, f"{prefix}.{self.mixer_attribute}")
+        spec = layer_spec(config, layer_idx)
+        self.mixer_attribute = spec.attribute
+        mixer = MIXER_BUILDERS[spec.name](config, vllm_config, layer_idx, f"{prefix}.{self.mixer_attribute}")
         setattr(self, self.mixer_attribute, mixer)
         quant_config = vllm_config.quant_config
         if config.mlp_layer_types[layer_idx] == "sparse":
