@@ -278,6 +278,40 @@ def test_loads_a_config_saved_by_format_version_0(tmp_path):
     assert config.rope_parameters["rope_theta"] == 50000.0 and config.rope_parameters["rope_type"] == "linear"
 
 
+@pytest.mark.parametrize("global_attention", ["full", "compressed"])
+def test_loads_a_config_saved_by_format_version_1(tmp_path, global_attention):
+    """Format 1: `global_attention` one string for every sparse layer; it means the same in format 2."""
+    saved = {
+        "model_type": "llama_hybrid",
+        **SMALL,
+        "mixer_types": ["attention", "sparse_attention", "conv", "sparse_attention"],
+        "global_attention": global_attention,
+        "config_format_version": 1,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.config_format_version == CONFIG_FORMAT_VERSION
+    assert config.global_attention == global_attention
+    assert [config.variant_of(i) for i in range(4)] == [None, global_attention, None, global_attention]
+
+
+def test_per_layer_global_attention_round_trips_and_is_checked(tmp_path):
+    mixers = ["attention", "sparse_attention", "conv", "sparse_attention"]
+    config = LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "compressed", None, "full"])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.global_attention == [None, "compressed", None, "full"]
+    assert [loaded.variant_of(i) for i in range(4)] == [None, "compressed", None, "full"]
+    with pytest.raises(ValueError, match=r"global_attention has 3 entries but num_hidden_layers=4"):
+        LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "full", None])
+    with pytest.raises(ValueError, match=r"global_attention\[2\]='full' but layer 2 is 'conv'"):
+        LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "full", "full", "full"])
+    with pytest.raises(ValueError, match=r"global_attention\[3\]=None is not allowed; choose one of \['full'"):
+        LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "full", None, None])
+    with pytest.raises(ValueError, match=r"global_attention='sparse'; choose one of \['full', 'compressed'\]"):
+        LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention="sparse")
+
+
 def test_refuses_a_config_from_a_newer_format(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "llama_hybrid", **SMALL, "config_format_version": CONFIG_FORMAT_VERSION + 1})

@@ -17,3 +17,10 @@ def test_compressed_global_attention_is_refused(tmp_path, smollm2_dir):
     message = str(raised.value)
     assert "layers [1, 3]" in message and "global_attention='compressed'" in message, message
     assert "global_attention='full'" in message and "generate" in message, message
+
+
+def test_the_vllm_model_builds_exactly_the_entries_that_do_not_refuse_it():
+    from llama_hybrid.serving.support import served_mixers
+    from llama_hybrid.serving.vllm_model import MIXER_BUILDERS
+
+    assert sorted(MIXER_BUILDERS) == sorted(served_mixers())
