@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     if abs(total_gap) > 0.02 or abs(trunk_gap) > 0.02:
         print("error: the two layouts' parameters differ by more than 2 %", file=sys.stderr)
         return 1
-    full_layers = sum(kind == "attention" for kind in configs["hybrid"].mixer_types)
+    full_layers = len(configs["hybrid"].layers_of("attention"))
     floor = full_layers / shape.num_layers
     models = {name: build_model(config, args.device, dtype) for name, config in configs.items()}
 

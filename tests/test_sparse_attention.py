@@ -25,7 +25,9 @@ def as_plain_attention(model, **overrides) -> LlamaHybridForCausalLM:
     """The same weights in a model whose sparse layers are full attention (branch gates dropped)."""
     config = model.config.to_dict()
     config.update(overrides)
-    config["mixer_types"] = ["attention" if m == "sparse_attention" else m for m in config["mixer_types"]]
+    sparse = set(model.config.layers_of("sparse_attention"))
+    config["mixer_types"] = ["attention" if i in sparse else m for i, m in enumerate(config["mixer_types"])]
+    config["global_attention"] = "full"  # no sparse layer is left to have a global branch
     plain = LlamaHybridForCausalLM(type(model.config)(**{k: v for k, v in config.items() if k != "layer_types"}))
     plain.config._attn_implementation = model.config._attn_implementation
     state = {k: v for k, v in model.state_dict().items() if "branch_gate" not in k}
