@@ -11,11 +11,15 @@ each change by version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import typing
 
 import torch
 import transformers
+from huggingface_hub.dataclasses import type_validator
 from packaging import version
+from transformers import PreTrainedConfig, configuration_utils
 from transformers.cache_utils import Cache
 from transformers.distributed import DistributedConfig
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -167,3 +171,23 @@ def default_use_kernels(load_kwargs: dict) -> dict:
     if modeling_utils.is_kernels_available():
         return load_kwargs
     return {**load_kwargs, "use_kernels": False}
+
+
+# transformers 5.17's `@strict` checks the type of every base-config field on assignment (`return_dict`,
+# `chunk_size_feed_forward`, ...); 5.24 and 5.25 check only the fields the config class itself declares, so
+# `return_dict="yes"` passes silently there. The config's own validator asks this, on every version.
+def mistyped_base_field(config) -> tuple[str, str] | None:
+    """(field, declared type) of the first of transformers' base-config fields whose value has the wrong type."""
+    for name, expected in _base_field_types().items():
+        try:
+            type_validator(name, getattr(config, name), expected)
+        except (TypeError, ValueError):
+            return name, str(PreTrainedConfig.__dataclass_fields__[name].type)
+    return None
+
+
+@functools.cache
+def _base_field_types() -> dict:
+    """PreTrainedConfig's dataclass fields and their types (its annotations are strings: resolved here)."""
+    hints = typing.get_type_hints(PreTrainedConfig, {"torch": torch, **vars(configuration_utils)})
+    return {field.name: hints[field.name] for field in dataclasses.fields(PreTrainedConfig)}

@@ -13,7 +13,12 @@ from hybrid_mixer_fixtures import tiny_model, tokens
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.compat import RECORDING_TAKES_ARGUMENTS, activate_past_recording, default_use_kernels
+from modeling_llama_hybrid.compat import (
+    RECORDING_TAKES_ARGUMENTS,
+    activate_past_recording,
+    default_use_kernels,
+    mistyped_base_field,
+)
 
 TINY = dict(vocab_size=61, hidden_size=24, intermediate_size=37, num_attention_heads=3, num_key_value_heads=1)
 
@@ -83,3 +88,15 @@ def test_a_llama_source_loads_without_the_kernels_package(tmp_path, without_kern
 
 def test_an_explicit_use_kernels_is_left_to_transformers(without_kernels):
     assert default_use_kernels({"use_kernels": True}) == {"use_kernels": True}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("return_dict", "yes"), ("chunk_size_feed_forward", "3"), ("is_encoder_decoder", 1), ("architectures", "x")],
+)
+def test_a_mistyped_base_config_field_is_named_on_every_version(field, value):
+    """5.24 and 5.25 no longer type-check transformers' own config fields on assignment (5.17 does)."""
+    config = LlamaHybridConfig(num_hidden_layers=1, **TINY)
+    assert mistyped_base_field(config) is None
+    object.__setattr__(config, field, value)  # past any check, as a 5.25 constructor lets it through
+    assert mistyped_base_field(config)[0] == field
