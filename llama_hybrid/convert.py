@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+from modeling_llama_hybrid.compat import default_use_kernels
 
 from .files import save_atomically
 
@@ -85,7 +86,9 @@ def load_llama(source: str, dtype: torch.dtype | None = None):
             f"{source} holds a {config.model_type!r} model; convert expects a LLaMA-architecture checkpoint "
             "(model_type 'llama')"
         )
-    model = LlamaForCausalLM.from_pretrained(location, dtype=dtype or torch.float32, **load_kwargs)
+    model = LlamaForCausalLM.from_pretrained(
+        location, **default_use_kernels({"dtype": dtype or torch.float32, **load_kwargs})
+    )
     tokenizer = AutoTokenizer.from_pretrained(location, **load_kwargs)
     generation = generation_config_for(location, load_kwargs, model.config, tokenizer)
     return model.eval(), tokenizer, generation

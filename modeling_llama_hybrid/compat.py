@@ -2,14 +2,25 @@
 
 5.17 passes the cache to `forward` as `past_key_values=` and names the output field `past_key_values`;
 5.24 uses `cache=` for both. Expert parallelism is declared and switched on differently (see
-`EXPERT_PARALLEL_PLAN`). Everything else in this package goes through these helpers.
+`EXPERT_PARALLEL_PLAN`). 5.25 counts the tokens of conv cache layers (`count_conv_step`), passes keyword
+arguments to the cache's recording hook (`activate_past_recording`) and loads with hub kernels on by default
+(`default_use_kernels`). Everything else in this package goes through these helpers; docs/compatibility.md lists
+each change by version.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import typing
 
 import torch
+import transformers
+from huggingface_hub.dataclasses import type_validator
+from packaging import version
+from transformers import PreTrainedConfig, configuration_utils
+from transformers.cache_utils import Cache
 from transformers.distributed import DistributedConfig
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
@@ -115,5 +126,68 @@ def prepare_generation_cache(prepare, generation_config, model_kwargs: dict, *ar
         if cache is not None:
             install(cache)
             if getattr(generation_config, "is_assistant", False):
-                cache.activate_past_recording()
+                activate_past_recording(cache, recurrent_states_to_keep=generation_config.num_assistant_tokens)
     return result
+
+
+# 5.25 hands `activate_past_recording` how many recurrent states each layer keeps for a rollback (assisted decoding,
+# prompt lookup, an assistant's cache); 5.17 and 5.24 take no arguments.
+RECORDING_TAKES_ARGUMENTS = len(inspect.signature(Cache.activate_past_recording).parameters) > 1
+
+
+def activate_past_recording(cache, recurrent_states_to_keep: int | None = None) -> None:
+    """Set every layer of `cache` recording its past (so a rejected candidate can be cropped), as generate() does."""
+    if RECORDING_TAKES_ARGUMENTS:
+        cache.activate_past_recording(recurrent_states_to_keep=recurrent_states_to_keep)
+    else:
+        cache.activate_past_recording()
+
+
+# 5.25 counts the tokens a conv (linear-attention) cache layer has seen, and `Cache.get_seq_length()` reads layer 0
+# even when it is a conv layer. `update_conv_state` advances the count; a decode step that updates the state in place
+# must advance it itself. 5.17 and 5.24 count tokens in attention layers only (layer 0 is skipped when it is conv).
+CONV_LAYERS_COUNT_TOKENS = hasattr(Cache, "increase_count")
+
+
+def count_conv_step(cache, layer_idx: int) -> None:
+    """Record one token fed to conv layer `layer_idx` outside `update_conv_state` (an in-place decode step)."""
+    if CONV_LAYERS_COUNT_TOKENS:
+        cache.increase_count(layer_idx, 0)
+
+
+# 5.25 loads with hub kernels on (`use_kernels=None` means on) and raises "Kernels are not available" when the
+# `kernels` package is missing or of a version it does not accept; 5.17 and 5.24 default to off. No version feature
+# names this default, hence the version number.
+KERNELS_ON_BY_DEFAULT = version.parse(transformers.__version__).release >= (5, 25)
+
+
+def default_use_kernels(load_kwargs: dict) -> dict:
+    """`from_pretrained` keyword arguments that load with or without the `kernels` package: left to transformers'
+    default where kernels can run, `use_kernels=False` where they cannot. An explicit `use_kernels` is kept."""
+    if not KERNELS_ON_BY_DEFAULT or load_kwargs.get("use_kernels") is not None:
+        return load_kwargs
+    from transformers import modeling_utils  # the check from_pretrained itself makes
+
+    if modeling_utils.is_kernels_available():
+        return load_kwargs
+    return {**load_kwargs, "use_kernels": False}
+
+
+# transformers 5.17's `@strict` checks the type of every base-config field on assignment (`return_dict`,
+# `chunk_size_feed_forward`, ...); 5.24 and 5.25 check only the fields the config class itself declares, so
+# `return_dict="yes"` passes silently there. The config's own validator asks this, on every version.
+def mistyped_base_field(config) -> tuple[str, str] | None:
+    """(field, declared type) of the first of transformers' base-config fields whose value has the wrong type."""
+    for name, expected in _base_field_types().items():
+        try:
+            type_validator(name, getattr(config, name), expected)
+        except (TypeError, ValueError):
+            return name, str(PreTrainedConfig.__dataclass_fields__[name].type)
+    return None
+
+
+@functools.cache
+def _base_field_types() -> dict:
+    """PreTrainedConfig's dataclass fields and their types (its annotations are strings: resolved here)."""
+    hints = typing.get_type_hints(PreTrainedConfig, {"torch": torch, **vars(configuration_utils)})
+    return {field.name: hints[field.name] for field in dataclasses.fields(PreTrainedConfig)}

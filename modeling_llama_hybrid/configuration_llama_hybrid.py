@@ -13,6 +13,7 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
+from .compat import mistyped_base_field
 from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 
 # 2: `global_attention` may be a per-layer list (format 1: one string for every sparse-attention layer)
@@ -177,6 +178,16 @@ class LlamaHybridConfig(PreTrainedConfig):
                 f"LLaMA-family checkpoint with `llama-hybrid convert SOURCE OUTPUT_DIR`."
             )
         return super().from_dict(config_dict, **kwargs)
+
+    def validate_base_field_types(self):
+        """transformers' own fields have their declared types: 5.17's `@strict` checks them on assignment, 5.24 and
+        later no longer do, so `return_dict="yes"` would pass silently there. Runs before `validate_hybrid_layout`
+        (validators run in name order)."""
+        mistyped = mistyped_base_field(self)
+        if mistyped is not None:
+            name, declared = mistyped
+            value = getattr(self, name)
+            raise ConfigTypeError(f"{name} must be {declared}, got {value!r} ({type(value).__name__})")
 
     def validate_hybrid_layout(self):
         """Every value check, run once after construction and again in `save_pretrained` (`@strict`'s `validate`).

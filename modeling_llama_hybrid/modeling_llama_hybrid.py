@@ -38,6 +38,7 @@ from .compat import (
     CACHE_FIELD,
     accepts_past_key_values,
     cache_output,
+    default_use_kernels,
     keep_last_logits,
     pick_cache,
     prepare_generation_cache,
@@ -175,7 +176,7 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
 
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **default_use_kernels(kwargs)
             )
         except SafetensorError as err:
             raise CheckpointError(

@@ -5,8 +5,9 @@ depthwise causal Conv1d of `conv_kernel_size` taps, is gated by `c`, and project
 last `kernel_size` gated inputs, kept in the standard transformers cache (`layer_types[i] = "conv"` gives layer i a
 `LinearAttentionLayer`), so beam search reorders it and assisted decoding crops it without any code here.
 
-Only the cache API that exists in both transformers 5.17 and 5.24 is used: `has_previous_state`,
-`layers[i].conv_states[0]`, `layers[i].record_past`, `update_conv_state(..., conv_kernel_size=K)`.
+Only the cache API that exists in every transformers version we support is used: `has_previous_state`,
+`layers[i].conv_states[0]`, `layers[i].record_past`, `update_conv_state(..., conv_kernel_size=K)`; the in-place
+decode step tells the cache it saw a token through `compat.count_conv_step` (5.25 counts tokens in conv layers).
 
 Shapes: B batch, T new tokens, C channels (= hidden_size), K kernel taps.
 """
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.accelerate import force_accelerate_hooks
+
+from .compat import count_conv_step
 
 
 def short_conv_reference(gated_input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -98,6 +101,7 @@ class LlamaHybridShortConv(nn.Module):
         if self._is_decode_step(cache, seq_len):
             state = cache.layers[self.layer_idx].conv_states[0]
             mixed = short_conv_step(gated, state, weight, self.conv.bias)
+            count_conv_step(cache, self.layer_idx)
         elif cache is not None:  # returns [previous state | new inputs]; keeps the tail as the next state
             gated = cache.update_conv_state(gated, self.layer_idx, conv_kernel_size=self.kernel_size)
             mixed = short_conv_reference(gated, weight, self.conv.bias)[..., -seq_len:]

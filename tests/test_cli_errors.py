@@ -238,6 +238,8 @@ def test_unavailable_device_and_dtype_are_user_errors(folders, capsys):
 
 
 def test_eval_refuses_text_too_short_to_measure_and_warns_below_one_window(folders, tmp_path, capsys):
+    from llama_hybrid.cli.train import MIN_SCORED_TOKENS
+
     no_bos = tmp_path / "no-bos"  # without a begin-of-text token, "a" is 1 token: nothing predicts it
     shutil.copytree(folders["hybrid"], no_bos)
     tokenizer = AutoTokenizer.from_pretrained(no_bos)
@@ -247,15 +249,24 @@ def test_eval_refuses_text_too_short_to_measure_and_warns_below_one_window(folde
     one_token.write_text("a")
     assert main(["eval", str(no_bos), "--data", str(one_token)]) == 2
     err = capsys.readouterr().err
-    assert "too short to measure: 1 token(s) in 1 document(s)" in err and "at least 2 tokens" in err
+    assert "too short to measure: 1 token(s) in 1 document(s) give 0 scored token(s)" in err
+    assert f"needs at least {MIN_SCORED_TOKENS}" in err and err.count("\n") == 1
 
-    two_words = tmp_path / "two.txt"
+    two_words = tmp_path / "two.txt"  # a perplexity over a couple of tokens says nothing: refused, not printed
     two_words.write_text("cat dog")
-    assert main(["eval", str(folders["hybrid"]), "--data", str(two_words), "--json"]) == 0
+    assert main(["eval", str(folders["hybrid"]), "--data", str(two_words), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: --data") and captured.err.count("\n") == 1
+    scored = len(AutoTokenizer.from_pretrained(folders["hybrid"])("cat dog")["input_ids"]) - 1
+    assert f"give {scored} scored token(s), and a perplexity needs at least {MIN_SCORED_TOKENS}" in captured.err
+
+    enough = tmp_path / "enough.txt"  # measured, with a warning: still shorter than one window of 96
+    enough.write_text(" ".join(["cat dog"] * MIN_SCORED_TOKENS))
+    assert main(["eval", str(folders["hybrid"]), "--data", str(enough), "--json"]) == 0
     captured = capsys.readouterr()
     assert "shorter than one window of 96" in captured.err
     scored = json.loads(captured.out.splitlines()[-1])["tokens"]
-    assert f"rests on {scored} scored tokens" in captured.err
+    assert scored >= MIN_SCORED_TOKENS and f"rests on {scored} scored tokens" in captured.err
 
 
 def test_preset_is_a_deprecated_alias_of_recipe(capsys):

@@ -143,6 +143,13 @@ def test_typical_wrong_types(name, value):
         LlamaHybridConfig(**{**ODD, name: value})
 
 
+@pytest.mark.parametrize(("name", "value"), [("return_dict", "yes"), ("chunk_size_feed_forward", "3")])
+def test_transformers_own_fields_refuse_a_wrong_type_on_every_version(name, value):
+    """5.17's `@strict` checks them; 5.24 and later do not, so the config's validator does."""
+    with pytest.raises(ConfigTypeError, match=f"^{name} must be .*{value!r}"):
+        LlamaHybridConfig(**{**ODD, name: value})
+
+
 @pytest.mark.parametrize(("name", "value"), [("hidden_size", "24"), ("mixer_types", ["attention", 3])])
 def test_a_wrong_type_is_a_value_error_naming_the_field(name, value):
     with pytest.raises(ConfigTypeError, match=f"^{name} must be ") as err:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import modeling_llama_hybrid  # noqa: F401  (registers LlamaHybrid with the Auto classes)
 from llama_hybrid.default_model import default_model_dir
+from modeling_llama_hybrid.compat import default_use_kernels
 
 from .controls import generation_kwargs
 from .options import check_device, check_dtype
@@ -71,7 +72,7 @@ class Session:
         load_kwargs = {"dtype": "auto" if args.dtype == "auto" else getattr(torch, args.dtype)}
         if args.attn_implementation:
             load_kwargs["attn_implementation"] = args.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(source, **default_use_kernels(load_kwargs)).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
         torch.manual_seed(args.seed)
         kwargs = generation_kwargs(args, tokenizer)

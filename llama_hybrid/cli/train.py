@@ -22,6 +22,9 @@ STAGES = {
     "all": ("pipeline", "the whole recipe end to end on pydoc_data text (a CPU demo)"),
 }
 
+# `eval` refuses a text with fewer scored tokens: below this a perplexity is mostly the noise of a few tokens.
+MIN_SCORED_TOKENS = 32
+
 
 def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
     stages = "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in STAGES.items())
@@ -39,7 +42,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction[Any]) -> None:
     evaluate = subparsers.add_parser(
         "eval",
         help="perplexity (sliding window) and tokens/s of a model on a text file",
-        description="Score MODEL on the documents of FILE: perplexity over the scored tokens and speed.",
+        description="Score MODEL on the documents of FILE: perplexity over the scored tokens and speed. Every "
+        f"token after a document's first is scored; FILE must give at least {MIN_SCORED_TOKENS} of them.",
     )
     evaluate.add_argument("model", nargs="?", default=None, help="LlamaHybrid folder or Hub id (default: embedded)")
     evaluate.add_argument("--data", required=True, metavar="FILE", help=".txt (blank-line separated) or .jsonl file")
@@ -94,18 +98,20 @@ def run_eval(args: argparse.Namespace) -> int:
     path = model_source or resolve_model_path(None)
     tokenizer = load_tokenizer(path)
     streams = token_streams(tokenizer, texts, args.mode)  # documents (or the packed stream) of >= 2 tokens
-    if not streams:
+    scored = sum(len(ids) - 1 for ids in streams)  # every token but a document's first is predicted once
+    if scored < MIN_SCORED_TOKENS:
         found = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
         raise ValueError(
-            f"--data {args.data} is too short to measure: {found} token(s) in {len(texts)} document(s), and each "
-            "scored position needs a document of at least 2 tokens (one to predict from, one to score)"
+            f"--data {args.data} is too short to measure: {found} token(s) in {len(texts)} document(s) give "
+            f"{scored} scored token(s), and a perplexity needs at least {MIN_SCORED_TOKENS} (every token after a "
+            "document's first is scored)"
         )
     model = load_model(path, dtype=getattr(torch, args.dtype)).to(device)
     window, total = window_length(model.config, args.max_length), sum(len(ids) for ids in streams)
     if total < window:
         print(
             f"warning: --data {args.data} is {total} tokens, shorter than one window of {window}: the perplexity "
-            f"rests on {total - len(streams)} scored tokens and says little",
+            f"rests on {scored} scored tokens",
             file=sys.stderr,
         )
     result = evaluate_perplexity(
