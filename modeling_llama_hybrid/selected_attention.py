@@ -160,24 +160,27 @@ def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, s
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
-    """(B, KV, Q, U) which key slots `slots` (B, U) each query sees: same document, not after it, and in its window,
-    its document's sink or one of its selected blocks (`kept` (B, U): False for a gathered slot that only pads the
-    gather). A query that sees nothing (padding) sees its own slot."""
+    """(B, KV, Q, U) which key slots `slots` (B, KV, U) each query sees: same document, not after it, and in its
+    window, its document's sink or one of its selected blocks (`kept` (B, KV, U): False for a gathered slot that only
+    pads the gather). A query that sees nothing (padding) sees its own slot."""
+
+    def of_slots(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, KV, 1, U)
+        return values[:, None].expand(-1, slots.shape[1], -1).gather(2, slots)[:, :, None]
+
     query_positions = layout.query_positions[:, None, queries, None]  # (B, 1, Q, 1)
     query_documents = layout.query_documents[:, None, queries, None]
-    positions = layout.key_positions.gather(1, slots)[:, None, None]  # (B, 1, 1, U)
-    documents = layout.key_documents.gather(1, slots)[:, None, None]
-    blocks = layout.block_of_key.gather(1, slots)  # (B, U)
+    positions, documents = of_slots(layout.key_positions), of_slots(layout.key_documents)
+    blocks = of_slots(layout.block_of_key).expand(*selection.shape[:-1], -1)  # (B, KV, Q, U)
     chosen = torch.zeros(*selection.shape[:-1], layout.num_blocks + 1, dtype=torch.bool, device=slots.device)
-    chosen = chosen.scatter(-1, selection, True)[..., :-1]  # (B, KV, Q, G)
-    chosen = F.pad(chosen, (0, 1)).gather(-1, blocks[:, None, None].expand(*chosen.shape[:-1], -1))  # (B, KV, Q, U)
-    sink = F.pad(layout.block_is_sink, (0, 1)).gather(1, blocks)[:, None, None]
+    chosen = chosen.scatter(-1, selection, True)
+    chosen[..., -1] = False  # the spare block number: "no block"
+    sink = F.pad(layout.block_is_sink, (0, 1))[:, None, None].expand_as(chosen).gather(-1, blocks)
     window = query_positions - positions < layout.window
     same = (documents == query_documents) & (positions >= 0) & (positions <= query_positions)
-    visible = same & (window | sink | chosen)
+    visible = same & (window | sink | chosen.gather(-1, blocks))
     if kept is not None:
-        visible = visible & kept[:, None, None]
-    own = slots[:, None, None] == layout.query_slots[:, None, queries, None]
+        visible = visible & kept[:, :, None]
+    own = slots[:, :, None] == layout.query_slots[:, None, queries, None]
     return visible | (~visible.any(-1, keepdim=True) & own)
 
 
@@ -197,7 +200,7 @@ def masked_attention(query, key, value, mask, scaling: float, use_sdpa: bool) ->
 def dense_selected_attention(query, key, value, layout: SelectionLayout, selection: torch.Tensor, scaling: float):
     """The plain reference: one (B, KV, T, S) mask from the selection (B, KV, T, K); eager softmax, float64-safe.
     q (B, H, T, D), rotated k and v (B, KV, S, D) -> (B, T, H, D)."""
-    slots = torch.arange(key.shape[2], device=key.device).expand(key.shape[0], -1)
+    slots = torch.arange(key.shape[2], device=key.device).expand(*key.shape[:2], -1)  # (B, KV, S)
     mask = visible_keys(layout, slice(None), slots, selection)
     return masked_attention(query, key, value, mask, scaling, use_sdpa=False)
 
@@ -205,27 +208,29 @@ def dense_selected_attention(query, key, value, layout: SelectionLayout, selecti
 class SelectedOutput(NamedTuple):
     out: torch.Tensor  # (B, T, H, D)
     selection: torch.Tensor  # (B, KV, T, K) block numbers of `layout`, G where fewer than K were candidates
-    read_slots: int  # the most key / value slots one chunk gathered
+    read_slots: int  # the most key / value slots one chunk gathered for one KV head
 
 
 def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, U) the key slots a chunk reads: its queries' documents' sinks, their selected blocks and the window band
-    (the slots from W - 1 before its first query to its last), in key order; and (B, U) which of them are needed
-    (rows that need fewer than U are padded with slots they do not need)."""
-    batch, slots = layout.key_positions.shape
-    chosen = torch.zeros(batch, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
-    chosen = chosen.scatter(1, selection.reshape(batch, -1), True)  # (B, G + 1) the union of the chunk's choices
+    """(B, KV, U) the key slots a chunk reads per KV head: its queries' documents' sinks, the union of their selected
+    blocks and the window band (the slots from W - 1 before its first query to its last), in key order; and
+    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slots they do not need)."""
+    batch, kv_heads = selection.shape[:2]
+    slots = layout.key_positions.shape[1]
+    chosen = torch.zeros(batch, kv_heads, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
+    chosen = chosen.scatter(2, selection.flatten(2), True)  # (B, KV, G + 1) the union of the chunk's choices
     documents = layout.query_documents[:, queries]
     first, last = documents.amin(1, keepdim=True), documents.amax(1, keepdim=True)
     sinks = layout.block_is_sink & (layout.block_documents >= first) & (layout.block_documents <= last)
-    chosen = (chosen | F.pad(sinks, (0, 1)))[:, :-1]
+    chosen = chosen[..., :-1] | sinks[:, None]  # (B, KV, G)
     index = torch.arange(slots, device=selection.device)
     query_slots = layout.query_slots[:, queries]
-    band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])
-    needed = band | F.pad(chosen, (0, 1)).gather(1, layout.block_of_key)
-    count = int(needed.sum(1).max())  # U: one host sync per chunk
-    order = torch.sort((~needed).to(torch.int8), dim=1, stable=True).indices[:, :count]  # needed slots first, in order
-    return order, needed.gather(1, order)
+    band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])  # (B, S)
+    blocks = layout.block_of_key[:, None].expand(-1, kv_heads, -1)
+    needed = band[:, None] | F.pad(chosen, (0, 1)).gather(2, blocks)  # (B, KV, S)
+    count = int(needed.sum(2).max())  # U: one host sync per chunk
+    order = torch.sort((~needed).to(torch.int8), dim=2, stable=True).indices[..., :count]  # needed first, in order
+    return order, needed.gather(2, order)
 
 
 def chunked_selected_attention(
@@ -247,12 +252,12 @@ def chunked_selected_attention(
             chosen = select_blocks(part, key, layout, queries, k, scorer, dims, bounds)
         else:
             chosen = selection[:, :, queries]
-        slots, kept = chunk_slots(layout, queries, chosen)  # (B, U)
-        index = slots[:, None, :, None].expand(*key.shape[:2], -1, key.shape[-1])
+        slots, kept = chunk_slots(layout, queries, chosen)  # (B, KV, U)
+        index = slots[..., None].expand(-1, -1, -1, key.shape[-1])
         mask = visible_keys(layout, queries, slots, chosen, kept)
         outs.append(masked_attention(part, key.gather(2, index), value.gather(2, index), mask, scaling, use_sdpa))
         selections.append(chosen)
-        read = max(read, slots.shape[1])
+        read = max(read, slots.shape[2])
     return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)
 
 
