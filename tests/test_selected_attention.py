@@ -318,3 +318,31 @@ def test_registry_entry_starts_the_gate_global_and_promises_the_bound():
     model = selected_model()
     entry.upcycle.init(model.model.layers[0].self_attn)
     assert model.model.layers[0].self_attn.branch_gate.alpha.abs().sum() == 0
+
+
+@torch.no_grad()
+def test_upcycled_llama_with_selected_layers_equals_the_source_up_to_the_bound_only():
+    from conftest import tiny_pair
+
+    from llama_hybrid.upcycle import recipe_for, upcycle
+
+    llama, _ = tiny_pair(max_position_embeddings=64)
+    layers = llama.config.num_hidden_layers
+    recipe = recipe_for("long-context", layers, global_attention="selected", sliding_window=4, compress_block_size=2)
+    hybrid = upcycle(llama, recipe).eval()
+    config = hybrid.config
+    bound = config.sliding_window + (config.select_blocks + 1) * config.compress_block_size  # 4 + 9 * 2 = 22
+    ids = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(8))
+    inside, past = hybrid(ids[:, :bound]).logits, hybrid(ids).logits
+    torch.testing.assert_close(inside, llama(ids[:, :bound]).logits, atol=1e-4, rtol=0)
+    assert (past[:, bound:] - llama(ids).logits[:, bound:]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_flex_attention_forward_matches_eager():
+    """flex_attention: the window reads flex's sliding mask; the selected branch falls back to the chunked kernel."""
+    layout = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"])
+    flex = tiny_model("sparse_selected", "flex_attention", **layout)
+    eager = tiny_model("sparse_selected", "eager", **layout)
+    ids = tokens(2, 12)
+    torch.testing.assert_close(flex(ids).logits, eager(ids).logits, atol=1e-5, rtol=0)
