@@ -154,9 +154,11 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.
 
 
 def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None):
-    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those)."""
-    scores = score_blocks(query, key, layout, scorer, dims, bounds)
-    return top_blocks(scores, candidate_blocks(layout, queries), k)
+    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). A discrete choice:
+    no gradient flows through it (only through the attention over the chosen keys)."""
+    with torch.no_grad():
+        scores = score_blocks(query, key, layout, scorer, dims, bounds)
+        return top_blocks(scores, candidate_blocks(layout, queries), k)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -243,7 +245,10 @@ def chunked_selected_attention(
     union of what its queries read (`chunk_slots`, U slots) and attends under each query's own choice as a mask.
     """
     length = query.shape[2]
-    bounds = block_bounds(key, layout) if scorer == "quest" and selection is None else None
+    bounds = None
+    if scorer == "quest" and selection is None:
+        with torch.no_grad():
+            bounds = block_bounds(key, layout)
     outs, selections, read = [], [], 0
     for start in range(0, length, chunk):
         queries = slice(start, min(start + chunk, length))
