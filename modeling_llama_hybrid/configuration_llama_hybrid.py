@@ -19,6 +19,7 @@ from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 # 2: `global_attention` may be a per-layer list (format 1: one string for every sparse-attention layer)
 CONFIG_FORMAT_VERSION = 2
 MLP_LAYER_TYPES = ("dense", "sparse")
+SELECT_SCORERS = ("sparq", "quest")  # the selected global branch's block scorers (selected_attention.py)
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
 # are not stored in a saved config (only the layer lists they produce are), so renaming one changes no checkpoint.
@@ -85,7 +86,11 @@ class LlamaHybridConfig(PreTrainedConfig):
         global_attention: the global branch of sparse attention, a registered variant (`mixers.GLOBAL_BRANCHES`):
             `"full"` (dense causal) or `"compressed"` (attention over mean-pooled blocks of `compress_block_size`
             tokens). One string for every sparse-attention layer, or a list with one entry per layer: a variant for
-            each `"sparse_attention"` layer and None for the others (a model may mix variants).
+            each `"sparse_attention"` layer and None for the others (a model may mix variants). `"selected"`: exact
+            attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
+            before the window (ranked by `select_scorer`: `"sparq"`, q.k over the query's `select_dims`
+            largest-magnitude dimensions, or `"quest"`, Quest's min/max bound) and the window; it needs
+            `sliding_window >= compress_block_size`.
         sparse_gate_init: initial per-head weight of the local branch in `g = 1 - alpha * sigmoid(W x + b)`;
             0 makes a fresh sparse layer exactly its global branch.
         conv_kernel_size, conv_bias: the short convolution's taps and bias.
@@ -136,6 +141,9 @@ class LlamaHybridConfig(PreTrainedConfig):
     sliding_window: int | None = 512
     global_attention: str | list[str | None] = "full"
     compress_block_size: int = 64
+    select_blocks: int = 8
+    select_dims: int = 16
+    select_scorer: str = "sparq"
     sparse_gate_init: float | int = 0.5
     conv_kernel_size: int = 4
     conv_bias: bool = False
@@ -409,6 +417,7 @@ def check_hybrid_config(config: "LlamaHybridConfig") -> None:
     _check_global_attention(config)
     _positive_int(config, "sliding_window", allow_none=not config.layers_of("sparse_attention"))
     _positive_int(config, "compress_block_size")
+    _check_selection(config)
     if not 0 <= config.sparse_gate_init <= 1:
         raise ValueError(f"sparse_gate_init must be in [0, 1], got {config.sparse_gate_init!r}")
     _check_moe(config)
@@ -436,6 +445,20 @@ def _check_global_attention(config: "LlamaHybridConfig") -> None:
             raise ValueError(f"global_attention[{i}]={variant!r} but layer {i} is {kind!r}, which has none: use None")
         if MIXERS[kind].variants is not None and variant not in GLOBAL_BRANCHES:
             raise ValueError(f"global_attention[{i}]={variant!r} is not allowed; choose one of {allowed}")
+
+
+def _check_selection(config: "LlamaHybridConfig") -> None:
+    _positive_int(config, "select_blocks")
+    _positive_int(config, "select_dims")
+    if config.select_scorer not in SELECT_SCORERS:
+        raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
+    selected = [i for i in range(config.num_hidden_layers) if variant_of(config, i) == "selected"]
+    if selected and config.sliding_window < config.compress_block_size:
+        raise ValueError(
+            f"sliding_window={config.sliding_window} is shorter than compress_block_size={config.compress_block_size}, "
+            f"which global_attention='selected' (layers {selected}) needs: a block must fit in the window so that no "
+            "token falls between the window and the selected blocks"
+        )
 
 
 def _check_moe(config: "LlamaHybridConfig") -> None:

@@ -3,9 +3,10 @@
 Each layer's registry entry (`mixers.layer_spec`) names its mask kind, and `MASK_BUILDERS` builds each kind: full
 attention reads the causal mask, the short conv the 2D padding mask of its tokens; every sparse-attention variant
 reads a `SparseMasks` of the window and its global branch's mask (`GLOBAL_MASKS[entry.global_mask]`: the causal
-mask, the compressed block layout, or none). Attention masks are built by transformers' helpers so their format
-follows `config._attn_implementation` (additive float for eager, bool/None for sdpa, BlockMask for flex). The cache
-argument is passed positionally because its keyword name differs between transformers versions (see compat.py).
+mask, the compressed block layout, the selected branch's key layout, or none). Attention masks are built by
+transformers' helpers so their format follows `config._attn_implementation` (additive float for eager, bool/None for
+sdpa, BlockMask for flex). The cache argument is passed positionally because its keyword name differs between
+transformers versions (see compat.py).
 
 A layer whose cache layer holds all it reads (it opens a step per forward: a compressed layer's own cache) reads no
 mask; masks are sized by the first layer whose cache entry is transformers' own.
@@ -65,9 +66,15 @@ class MaskInputs:
     @functools.cached_property
     def window(self):
         """The window branch's mask: a `WindowLayout` for the banded kernel (eager / sdpa), else transformers'."""
-        config = self.config
-        if config._attn_implementation not in ("eager", "sdpa"):
+        if self.config._attn_implementation not in ("eager", "sdpa"):
             return create_sliding_window_causal_mask(*self.helper_args, layer_idx=self.kv_layer)
+        return self.key_slots
+
+    @functools.cached_property
+    def key_slots(self):
+        """A `WindowLayout` over every key the stock cache holds and the new ones (the banded kernel's, and the
+        selected branch's key layout on every backend)."""
+        config = self.config
         batch, seq_len = self.inputs_embeds.shape[:2]
         keys, _ = key_positions(self.attention_mask, self.cache, self.position_ids, self.kv_layer, batch, seq_len)
         past = self.cache.get_seq_length(self.kv_layer) if self.cache is not None else 0
@@ -110,7 +117,11 @@ def sparse_attention_masks(inputs: MaskInputs, spec: MixerSpec) -> SparseMasks |
 
 
 # a global branch's `global_mask` -> the mask it reads
-GLOBAL_MASKS = {"causal": lambda inputs: inputs.causal, "blocks": lambda inputs: inputs.blocks}
+GLOBAL_MASKS = {
+    "causal": lambda inputs: inputs.causal,
+    "blocks": lambda inputs: inputs.blocks,
+    "key_slots": lambda inputs: inputs.key_slots,
+}
 
 # mask kind (a registry entry's `mask_kind`) -> its builder; every variant of a kind with variants reads a SparseMasks
 MASK_BUILDERS = {"full_attention": full_attention_mask, "conv": conv_mask}

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 STEP0_PROMISES = {
     "exact": "equals the source at any length",
     "window": "equals the source only while the context fits in the window; the deviation beyond it is reported",
+    "selected": (
+        "equals the source while the context holds at most sliding_window + (select_blocks + 1) * compress_block_size "
+        "tokens; beyond, each query attends exactly to its document's first block, its top blocks and its window"
+    ),
 }
 
 
@@ -110,6 +114,12 @@ def _compressed_sparse_attention() -> type[nn.Module]:
     return LlamaHybridCompressedSparseAttention
 
 
+def _selected_sparse_attention() -> type[nn.Module]:
+    from .selected_attention import LlamaHybridSelectedSparseAttention
+
+    return LlamaHybridSelectedSparseAttention
+
+
 def _short_conv() -> type[nn.Module]:
     from .short_conv import LlamaHybridShortConv
 
@@ -128,6 +138,18 @@ def _compressed_cache_bytes(config, layer_idx: int, tokens: int, batch: int, ele
     variant = variant_of(config, layer_idx)
     owner = next(i for i in range(config.num_hidden_layers) if variant_of(config, i) == variant)
     return compressed_cache_bytes(config, tokens, batch, element_bytes, owner=layer_idx == owner)
+
+
+def _selected_cache_layer(cache, config, layer_idx: int):
+    from .selected_cache import selected_cache_layer
+
+    return selected_cache_layer(cache, config, layer_idx)
+
+
+def _selected_cache_bytes(config, layer_idx: int, tokens: int, batch: int, element_bytes: int) -> int:
+    from .selected_cache import selected_cache_bytes
+
+    return selected_cache_bytes(config, layer_idx, tokens, batch, element_bytes)
 
 
 def _start_global(module: nn.Module) -> None:
@@ -249,6 +271,21 @@ register_global_branch(
         "block summaries, for which vLLM's paged KV cache has no kind). Serve this model with transformers "
         "(`llama-hybrid generate`, or `generate()`), or use global_attention='full' for vLLM (e.g. `llama-hybrid "
         "convert SOURCE OUT --recipe hybrid --global-attention full`, then fine-tune)."
+    ),
+)
+
+register_global_branch(
+    "selected",
+    module_class=_selected_sparse_attention,
+    global_mask="key_slots",
+    cache_layer=_selected_cache_layer,
+    cache_bytes=_selected_cache_bytes,
+    display_name=lambda config: f"sparse attention (selected global: top {config.select_blocks} blocks + local)",
+    upcycle=UpcycleRule(source="attention", init=_start_global, step0="selected", sparse_gate_init=0.0),
+    vllm_refusal=(
+        "sparse attention with global_attention='selected' is not served by the vLLM model (each query attends to "
+        "blocks it selects itself, which vLLM's attention backends cannot express). Serve this model with "
+        "transformers (`llama-hybrid generate`, or `generate()`), or use global_attention='full' for vLLM."
     ),
 )
 

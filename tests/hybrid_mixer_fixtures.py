@@ -17,8 +17,12 @@ MIXERS = {
     "sparse_full": ("sparse_attention", "full"),
     "sparse_compressed": ("sparse_attention", "compressed"),
     "sparse_mixed": ("sparse_attention", ["compressed", "full"]),
+    "sparse_selected": ("sparse_attention", "selected"),
     "conv": ("conv", "full"),
 }
+# per-fixture config fields: one selected block, so the selected branch differs from full attention past
+# W + (k + 1) * b = 9 tokens, inside the decode tests' 12
+OVERRIDES = {"sparse_selected": dict(select_blocks=1)}
 
 
 def tiny_config(mixer: str = "sparse_compressed", attn: str = "eager", **overrides) -> LlamaHybridConfig:
@@ -49,6 +53,7 @@ def tiny_config(mixer: str = "sparse_compressed", attn: str = "eager", **overrid
         bos_token_id=1,
         eos_token_id=2,
     )
+    values.update(OVERRIDES.get(mixer, {}))
     values.update(overrides)
     config = LlamaHybridConfig(**values)
     config._attn_implementation = attn

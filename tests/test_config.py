@@ -315,7 +315,9 @@ def test_per_layer_global_attention_round_trips_and_is_checked(tmp_path):
         LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "full", "full", "full"])
     with pytest.raises(ValueError, match=r"global_attention\[3\]=None is not allowed; choose one of \['full'"):
         LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention=[None, "full", None, None])
-    with pytest.raises(ValueError, match=r"global_attention='sparse'; choose one of \['full', 'compressed'\]"):
+    with pytest.raises(
+        ValueError, match=r"global_attention='sparse'; choose one of \['full', 'compressed', 'selected'\]"
+    ):
         LlamaHybridConfig(**SMALL, mixer_types=mixers, global_attention="sparse")
 
 

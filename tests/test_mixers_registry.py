@@ -52,10 +52,16 @@ def same_mask(got, expected) -> bool:
 
 def test_the_registry_covers_every_kind_variant_and_mask_kind():
     assert tuple(MIXERS) == ("attention", "sparse_attention", "conv")
-    assert tuple(GLOBAL_BRANCHES) == ("full", "compressed")
+    assert tuple(GLOBAL_BRANCHES) == ("full", "compressed", "selected")
     assert {kind for kind, _ in FIXTURE_MIXERS.values()} == set(MIXERS)
     names = [spec.name for spec in all_specs()]
-    assert names == ["attention", "sparse_attention/full", "sparse_attention/compressed", "conv"]
+    assert names == [
+        "attention",
+        "sparse_attention/full",
+        "sparse_attention/compressed",
+        "sparse_attention/selected",
+        "conv",
+    ]
     for spec in all_specs():
         if spec.variant is None:
             assert spec.mask_kind in MASK_BUILDERS, spec.name

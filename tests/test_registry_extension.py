@@ -237,6 +237,7 @@ def test_importing_the_package_leaves_transformers_cache_mappings_alone():
         "{k: v.__name__ for k, v in c.STATIC_LAYER_TYPE_MAPPING.items()}\n"
         "import modeling_llama_hybrid, llama_hybrid.upcycle, llama_hybrid.cli.main\n"
         "import modeling_llama_hybrid.compressed_cache, modeling_llama_hybrid.compressed_attention\n"
+        "import modeling_llama_hybrid.selected_cache, modeling_llama_hybrid.selected_attention\n"
         "after = {k: v.__name__ for k, v in c.DYNAMIC_LAYER_TYPE_MAPPING.items()}, "
         "{k: v.__name__ for k, v in c.STATIC_LAYER_TYPE_MAPPING.items()}\n"
         "assert before == after, (before, after)\n"

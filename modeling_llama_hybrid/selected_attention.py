@@ -1,0 +1,304 @@
+"""The `"selected"` global branch of sparse attention: exact attention over the sink, the top-k blocks and the window.
+
+For a query at position t and each KV head, the candidates are the blocks j of its document (positions
+[j*b, (j+1)*b), as the compressed branch numbers them) other than the document's first block (the sink) that start
+before the window: j*b <= t - W (W >= b, so every candidate is complete and no token falls between window and
+selection). A scorer ranks them (`score_blocks`), a stable descending sort takes the top k (`top_blocks`), and the
+query attends with one softmax over sink | selected | window, each token once, keys after t masked. That is exact
+attention over a subset, equal to full causal attention while n <= W + (k + 1) * b.
+
+Scorers (`config.select_scorer`), both combined over a KV group's query heads by max (one selection per KV head):
+- "sparq" (default): q.k over the query's r largest-|q| dimensions (r = `select_dims`), block score = max over the
+  block's rotated keys;
+- "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
+  of the true max q.k over the block).
+
+Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
+eager / sdpa path: queries in chunks, each chunk gathers once the union of its queries' sink, selected blocks and
+window band, and applies each query's own choice as a mask, so its memory is bounded by the chunk (a chunk's scores
+are (Q x S); nothing is (T x S)). The kernel returns its selection (the reference takes one) and how many key slots
+it read. flex_attention falls back to the chunked kernel (no block-mask kernel yet). Decode reads the keys through
+the same kernel: a one-token step gathers sink + k*b + W slots, plus the scoring data (the rotated keys' r dims under
+"sparq"; block bounds computed from every key under "quest").
+
+Shape legend: B batch, H query heads, KV key/value heads, R = H / KV heads per group, T queries, Q chunk length,
+S key slots, U gathered slots of a chunk, G blocks, K selected blocks, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention import repeat_kv
+from .banded_attention import WindowLayout, document_starts
+from .selected_cache import SelectedSparseLayer
+from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
+
+QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
+
+
+@dataclass
+class SelectionLayout:
+    """Blocks of every key slot and the queries' positions and documents, from a `WindowLayout` over all keys."""
+
+    key_positions: torch.Tensor  # (B, S) position id of each key slot, -1 for padding / empty slots
+    key_documents: torch.Tensor  # (B, S) document of each slot, -1 for invalid slots
+    block_of_key: torch.Tensor  # (B, S) block of each key in [0, G); invalid slots go to the spare block G
+    block_positions: torch.Tensor  # (B, G) first position j*b of each block
+    block_documents: torch.Tensor  # (B, G) its document (-1: an unused block number of a shorter row)
+    block_is_sink: torch.Tensor  # (B, G) the block is the first of its document
+    query_slots: torch.Tensor  # (B, T) key slot of each query
+    query_positions: torch.Tensor  # (B, T) -1 for padding queries
+    query_documents: torch.Tensor  # (B, T)
+    window: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_positions.shape[1]
+
+
+def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) -> SelectionLayout:
+    """Number the (document, block j) groups of valid keys in key order; queries sit at `layout.query_offset + t`."""
+    positions, documents = layout.key_positions, layout.documents
+    batch, slots = positions.shape
+    valid = positions >= 0
+    block = torch.where(valid, positions.div(block_size, rounding_mode="floor"), -1)
+    doc_start = document_starts(positions, valid)
+    starts = valid & (doc_start | (block != F.pad(block[:, :-1], (1, 0), value=-1)))
+    num_blocks = max(int(starts.sum(1).max()), 1) if slots else 1  # one host sync per forward
+    block_of_key = torch.where(valid, starts.long().cumsum(1) - 1, num_blocks)
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G): the value its keys share
+        base = values.new_full((batch, num_blocks + 1), -1)
+        return base.scatter_reduce(1, block_of_key, values, "amax")[:, :-1]
+
+    query_slots = (layout.query_offset + torch.arange(num_queries, device=positions.device))[None].expand(batch, -1)
+    return SelectionLayout(
+        key_positions=positions,
+        key_documents=documents,
+        block_of_key=block_of_key,
+        block_positions=per_block(block * block_size),
+        block_documents=per_block(documents),
+        block_is_sink=per_block(doc_start.long()) > 0,
+        query_slots=query_slots,
+        query_positions=positions.gather(1, query_slots),
+        query_documents=documents.gather(1, query_slots),
+        window=layout.window,
+    )
+
+
+def candidate_blocks(layout: SelectionLayout, queries: slice) -> torch.Tensor:
+    """(B, Q, G): block j of the query's document, not its sink, starting before its window (j*b <= t - W)."""
+    positions = layout.query_positions[:, queries, None]
+    documents = layout.query_documents[:, queries, None]
+    same_document = (layout.block_documents[:, None] == documents) & (documents >= 0)
+    before_window = layout.block_positions[:, None] <= positions - layout.window
+    return same_document & before_window & ~layout.block_is_sink[:, None]
+
+
+def grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, Q, D) -> (B, KV, R * Q, D): each KV head's query heads (repeat_kv's kv-major order) side by side."""
+    batch, heads, length, dim = query.shape
+    return query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+
+
+def sparq_query(query: torch.Tensor, dims: int) -> torch.Tensor:
+    """The query with all but its `dims` largest-magnitude dimensions zeroed: q.k of it = q.k over those dims."""
+    top = query.abs().topk(min(dims, query.shape[-1]), dim=-1).indices
+    return torch.zeros_like(query).scatter(-1, top, query.gather(-1, top))
+
+
+def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise min and max of each block's rotated keys: (B, KV, S, D) -> two (B, KV, G, D)."""
+    batch, heads, _, dim = key.shape
+    index = layout.block_of_key[:, None, :, None].expand_as(key)
+    shape = (batch, heads, layout.num_blocks + 1, dim)
+    low = key.new_full(shape, torch.inf).scatter_reduce(2, index, key, "amin")[:, :, :-1]
+    high = key.new_full(shape, -torch.inf).scatter_reduce(2, index, key, "amax")[:, :, :-1]
+    return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
+
+
+def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None) -> torch.Tensor:
+    """Block scores (B, KV, Q, G) of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads.
+
+    "sparq": the max over the block's keys of q.k on the query's `dims` largest-|q| dimensions; "quest": Quest's
+    bound q+ . max - q- . min (`bounds`: `block_bounds(key, layout)`, computed here when None).
+    """
+    batch, kv_heads = key.shape[:2]
+    length = query.shape[2]
+    if scorer == "sparq":
+        scores = grouped(sparq_query(query, dims), kv_heads) @ key.transpose(-1, -2)  # (B, KV, R * Q, S)
+        index = layout.block_of_key[:, None, None].expand_as(scores)
+        base = scores.new_full((*scores.shape[:-1], layout.num_blocks + 1), -torch.inf)
+        scores = base.scatter_reduce(-1, index, scores, "amax")[..., :-1]  # (B, KV, R * Q, G)
+    elif scorer == "quest":
+        low, high = bounds if bounds is not None else block_bounds(key, layout)
+        query = grouped(query, kv_heads)
+        scores = query.clamp(min=0) @ high.transpose(-1, -2) - (-query).clamp(min=0) @ low.transpose(-1, -2)
+    else:
+        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq' or 'quest'")
+    return scores.reshape(batch, kv_heads, -1, length, layout.num_blocks).amax(2)
+
+
+def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, KV, Q, K) the k best candidates by a stable descending sort (ties: the earlier block); G where fewer."""
+    num_blocks = scores.shape[-1]
+    scores = scores.masked_fill(~candidates[:, None], -torch.inf)
+    ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
+    chosen = torch.where(ranked.values[..., :k] > -torch.inf, ranked.indices[..., :k], num_blocks)
+    return F.pad(chosen, (0, k - chosen.shape[-1]), value=num_blocks)
+
+
+def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None):
+    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). A discrete choice:
+    no gradient flows through it (only through the attention over the chosen keys)."""
+    with torch.no_grad():
+        scores = score_blocks(query, key, layout, scorer, dims, bounds)
+        return top_blocks(scores, candidate_blocks(layout, queries), k)
+
+
+def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
+    """(B, KV, Q, U) which key slots `slots` (B, KV, U) each query sees: same document, not after it, and in its
+    window, its document's sink or one of its selected blocks (`kept` (B, KV, U): False for a gathered slot that only
+    pads the gather). A query that sees nothing (padding) sees its own slot."""
+
+    def of_slots(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, KV, 1, U)
+        return values[:, None].expand(-1, slots.shape[1], -1).gather(2, slots)[:, :, None]
+
+    query_positions = layout.query_positions[:, None, queries, None]  # (B, 1, Q, 1)
+    query_documents = layout.query_documents[:, None, queries, None]
+    positions, documents = of_slots(layout.key_positions), of_slots(layout.key_documents)
+    blocks = of_slots(layout.block_of_key).expand(*selection.shape[:-1], -1)  # (B, KV, Q, U)
+    chosen = torch.zeros(*selection.shape[:-1], layout.num_blocks + 1, dtype=torch.bool, device=slots.device)
+    chosen = chosen.scatter(-1, selection, True)
+    chosen[..., -1] = False  # the spare block number: "no block"
+    sink = F.pad(layout.block_is_sink, (0, 1))[:, None, None].expand_as(chosen).gather(-1, blocks)
+    window = query_positions - positions < layout.window
+    same = (documents == query_documents) & (positions >= 0) & (positions <= query_positions)
+    visible = same & (window | sink | chosen.gather(-1, blocks))
+    if kept is not None:
+        visible = visible & kept[:, :, None]
+    own = slots[:, :, None] == layout.query_slots[:, None, queries, None]
+    return visible | (~visible.any(-1, keepdim=True) & own)
+
+
+def masked_attention(query, key, value, mask, scaling: float, use_sdpa: bool) -> torch.Tensor:
+    """q (B, H, Q, D), k/v (B, KV, U, D), bool mask (B, KV, Q, U) per KV head -> (B, Q, H, D)."""
+    groups = query.shape[1] // key.shape[1]
+    mask = repeat_kv(mask, groups)  # (B, H, Q, U)
+    if use_sdpa:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    else:
+        scores = (query @ repeat_kv(key, groups).transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32))
+        weights = (scores * scaling).masked_fill(~mask, -torch.inf).softmax(-1).to(value.dtype)
+        out = weights @ repeat_kv(value, groups)
+    return out.transpose(1, 2)
+
+
+def dense_selected_attention(query, key, value, layout: SelectionLayout, selection: torch.Tensor, scaling: float):
+    """The plain reference: one (B, KV, T, S) mask from the selection (B, KV, T, K); eager softmax, float64-safe.
+    q (B, H, T, D), rotated k and v (B, KV, S, D) -> (B, T, H, D)."""
+    slots = torch.arange(key.shape[2], device=key.device).expand(*key.shape[:2], -1)  # (B, KV, S)
+    mask = visible_keys(layout, slice(None), slots, selection)
+    return masked_attention(query, key, value, mask, scaling, use_sdpa=False)
+
+
+class SelectedOutput(NamedTuple):
+    out: torch.Tensor  # (B, T, H, D)
+    selection: torch.Tensor  # (B, KV, T, K) block numbers of `layout`, G where fewer than K were candidates
+    read_slots: int  # the most key / value slots one chunk gathered for one KV head
+
+
+def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, KV, U) the key slots a chunk reads per KV head: its queries' documents' sinks, the union of their selected
+    blocks and the window band (the slots from W - 1 before its first query to its last), in key order; and
+    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slots they do not need)."""
+    batch, kv_heads = selection.shape[:2]
+    slots = layout.key_positions.shape[1]
+    chosen = torch.zeros(batch, kv_heads, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
+    chosen = chosen.scatter(2, selection.flatten(2), True)  # (B, KV, G + 1) the union of the chunk's choices
+    documents = layout.query_documents[:, queries]
+    first, last = documents.amin(1, keepdim=True), documents.amax(1, keepdim=True)
+    sinks = layout.block_is_sink & (layout.block_documents >= first) & (layout.block_documents <= last)
+    chosen = chosen[..., :-1] | sinks[:, None]  # (B, KV, G)
+    index = torch.arange(slots, device=selection.device)
+    query_slots = layout.query_slots[:, queries]
+    band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])  # (B, S)
+    blocks = layout.block_of_key[:, None].expand(-1, kv_heads, -1)
+    needed = band[:, None] | F.pad(chosen, (0, 1)).gather(2, blocks)  # (B, KV, S)
+    count = int(needed.sum(2).max())  # U: one host sync per chunk
+    order = torch.sort((~needed).to(torch.int8), dim=2, stable=True).indices[..., :count]  # needed first, in order
+    return order, needed.gather(2, order)
+
+
+def chunked_selected_attention(
+    query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
+    use_sdpa: bool = True, chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None,
+) -> SelectedOutput:  # fmt: skip
+    """The eager / sdpa kernel: q (B, H, T, D), rotated k and v (B, KV, S, D) -> `SelectedOutput`.
+
+    Each chunk of Q queries scores the blocks (Q x S scores per head), selects (or takes `selection`), gathers the
+    union of what its queries read (`chunk_slots`, U slots) and attends under each query's own choice as a mask.
+    """
+    length = query.shape[2]
+    bounds = None
+    if scorer == "quest" and selection is None:
+        with torch.no_grad():
+            bounds = block_bounds(key, layout)
+    outs, selections, read = [], [], 0
+    for start in range(0, length, chunk):
+        queries = slice(start, min(start + chunk, length))
+        part = query[:, :, queries]
+        if selection is None:
+            chosen = select_blocks(part, key, layout, queries, k, scorer, dims, bounds)
+        else:
+            chosen = selection[:, :, queries]
+        slots, kept = chunk_slots(layout, queries, chosen)  # (B, KV, U)
+        index = slots[..., None].expand(-1, -1, -1, key.shape[-1])
+        mask = visible_keys(layout, queries, slots, chosen, kept)
+        outs.append(masked_attention(part, key.gather(2, index), value.gather(2, index), mask, scaling, use_sdpa))
+        selections.append(chosen)
+        read = max(read, slots.shape[2])
+    return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)
+
+
+class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
+    """Gated sparse attention whose global branch attends exactly to the sink, the top-k blocks and the window
+    (`global_attention="selected"`).
+
+    With its own cache layer (selected_cache.py; the model and generate() install it under a dynamic cache) the key
+    layout comes from the positions the cache recorded; otherwise (no cache, or a stock cache layer, e.g. a static
+    one) from the `WindowLayout` over every key that masks.py builds (`GLOBAL_MASKS["key_slots"]`). Either way both
+    branches read the rotated keys: the window through the banded kernel (eager / sdpa; flex reads its sliding mask
+    when the layout comes from masks.py), the global branch through the chunked kernel on every backend.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.block_size = config.compress_block_size
+        self.select_blocks = config.select_blocks
+        self.select_dims = config.select_dims
+        self.select_scorer = config.select_scorer
+
+    def forward(self, hidden_states, position_embeddings, attention_mask: SparseMasks, cache=None, **kwargs):
+        query, key, value = self.project_qkv(hidden_states, position_embeddings, cache, kwargs)
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        if isinstance(layer_cache, SelectedSparseLayer):
+            layout = layer_cache.key_layout(query.shape[2])
+            attention_mask = SparseMasks(layout, layout)
+        local_out = self.local_branch(query, key, value, attention_mask, kwargs)
+        global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out)
+        return self.mix(hidden_states, global_out, local_out), None
+
+    def global_branch(self, query, key, value, masks: SparseMasks, kwargs, local_out):
+        """The selected branch (B, T, H, D) over every key (`masks.global_`: a WindowLayout over them)."""
+        layout = selection_layout(masks.global_, query.shape[2], self.block_size)
+        use_sdpa = self.config._attn_implementation != "eager"
+        result = chunked_selected_attention(
+            query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling, use_sdpa
+        )
+        return result.out, None

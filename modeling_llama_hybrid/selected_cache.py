@@ -1,0 +1,175 @@
+"""The cache of a selected sparse attention layer: every token's rotated key and value, and its position id.
+
+A selected layer reads, per step, the scoring data of every candidate block and the exact keys and values of the
+sink, its k chosen blocks and its window, so it keeps every token. What it keeps, and why:
+- rotated keys, as full attention does (not pre-RoPE keys rotated on gather): the default "sparq" scorer reads r
+  dimensions of the rotated key of every candidate token each step, so rotating on gather would rotate the whole
+  prefix per step, and a second (pre-RoPE) copy would cost half a KV cache more. RoPE is an orthogonal rotation per
+  dimension pair, so rotated keys can be re-rotated to other positions (context extension) by the angle difference.
+- the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); "quest" computes each
+  block's min / max from the keys per step (not stored: a quest decode step reads every key once).
+- the position id of every slot (-1 for left padding), from the step the model opens per forward (`open_step`), so
+  the layer needs no mask: blocks follow position ids as the compressed branch's do.
+
+Buffers grow by capacity doubling (amortised O(1) per token, no whole-prefix copy per step); `keys` / `values` are
+views of the filled part. Every token stays, so `crop(-n)` removes any n recorded tokens (a length change) and
+blocks no longer complete are simply no longer candidates (candidacy is recomputed from the positions each step).
+
+`selected_cache_layer` is the registry's factory: it replaces a fresh stock `DynamicLayer`; a static cache keeps its
+stock `StaticLayer` (the layer then reads its keys and the mask's key layout, exactly, but without this layer's
+bookkeeping; not compile-tested).
+
+Shape legend: B batch, KV key/value heads, T new tokens, S filled slots, C capacity, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .banded_attention import WindowLayout, window_layout
+from .compressed_cache import new_tokens_valid
+
+POSITION_BYTES = 8  # int64 position id per slot
+
+
+class SelectedSparseLayer(DynamicLayer):
+    """Dynamic cache layer of one selected sparse attention layer (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.length = 0  # S: filled slots
+        self.new_positions: torch.Tensor | None = None  # (B, T) of the open step, -1 for padding
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_zeros(batch, heads, 0, dim)  # (B, KV, C, D)
+        self.value_buffer = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
+        self.position_buffer = torch.full((batch, 0), -1, dtype=torch.long, device=self.device)  # (B, C)
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return self.key_buffer.shape[2] if self.is_initialized else 0
+
+    def open_step(self, inputs_embeds, position_ids, attention_mask, rotary_emb=None, **kwargs) -> None:
+        """The model's once-per-forward call: the new tokens' position ids, -1 where the 2-D mask says padding."""
+        batch, length = inputs_embeds.shape[:2]
+        valid = new_tokens_valid(attention_mask, self.length, batch, length, inputs_embeds.device)
+        self.new_positions = torch.where(valid, position_ids.expand(batch, -1), -1)
+
+    def reserve(self, needed: int) -> None:
+        """Grow the buffers to at least `needed` slots, doubling: each token is copied O(1) times on average."""
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+
+        def grown(buffer: torch.Tensor, dim: int, fill) -> torch.Tensor:
+            shape = list(buffer.shape)
+            shape[dim] = capacity - shape[dim]
+            return torch.cat([buffer, buffer.new_full(shape, fill)], dim)
+
+        self.key_buffer = grown(self.key_buffer, 2, 0)
+        self.value_buffer = grown(self.value_buffer, 2, 0)
+        self.position_buffer = grown(self.position_buffer, 1, -1)
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new rotated keys and values (B, KV, T, D) after the filled slots; return all of them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, _, length, _ = key_states.shape
+        positions = self.new_positions
+        if positions is None:  # no step opened (a direct update): the tokens continue the row
+            positions = (self.length + torch.arange(length, device=self.device))[None].expand(batch, -1)
+        self.reserve(self.length + length)
+        end = self.length + length
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.position_buffer[:, self.length : end] = positions
+        self.length, self.new_positions = end, None
+        self.refresh()
+        return self.keys, self.values
+
+    def refresh(self) -> None:
+        """`keys` / `values`: views of the filled slots (what generic Cache code and the layer read)."""
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def key_layout(self, num_queries: int) -> WindowLayout:
+        """The layout of every filled slot; the last `num_queries` are this forward's queries."""
+        positions = self.position_buffer[:, : self.length]
+        return window_layout(positions, self.length - num_queries, self.sliding_window)
+
+    # --- the Cache API -----------------------------------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def stored_bytes(self) -> int:
+        """Bytes of the filled slots (keys, values, positions); the capacity may hold up to twice as many."""
+        if not self.is_initialized:
+            return 0
+        held = (self.keys, self.values, self.position_buffer[:, : self.length])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.key_buffer, self.value_buffer = fn(self.key_buffer), fn(self.value_buffer)
+        self.position_buffer = fn(self.position_buffer)
+        self.refresh()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t[indices])
+
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """Nothing to do: the layer keeps every token, so any of them can be cropped."""
+
+    def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative int, as transformers' layers take it)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop a selected sparse attention cache with a negative int: the tokens to remove")
+        removed = -tokens_to_remove
+        if removed > self.length:
+            raise ValueError(f"cannot remove {removed} tokens from a cache that holds {self.length}")
+        if removed and self.is_initialized:
+            self.length -= removed
+            self.position_buffer[:, self.length :] = -1
+            self.refresh()
+
+    def reset(self, *args, **kwargs) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None
+        self.length = 0
+        self.new_positions = None
+
+
+def selected_cache_layer(cache, config, layer_idx: int):
+    """The registry's cache-layer factory: a `SelectedSparseLayer` replacing a fresh stock `DynamicLayer`; None (keep
+    the stock layer) for a static layer or one that already holds keys."""
+    stock = cache.layers[layer_idx]
+    if stock.is_initialized or type(stock) is not DynamicLayer:
+        return None
+    return SelectedSparseLayer(config.sliding_window)
+
+
+def selected_cache_bytes(config, layer_idx: int, tokens: int, batch: int, element_bytes: int) -> int:
+    """Bytes a selected layer's cache holds after `tokens` tokens: every key and value (as full attention) and an
+    int64 position per token (capacity doubling may allocate up to twice the slots)."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * element_bytes + POSITION_BYTES
+    return batch * tokens * per_token

@@ -1,0 +1,348 @@
+"""The selected global branch (selected_attention.py, selected_cache.py): exact attention over the sink, the top-k
+blocks and the window.
+
+Selections are discrete, so equivalence tests that depend on them run in float64 and compare kernels under the same
+selection (the kernel returns its own, the reference takes it). Sizes: W = 5 and b = 3 (b does not divide W), k = 2,
+so the branch equals full causal attention up to W + (k + 1) * b = 14 tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hybrid_mixer_fixtures import tiny_model, tokens
+from transformers import DynamicCache
+
+from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid import selected_attention as selected
+from modeling_llama_hybrid.banded_attention import window_layout
+from modeling_llama_hybrid.mixers import GLOBAL_BRANCHES, STEP0_PROMISES
+from modeling_llama_hybrid.selected_attention import (
+    block_bounds,
+    candidate_blocks,
+    chunked_selected_attention,
+    dense_selected_attention,
+    score_blocks,
+    select_blocks,
+    selection_layout,
+    sparq_query,
+)
+from modeling_llama_hybrid.selected_cache import SelectedSparseLayer
+
+W, BLOCK, K = 5, 3, 2
+BOUND = W + (K + 1) * BLOCK  # 14
+HEADS, KV_HEADS, DIM = 4, 2, 8
+SCALE = DIM**-0.5
+
+
+def layout_of(positions: torch.Tensor, num_queries: int | None = None):
+    """A selection layout over key slots at `positions` (B, S) (-1: padding); the last `num_queries` are queries."""
+    num_queries = positions.shape[1] if num_queries is None else num_queries
+    return selection_layout(window_layout(positions, positions.shape[1] - num_queries, W), num_queries, BLOCK)
+
+
+def qkv(batch: int, length: int, queries: int | None = None, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    queries = length if queries is None else queries
+    return randn(batch, HEADS, queries, DIM), randn(batch, KV_HEADS, length, DIM), randn(batch, KV_HEADS, length, DIM)
+
+
+def causal_attention(query, key, value):
+    """Plain full causal attention, q (B, H, T, D), k/v (B, KV, T, D) -> (B, T, H, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = (query @ key.transpose(-1, -2)) * SCALE
+    length = query.shape[2]
+    scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), -torch.inf)
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+def reference(query, key, value, layout, scorer="sparq", dims=4):
+    chosen = select_blocks(query, key, layout, slice(None), K, scorer, dims)
+    return dense_selected_attention(query, key, value, layout, chosen, SCALE), chosen
+
+
+# --- exactness: full causal attention up to W + (k + 1) * b ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+def test_equals_full_causal_attention_up_to_the_bound_and_not_one_past(scorer):
+    assert (BOUND - W + 1) % BLOCK != 0  # the last query one past the bound: its window does not end on a block
+    for length in (BOUND, BOUND + 1):
+        query, key, value = qkv(2, length)
+        layout = layout_of(torch.arange(length).expand(2, -1))
+        expected = causal_attention(query, key, value)
+        out, chosen = reference(query, key, value, layout, scorer)
+        kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=4)
+        torch.testing.assert_close(kernel.out, out, atol=1e-12, rtol=0)
+        if length == BOUND:
+            torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        else:  # the last query has k + 1 candidates and drops one; the others still see everything
+            torch.testing.assert_close(out[:, :-1], expected[:, :-1], atol=1e-12, rtol=0)
+            assert (out[:, -1] - expected[:, -1]).abs().amax() > 1e-6
+            assert candidate_blocks(layout, slice(-1, None)).sum(-1).eq(K + 1).all()
+
+
+def test_fewer_candidates_than_k_are_all_taken():
+    query, key, _ = qkv(1, 11)
+    layout = layout_of(torch.arange(11)[None])
+    chosen = select_blocks(query, key, layout, slice(None), K, "sparq", 4)  # (B, KV, T, K)
+    # t = 10: candidates j = 1 (3 <= 10 - 5); t = 7: none; slot G marks "no block"
+    assert chosen[0, :, 10].sort(-1).values.tolist() == [[1, layout.num_blocks]] * KV_HEADS
+    assert (chosen[0, :, 7] == layout.num_blocks).all()
+
+
+# --- the chunked kernel == the masked dense reference, far beyond the window ---------------------------------------
+
+
+def packed_and_padded_rows(length: int) -> torch.Tensor:
+    """Row 0: one document; row 1: left padding of 7, then one document; row 2: two packed documents."""
+    plain = torch.arange(length)
+    padded = torch.cat([torch.full((7,), -1), torch.arange(length - 7)])
+    packed = torch.cat([torch.arange(23), torch.arange(length - 23)])
+    return torch.stack([plain, padded, packed])
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer, use_sdpa):
+    length = 70  # >> W + k * b = 11
+    positions = packed_and_padded_rows(length)
+    query, key, value = qkv(3, length, seed=1)
+    layout = layout_of(positions)
+    kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, use_sdpa, chunk=9)
+    out, chosen = reference(query, key, value, layout, scorer)
+    assert torch.equal(kernel.selection, chosen)  # float64: the same scores, the same stable choice
+    real = positions >= 0
+    torch.testing.assert_close(kernel.out[real], out[real], atol=1e-12, rtol=0)
+    assert kernel.out.isfinite().all()
+    # and under the kernel's selection the reference agrees, whatever it would choose itself
+    under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
+    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+
+
+def test_selection_stays_in_the_query_document_and_before_its_window():
+    length = 70
+    positions = packed_and_padded_rows(length)
+    query, key, _ = qkv(3, length, seed=2)
+    layout = layout_of(positions)
+    chosen = select_blocks(query, key, layout, slice(None), K, "sparq", 4)
+    padded = torch.nn.functional.pad(layout.block_documents, (0, 1), value=-7)
+    starts = torch.nn.functional.pad(layout.block_positions, (0, 1), value=0)
+    taken = chosen < layout.num_blocks
+    documents = padded[:, None, None].expand(-1, KV_HEADS, length, -1).gather(-1, chosen)
+    assert (documents[taken] == layout.query_documents[:, None, :, None].expand_as(chosen)[taken]).all()
+    first = starts[:, None, None].expand(-1, KV_HEADS, length, -1).gather(-1, chosen)
+    assert (first[taken] <= (layout.query_positions[:, None, :, None] - W).expand_as(chosen)[taken]).all()
+    sink = torch.nn.functional.pad(layout.block_is_sink, (0, 1))[:, None, None].expand(-1, KV_HEADS, length, -1)
+    assert not sink.gather(-1, chosen)[taken].any()
+
+
+def test_one_decode_step_reads_the_sink_k_blocks_and_the_window():
+    length = 200
+    query, key, value = qkv(1, length, queries=1, seed=3)
+    layout = layout_of(torch.arange(length)[None], num_queries=1)
+    result = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE)
+    assert result.read_slots == BLOCK + K * BLOCK + W  # per KV head, 14 of 200 key / value slots
+    full = dense_selected_attention(query, key, value, layout, result.selection, SCALE)
+    torch.testing.assert_close(result.out, full, atol=1e-12, rtol=0)
+
+
+# --- scorers --------------------------------------------------------------------------------------------------------
+
+
+def test_sparq_scores_use_the_query_r_largest_dimensions():
+    query = torch.tensor([[[[0.1, -3.0, 0.5, 2.0]]]], dtype=torch.float64)  # (1, 1, 1, 4)
+    assert sparq_query(query, 2).tolist() == [[[[0.0, -3.0, 0.0, 2.0]]]]
+    assert torch.equal(sparq_query(query, 99), query)  # r is clamped to the head dim
+    length = 12
+    positions = torch.arange(length)[None]
+    layout = selection_layout(window_layout(positions, 0, W), length, BLOCK)
+    key = torch.randn(1, 1, length, 4, dtype=torch.float64)
+    query = query.expand(1, 1, length, 4)
+    scores = score_blocks(query, key, layout, "sparq", 2)  # (1, 1, T, G)
+    exact = (key[0, 0][:, [1, 3]] @ query[0, 0, 0, [1, 3]]).view(-1, BLOCK).amax(-1)
+    torch.testing.assert_close(scores[0, 0, 0], exact, atol=1e-12, rtol=0)
+
+
+def test_sparq_with_every_dimension_is_the_exact_block_max_and_groups_combine_by_max():
+    length = 15
+    query, key, _ = qkv(1, length, seed=4)
+    layout = layout_of(torch.arange(length)[None])
+    scores = score_blocks(query, key, layout, "sparq", DIM)  # (B, KV, T, G)
+    groups = HEADS // KV_HEADS
+    exact = query @ key.repeat_interleave(groups, 1).transpose(-1, -2)  # (B, H, T, S)
+    exact = exact.view(1, KV_HEADS, groups, length, -1, BLOCK).amax(-1).amax(2)
+    torch.testing.assert_close(scores, exact, atol=1e-12, rtol=0)
+
+
+def test_quest_bound_is_at_least_the_true_block_max():
+    length = 30
+    query, key, _ = qkv(2, length, seed=5)
+    layout = layout_of(packed_and_padded_rows(length)[:2])
+    bounds = block_bounds(key, layout)
+    scores = score_blocks(query, key, layout, "quest", DIM, bounds)
+    true = score_blocks(query, key, layout, "sparq", DIM)
+    used = layout.block_documents >= 0
+    assert (scores - true)[used[:, None, None].expand_as(scores)].min() >= -1e-12
+
+
+def test_an_unknown_scorer_is_refused():
+    query, key, _ = qkv(1, 6)
+    with pytest.raises(ValueError, match="select_scorer"):
+        score_blocks(query, key, layout_of(torch.arange(6)[None]), "oracle", 4)
+
+
+# --- the model: cached decode == full forward, far beyond the window ---------------------------------------------------
+
+
+def selected_model(scorer: str = "sparq"):
+    model = tiny_model(
+        "sparse_selected",
+        "sdpa",
+        mlp_layer_types=["dense", "dense"],  # float64: the MoE grouped_mm kernels take no doubles
+        sliding_window=W,
+        compress_block_size=BLOCK,
+        select_blocks=K,
+        select_scorer=scorer,
+    )
+    return model.double()
+
+
+@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@torch.no_grad()
+def test_cached_decode_matches_full_forward_after_multi_token_updates_and_a_crop(scorer):
+    model = selected_model(scorer)
+    ids = tokens(2, 48)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 is left-padded
+    full = model(ids, attention_mask=mask).logits
+    cache = DynamicCache(config=model.config)
+    pieces, start = [], 0
+    for end in (10, 17, 24, 25, 31, 32, 40, 48):  # prefill, multi-token updates, single tokens
+        if end == 31:  # a rejected draft: add 4 wrong tokens, then crop them (assisted decoding's roll back)
+            model(
+                torch.full((2, 4), 5), attention_mask=torch.cat([mask[:, :start], mask.new_ones(2, 4)], 1), cache=cache
+            )
+            cache.crop(-4)
+        pieces.append(model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache).logits)
+        start = end
+    assert isinstance(cache.layers[0], SelectedSparseLayer)
+    stepped = torch.cat(pieces, 1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-6, rtol=0)  # the gate mixes in fp32
+
+
+@torch.no_grad()
+def test_cached_decode_after_a_beam_reorder_matches_the_reordered_full_forward():
+    model = selected_model()
+    ids = tokens(3, 40, seed=6)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :30], cache=cache)
+    order = torch.tensor([2, 2, 0])
+    cache.reorder_cache(order)
+    stepped = torch.cat([model(ids[order, t : t + 1], cache=cache).logits for t in range(30, 40)], 1)
+    torch.testing.assert_close(stepped, model(ids[order]).logits[:, 30:], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monkeypatch):
+    model = selected_model()
+    ids = tokens(1, 61, seed=7)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :60], cache=cache)
+    reads = []
+    kernel = selected.chunked_selected_attention
+
+    def counting(*args, **kwargs):
+        result = kernel(*args, **kwargs)
+        reads.append(result.read_slots)
+        return result
+
+    monkeypatch.setattr(selected, "chunked_selected_attention", counting)
+    model(ids[:, 60:], cache=cache)
+    assert reads == [BLOCK + K * BLOCK + W]  # one selected layer: 14 of the 61 cached slots
+
+
+def test_the_cache_grows_by_doubling_and_keeps_every_token():
+    layer = SelectedSparseLayer(W)
+    capacities = []
+    for step in range(100):
+        layer.update(torch.full((1, 1, 1, 2), float(step)), torch.zeros(1, 1, 1, 2))
+        capacities.append(layer.capacity)
+    assert len(set(capacities)) <= 8  # 1, 2, 4, ..., 128: reallocated log2(n) times, not once per token
+    assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(100)]
+    layer.crop(-30)
+    assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
+    layer.batch_repeat_interleave(2)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.keys.shape[:3] == (1, 1, 70)
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(5)
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.is_initialized
+
+
+# --- config and registry --------------------------------------------------------------------------------------------
+
+SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"], global_attention="selected")
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"sliding_window": 4, "compress_block_size": 8}, "sliding_window=4"),
+        ({"select_blocks": 0}, "select_blocks"),
+        ({"select_dims": 0}, "select_dims"),
+        ({"select_scorer": "oracle"}, "select_scorer"),
+    ],
+)
+def test_config_refuses_a_bad_selection(fields, named):
+    with pytest.raises(ValueError, match=named):
+        LlamaHybridConfig(**SPARSE, **fields)
+
+
+def test_a_window_shorter_than_a_block_is_fine_without_selected_layers():
+    LlamaHybridConfig(**{**SPARSE, "global_attention": "compressed"}, sliding_window=4, compress_block_size=8)
+
+
+def test_registry_entry_starts_the_gate_global_and_promises_the_bound():
+    entry = GLOBAL_BRANCHES["selected"]
+    assert entry.upcycle.step0 == "selected" and entry.upcycle.sparse_gate_init == 0.0
+    assert "select_blocks + 1" in STEP0_PROMISES["selected"]
+    assert "global_attention='selected'" in entry.vllm_refusal and "generate()" in entry.vllm_refusal
+    model = selected_model()
+    entry.upcycle.init(model.model.layers[0].self_attn)
+    assert model.model.layers[0].self_attn.branch_gate.alpha.abs().sum() == 0
+
+
+@torch.no_grad()
+def test_upcycled_llama_with_selected_layers_equals_the_source_up_to_the_bound_only():
+    from conftest import tiny_pair
+
+    from llama_hybrid.upcycle import recipe_for, upcycle
+
+    llama, _ = tiny_pair(max_position_embeddings=64)
+    layers = llama.config.num_hidden_layers
+    recipe = recipe_for("long-context", layers, global_attention="selected", sliding_window=4, compress_block_size=2)
+    hybrid = upcycle(llama, recipe).eval()
+    config = hybrid.config
+    bound = config.sliding_window + (config.select_blocks + 1) * config.compress_block_size  # 4 + 9 * 2 = 22
+    ids = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(8))
+    inside, past = hybrid(ids[:, :bound]).logits, hybrid(ids).logits
+    torch.testing.assert_close(inside, llama(ids[:, :bound]).logits, atol=1e-4, rtol=0)
+    assert (past[:, bound:] - llama(ids).logits[:, bound:]).abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_flex_attention_forward_matches_eager():
+    """flex_attention: the window reads flex's sliding mask; the selected branch falls back to the chunked kernel."""
+    layout = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"])
+    flex = tiny_model("sparse_selected", "flex_attention", **layout)
+    eager = tiny_model("sparse_selected", "eager", **layout)
+    ids = tokens(2, 12)
+    torch.testing.assert_close(flex(ids).logits, eager(ids).logits, atol=1e-5, rtol=0)
