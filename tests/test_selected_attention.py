@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_pair  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 from hybrid_mixer_fixtures import tiny_model, tokens
 from transformers import DynamicCache
 
@@ -322,7 +323,6 @@ def test_registry_entry_starts_the_gate_global_and_promises_the_bound():
 
 @torch.no_grad()
 def test_upcycled_llama_with_selected_layers_equals_the_source_up_to_the_bound_only():
-    from conftest import tiny_pair
 
     from llama_hybrid.upcycle import recipe_for, upcycle
 
