@@ -132,8 +132,8 @@ def mask_builder(spec: MixerSpec):
 
 
 def build_masks(config, inputs_embeds, attention_mask, cache, position_ids, rotary_emb=None) -> dict:
-    """One mask per mask kind of the layers present, keyed by kind, plus the 2-D padding mask under "padding" (what
-    a cache step reads). `rotary_emb` (the model's) gives a compressed block layout its RoPE tables."""
+    """One mask per mask kind of the layers present, keyed by kind. `rotary_emb` (the model's) gives a compressed
+    block layout its RoPE tables."""
     if isinstance(attention_mask, dict):  # generate() with a static cache prebuilds them via create_masks_for_generate
         return attention_mask
     inputs = MaskInputs(config, inputs_embeds, attention_mask, cache, position_ids, rotary_emb)
@@ -144,8 +144,7 @@ def build_masks(config, inputs_embeds, attention_mask, cache, position_ids, rota
     for spec in all_specs():
         if spec.mask_kind in present and spec.mask_kind not in masks:
             masks[spec.mask_kind] = mask_builder(spec)(inputs, spec)
-    padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
-    return {**masks, "padding": padding}
+    return masks
 
 
 def conv_padding_mask(attention_mask, seq_len: int) -> torch.Tensor | None:

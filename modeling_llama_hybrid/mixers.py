@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -171,9 +170,7 @@ def zero_output(module: nn.Module) -> None:
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-ATTENTION_TP_PLAN = MappingProxyType(
-    {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
-)
+ATTENTION_TP_PLAN = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
 FROM_ATTENTION = UpcycleRule(source="attention", init=None, step0="exact")
 GLOBAL_BRANCHES: dict[str, MixerSpec] = {}  # the variants of "sparse_attention", by `global_attention` value
 
@@ -193,9 +190,9 @@ SPARSE_ATTENTION = MixerSpec(
     lora_targets=ATTENTION_PROJECTIONS,
     upcycle=None,
     vllm_refusal=None,
-    tp_plan=MappingProxyType({**ATTENTION_TP_PLAN, "branch_gate": "colwise"}),  # weight, bias and `alpha`
+    tp_plan={**ATTENTION_TP_PLAN, "branch_gate": "colwise"},  # weight, bias and `alpha`
     fp32_modules=("branch_gate",),
-    variants=MappingProxyType(GLOBAL_BRANCHES),
+    variants=GLOBAL_BRANCHES,
 )
 
 MIXERS: dict[str, MixerSpec] = {}

@@ -245,7 +245,10 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 position_ids, self.config.max_position_embeddings
             )
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, self.rotary_emb)
-        open_cache_steps(cache, inputs_embeds, position_ids, masks.get("padding"), self.rotary_emb)
+        if not isinstance(
+            attention_mask, dict
+        ):  # prebuilt masks come with their step opened (create_masks_for_generate)
+            open_cache_steps(cache, inputs_embeds, position_ids, attention_mask, self.rotary_emb)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -300,15 +303,19 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
     def create_masks_for_generate(
         self, config, inputs_embeds, attention_mask, cache=None, position_ids=None, past_key_values=None, **kwargs
     ):
-        """What the forward builds itself, prebuilt by `generate()` for compileable caches (outside the compiled
-        forward). transformers' default would omit the sliding-window mask (no layer has `layer_types ==
-        "sliding_attention"`) and knows nothing of block layouts."""
+        """What the forward builds itself, prebuilt by `generate()` for compileable caches, right before each forward
+        and outside its compiled graph: the masks, and the cache step it opens (data-dependent layouts stay out of the
+        graph, and the 2-D mask, which grows every step, never enters it). transformers' default would omit the
+        sliding-window mask (no layer has `layer_types == "sliding_attention"`) and knows nothing of block layouts."""
         cache = cache if cache is not None else past_key_values
         config = config.get_text_config()
         install_cache_layers(cache, config)  # a fresh cache's own layers are in place before masks read it
         if position_ids is None:
             position_ids = default_position_ids(config, inputs_embeds, cache)
-        return build_masks(config, inputs_embeds, attention_mask, cache, position_ids, self.model.rotary_emb)
+        rotary_emb = self.model.rotary_emb
+        masks = build_masks(config, inputs_embeds, attention_mask, cache, position_ids, rotary_emb)
+        open_cache_steps(cache, inputs_embeds, position_ids, attention_mask, rotary_emb)
+        return masks
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate()'s cache, with the layers' own cache layers installed (see compat.py)."""
