@@ -187,6 +187,23 @@ def new_tokens_valid(attention_mask, past: int | torch.Tensor, batch: int, lengt
     return picked & (columns < width)
 
 
+class RowHooks:
+    """transformers' per-row cache hooks (beam search, `batch_repeat_interleave`, `batch_select_indices`) as one
+    `map_batch(fn)` that the cache layer implements over every per-row tensor it holds."""
+
+    def map_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
+        self.map_batch(lambda t: t[indices])
+
+
 class BlockState:
     """The block state all compressed layers of a cache share, kept by the owner layer: per row the last position,
     the document start, how many summaries are stored and their block numbers; the open step; and, while recording
@@ -298,7 +315,7 @@ class BlockState:
         self.recorded = 0
 
 
-class CompressedSparseLayer(CacheLayerMixin):
+class CompressedSparseLayer(RowHooks, CacheLayerMixin):
     """Dynamic compressed cache of one compressed sparse attention layer (see the module docstring).
 
     `state` is shared by every compressed layer of the cache; `is_owner` marks the one that opens steps and moves it.
@@ -475,18 +492,14 @@ class CompressedSparseLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         for name in LAYER_TENSORS:
-            setattr(self, name, fn(getattr(self, name)))
+            buffer = getattr(self, name)
+            moved = fn(buffer)
+            if self.is_compileable and moved.shape == buffer.shape:
+                buffer.copy_(moved)  # in place: a static layer keeps its addresses
+            else:
+                setattr(self, name, moved)
         self.batch_size = self.window_keys.shape[0]
         self.keys, self.values = self.window_keys, self.window_values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t[indices])
 
     def activate_past_recording(self, *args, **kwargs) -> None:
         self.state.record_past = True
@@ -568,21 +581,6 @@ class StaticCompressedSparseLayer(CompressedSparseLayer):
 
     def get_max_length(self) -> int:
         return self.max_cache_len
-
-    def map_batch(self, fn) -> None:
-        if self.is_owner:
-            self.state.map_batch(fn)
-        if not self.is_initialized:
-            return
-        for name in LAYER_TENSORS:
-            buffer = getattr(self, name)
-            moved = fn(buffer)
-            if moved.shape == buffer.shape:
-                buffer.copy_(moved)  # in place: keeps the static addresses
-            else:
-                setattr(self, name, moved)
-        self.batch_size = self.window_keys.shape[0]
-        self.keys, self.values = self.window_keys, self.window_values
 
     def crop(self, tokens_to_remove: int, *args, **kwargs) -> None:
         if tokens_to_remove != 0:

@@ -28,12 +28,12 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .banded_attention import WindowLayout, window_layout
-from .compressed_cache import new_tokens_valid
+from .compressed_cache import RowHooks, new_tokens_valid
 
 POSITION_BYTES = 8  # int64 position id per slot
 
 
-class SelectedSparseLayer(DynamicLayer):
+class SelectedSparseLayer(RowHooks, DynamicLayer):
     """Dynamic cache layer of one selected sparse attention layer (see the module docstring)."""
 
     is_sliding = False
@@ -127,15 +127,6 @@ class SelectedSparseLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = fn(self.key_buffer), fn(self.value_buffer)
         self.position_buffer = fn(self.position_buffer)
         self.refresh()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor, *args, **kwargs) -> None:
-        self.map_batch(lambda t: t[indices])
 
     def activate_past_recording(self, *args, **kwargs) -> None:
         """Nothing to do: the layer keeps every token, so any of them can be cropped."""
