@@ -1,6 +1,6 @@
 """Expert parallelism on two CPU processes (gloo): the MoE layers' fused experts split by expert over the ranks
-with this transformers version's plan and switch (5.17 and 5.24 differ: `compat.EXPERT_PARALLEL_PLAN`), and the
-logits equal the unsharded model's."""
+with this transformers version's plan and switch (5.17 and 5.24 differ: `compat.EXPERT_PARALLEL_PLAN`); the logits,
+the training loss and every gradient equal the unsharded model's on the same weights and batch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from modeling_llama_hybrid import LlamaHybridForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_expert_parallel_shards_the_experts_and_gives_the_unsharded_logits(tmp_path):
+def test_expert_parallel_shards_the_experts_and_gives_the_unsharded_logits_and_gradients(tmp_path):
     config = tiny_config(
         "conv",
         attn="sdpa",
@@ -46,3 +46,7 @@ def test_expert_parallel_shards_the_experts_and_gives_the_unsharded_logits(tmp_p
     result = json.loads((tmp_path / "ep_result.json").read_text())
     assert result["local_experts"] * 2 == result["num_experts"]  # each rank holds half of the experts
     assert result["logit_diff"] < 1e-5
+    assert result["loss_diff"] < 1e-5
+    experts = [name for name in result["grad_diffs"] if ".mlp.experts." in name]
+    assert experts and len(result["grad_diffs"]) == len(dict(LlamaHybridForCausalLM(config).named_parameters()))
+    assert {name: diff for name, diff in result["grad_diffs"].items() if not diff < 1e-5} == {}
