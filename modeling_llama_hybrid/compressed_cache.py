@@ -187,6 +187,18 @@ def new_tokens_valid(attention_mask, past: int | torch.Tensor, batch: int, lengt
     return picked & (columns < width)
 
 
+def move_rows(holder, names: tuple[str, ...], fn, in_place: bool) -> None:
+    """Apply a per-row map `fn` to `holder`'s tensors `names`; in place where asked and the shape holds (a static
+    cache keeps its addresses for compiled steps), else by rebinding."""
+    for name in names:
+        buffer = getattr(holder, name)
+        moved = fn(buffer)
+        if in_place and moved.shape == buffer.shape:
+            buffer.copy_(moved)
+        else:
+            setattr(holder, name, moved)
+
+
 class RowHooks:
     """transformers' per-row cache hooks (beam search, `batch_repeat_interleave`, `batch_select_indices`) as one
     `map_batch(fn)` that the cache layer implements over every per-row tensor it holds."""
@@ -277,13 +289,7 @@ class BlockState:
     def map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in STATE_TENSORS:
-            buffer = getattr(self, name)
-            moved = fn(buffer)
-            if self.is_static and moved.shape == buffer.shape:
-                buffer.copy_(moved)  # in place: keeps the static addresses
-            else:
-                setattr(self, name, moved)
+        move_rows(self, STATE_TENSORS, fn, in_place=self.is_static)
         if self.recorded:
             self.recorded_last, self.recorded_doc_start = fn(self.recorded_last), fn(self.recorded_doc_start)
             self.record_base = tuple(fn(t) for t in self.record_base)
@@ -410,6 +416,11 @@ class CompressedSparseLayer(RowHooks, CacheLayerMixin):
         and the summary keys (rotated) and values (B, KV, G + N, D), stored ones first, laid out as the step says.
         """
         step = self.step
+        if step is None or step.slot_last.shape[1] != raw_key.shape[-2]:
+            raise RuntimeError(
+                "a compressed sparse attention layer needs the step of this forward's tokens; call its layers through "
+                "the model (LlamaHybridModel.forward opens one per forward) or open_tokens() on the cache's owner layer"
+            )
         self.ensure_initialized(raw_key)
         window_keys = torch.cat([keep_last(self.window_keys, self.sliding_window - 1), key], -2)
         window_values = torch.cat([keep_last(self.window_values, self.sliding_window - 1), value], -2)
@@ -491,13 +502,7 @@ class CompressedSparseLayer(RowHooks, CacheLayerMixin):
             self.state.map_batch(fn)
         if not self.is_initialized:
             return
-        for name in LAYER_TENSORS:
-            buffer = getattr(self, name)
-            moved = fn(buffer)
-            if self.is_compileable and moved.shape == buffer.shape:
-                buffer.copy_(moved)  # in place: a static layer keeps its addresses
-            else:
-                setattr(self, name, moved)
+        move_rows(self, LAYER_TENSORS, fn, in_place=self.is_compileable)
         self.batch_size = self.window_keys.shape[0]
         self.keys, self.values = self.window_keys, self.window_values
 

@@ -245,9 +245,8 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 position_ids, self.config.max_position_embeddings
             )
         masks = build_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, self.rotary_emb)
-        if not isinstance(
-            attention_mask, dict
-        ):  # prebuilt masks come with their step opened (create_masks_for_generate)
+        # masks prebuilt by generate() come with their cache step opened (create_masks_for_generate)
+        if not isinstance(attention_mask, dict):
             open_cache_steps(cache, inputs_embeds, position_ids, attention_mask, self.rotary_emb)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 

@@ -174,6 +174,18 @@ def test_crop_without_recording_is_refused():
         static.crop(-1)
 
 
+def test_an_update_without_its_step_is_refused():
+    """A layer called outside the model (no step opened, or a stale one for other tokens) says so, never reuses it."""
+    tensors, positions, valid = sequence(length=6)
+    layer = CompressedSparseLayer(5, 3)
+    raw_key, value = tensors[1], tensors[2]
+    with pytest.raises(RuntimeError, match="needs the step of this forward"):
+        layer.update_compressed(raw_key, raw_key, value)
+    layer.open_tokens(positions[:, :4], valid[:, :4], rotary)
+    with pytest.raises(RuntimeError, match="needs the step of this forward"):
+        layer.update_compressed(raw_key, raw_key, value)  # 6 tokens against a step of 4
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 47, 48, 100])
 def test_stored_bytes_are_window_plus_summaries_plus_open_block(length):
     """After n tokens: (W - 1) + (b - 1) + floor(n / b) key/value slots per row and head, plus 4 per-row integers
