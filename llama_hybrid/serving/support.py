@@ -35,7 +35,8 @@ def check_supported(config, model_wide_window: int | None = None) -> None:
             raise UnsupportedForVllm(f"{err}; the vLLM model serves {served_mixers()}") from err
         if refusal is not None:
             refused.setdefault(refusal, []).append(i)
-    for refusal, layers in refused.items():
+    if refused:  # the first refusal, with every layer it applies to
+        refusal, layers = next(iter(refused.items()))
         raise UnsupportedForVllm(f"layers {layers}: {refusal}")
     if config.hidden_act != "silu":
         raise UnsupportedForVllm(
