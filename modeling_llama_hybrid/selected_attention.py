@@ -51,6 +51,8 @@ class SelectionLayout:
     block_positions: torch.Tensor  # (B, G) first position j*b of each block
     block_documents: torch.Tensor  # (B, G) its document (-1: an unused block number of a shorter row)
     block_is_sink: torch.Tensor  # (B, G) the block is the first of its document
+    block_slots: torch.Tensor  # (B, G, b) the slots of each block's keys, in order; S where a block has fewer
+    block_ends: torch.Tensor  # (B, G) one past each block's last slot (0 for an unused block number)
     query_slots: torch.Tensor  # (B, T) key slot of each query
     query_positions: torch.Tensor  # (B, T) -1 for padding queries
     query_documents: torch.Tensor  # (B, T)
@@ -76,6 +78,11 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         base = values.new_full((batch, num_blocks + 1), -1)
         return base.scatter_reduce(1, block_of_key, values, "amax")[:, :-1]
 
+    slot_index = torch.arange(slots, device=positions.device).expand(batch, -1)
+    first_slot = positions.new_full((batch, num_blocks + 1), slots).scatter_reduce(1, block_of_key, slot_index, "amin")
+    offset = (slot_index - first_slot.gather(1, block_of_key)).clamp(max=block_size - 1)  # a key's place in its block
+    block_slots = positions.new_full((batch, (num_blocks + 1) * block_size), slots)
+    block_slots = block_slots.scatter(1, block_of_key * block_size + offset, slot_index)  # invalid keys: spare row
     query_slots = (layout.query_offset + torch.arange(num_queries, device=positions.device))[None].expand(batch, -1)
     return SelectionLayout(
         key_positions=positions,
@@ -84,6 +91,8 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         block_positions=per_block(block * block_size),
         block_documents=per_block(documents),
         block_is_sink=per_block(doc_start.long()) > 0,
+        block_slots=block_slots.view(batch, num_blocks + 1, block_size)[:, :-1],
+        block_ends=per_block(slot_index + 1).clamp(min=0),
         query_slots=query_slots,
         query_positions=positions.gather(1, query_slots),
         query_documents=documents.gather(1, query_slots),
@@ -122,43 +131,53 @@ def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tens
     return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
 
 
-def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None) -> torch.Tensor:
-    """Block scores (B, KV, Q, G) of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads.
+def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None):
+    """Block scores (B, KV, Q, G') of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads,
+    for the first `blocks` = G' blocks (default all G): only the key slots of those blocks are read.
 
     "sparq": the max over the block's keys of q.k on the query's `dims` largest-|q| dimensions; "quest": Quest's
     bound q+ . max - q- . min (`bounds`: `block_bounds(key, layout)`, computed here when None).
     """
     batch, kv_heads = key.shape[:2]
     length = query.shape[2]
+    blocks = layout.num_blocks if blocks is None else blocks
     if scorer == "sparq":
-        scores = grouped(sparq_query(query, dims), kv_heads) @ key.transpose(-1, -2)  # (B, KV, R * Q, S)
-        index = layout.block_of_key[:, None, None].expand_as(scores)
-        base = scores.new_full((*scores.shape[:-1], layout.num_blocks + 1), -torch.inf)
-        scores = base.scatter_reduce(-1, index, scores, "amax")[..., :-1]  # (B, KV, R * Q, G)
+        read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
+        scores = grouped(sparq_query(query, dims), kv_heads) @ key[:, :, :read].transpose(-1, -2)  # (B, KV, RQ, S')
+        scores = F.pad(scores, (0, 1), value=-torch.inf)  # slot S' stands for "no key" in the block table
+        table = layout.block_slots[:, :blocks].clamp(max=read).flatten(1)  # (B, G' * b)
+        scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
+        scores = scores.view(*scores.shape[:-1], blocks, layout.block_slots.shape[-1]).amax(-1)  # (B, KV, RQ, G')
     elif scorer == "quest":
         low, high = bounds if bounds is not None else block_bounds(key, layout)
-        query = grouped(query, kv_heads)
-        scores = query.clamp(min=0) @ high.transpose(-1, -2) - (-query).clamp(min=0) @ low.transpose(-1, -2)
+        low, high, grouped_query = low[:, :, :blocks], high[:, :, :blocks], grouped(query, kv_heads)
+        scores = grouped_query.clamp(min=0) @ high.transpose(-1, -2) - (-grouped_query).clamp(min=0) @ low.transpose(
+            -1, -2
+        )
     else:
         raise ValueError(f"select_scorer={scorer!r}; choose 'sparq' or 'quest'")
-    return scores.reshape(batch, kv_heads, -1, length, layout.num_blocks).amax(2)
+    return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
 
 
-def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, KV, Q, K) the k best candidates by a stable descending sort (ties: the earlier block); G where fewer."""
-    num_blocks = scores.shape[-1]
+def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: int) -> torch.Tensor:
+    """(B, KV, Q, K) the k best candidates by a stable descending sort (ties: the earlier block); `spare` (the block
+    number G, "no block") where fewer."""
     scores = scores.masked_fill(~candidates[:, None], -torch.inf)
     ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
-    chosen = torch.where(ranked.values[..., :k] > -torch.inf, ranked.indices[..., :k], num_blocks)
-    return F.pad(chosen, (0, k - chosen.shape[-1]), value=num_blocks)
+    chosen = torch.where(ranked.values[..., :k] > -torch.inf, ranked.indices[..., :k], spare)
+    return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
 def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None):
-    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). A discrete choice:
-    no gradient flows through it (only through the attention over the chosen keys)."""
+    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
+    the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
+    discrete choice: no gradient flows through it (only through the attention over the chosen keys)."""
     with torch.no_grad():
-        scores = score_blocks(query, key, layout, scorer, dims, bounds)
-        return top_blocks(scores, candidate_blocks(layout, queries), k)
+        candidates = candidate_blocks(layout, queries)  # (B, Q, G)
+        blocks = int(candidates.flatten(0, 1).any(0).cumsum(0).argmax()) + 1 if candidates.any() else 0  # G'
+        candidates = candidates[..., :blocks]
+        scores = score_blocks(query, key, layout, scorer, dims, bounds, blocks)
+        return top_blocks(scores, candidates, k, layout.num_blocks)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
