@@ -39,6 +39,7 @@ from .selected_cache import SelectedSparseLayer
 from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
 QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
+SPARQ_GATHER_QUERIES = 8  # up to this many queries per KV head, "sparq" gathers r key rows per query (decode)
 
 
 @dataclass
@@ -121,6 +122,26 @@ def sparq_query(query: torch.Tensor, dims: int) -> torch.Tensor:
     return torch.zeros_like(query).scatter(-1, top, query.gather(-1, top))
 
 
+def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int) -> torch.Tensor:
+    """q.k over each query's `dims` largest-|q| dimensions: queries (B, KV, N, D), keys (B, KV, S, D) -> (B, KV, N, S).
+
+    A few queries (a decode step) read only those dimensions' rows of the keys (a dimension-major cache stores each
+    as one contiguous row: r / D of the keys per query head); many queries (a prefill chunk) multiply the zeroed
+    query by every key, one matmul, which costs what QK^T costs but beats N separate gathers."""
+    if query.shape[2] > SPARQ_GATHER_QUERIES:
+        return sparq_query(query, dims) @ key.transpose(-1, -2)
+    batch, kv_heads, _, dim = query.shape
+    top = query.abs().topk(min(dims, dim), dim=-1).indices  # (B, KV, N, r)
+    head = torch.arange(batch * kv_heads, device=query.device).view(batch, kv_heads, 1, 1)
+    rows = key.transpose(-1, -2).reshape(
+        batch * kv_heads * dim, key.shape[2]
+    )  # (B * KV * D, S): a view of a dimension-major cache
+    rows = rows.index_select(0, (head * dim + top).flatten()).view(
+        *top.shape, key.shape[2]
+    )  # (B, KV, N, r, S): rows read
+    return (query.gather(-1, top)[..., None, :] @ rows).squeeze(-2)
+
+
 def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise min and max of each block's rotated keys: (B, KV, S, D) -> two (B, KV, G, D)."""
     batch, heads, _, dim = key.shape
@@ -143,7 +164,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     blocks = layout.num_blocks if blocks is None else blocks
     if scorer == "sparq":
         read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
-        scores = grouped(sparq_query(query, dims), kv_heads) @ key[:, :, :read].transpose(-1, -2)  # (B, KV, RQ, S')
+        scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims)  # (B, KV, RQ, S')
         scores = F.pad(scores, (0, 1), value=-torch.inf)  # slot S' stands for "no key" in the block table
         table = layout.block_slots[:, :blocks].clamp(max=read).flatten(1)  # (B, G' * b)
         scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
@@ -235,7 +256,7 @@ class SelectedOutput(NamedTuple):
 def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, KV, U) the key slots a chunk reads per KV head: its queries' documents' sinks, the union of their selected
     blocks and the window band (the slots from W - 1 before its first query to its last), in key order; and
-    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slots they do not need)."""
+    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slot 0, marked not needed)."""
     batch, kv_heads = selection.shape[:2]
     slots = layout.key_positions.shape[1]
     chosen = torch.zeros(batch, kv_heads, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
@@ -249,9 +270,20 @@ def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor
     band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])  # (B, S)
     blocks = layout.block_of_key[:, None].expand(-1, kv_heads, -1)
     needed = band[:, None] | F.pad(chosen, (0, 1)).gather(2, blocks)  # (B, KV, S)
-    count = int(needed.sum(2).max())  # U: one host sync per chunk
-    order = torch.sort((~needed).to(torch.int8), dim=2, stable=True).indices[..., :count]  # needed first, in order
-    return order, needed.gather(2, order)
+    counts = needed.sum(2, keepdim=True)  # (B, KV, 1)
+    count = int(counts.max())  # U: one host sync per chunk
+    place = torch.where(needed, needed.long().cumsum(2) - 1, count)  # each needed slot's place, in key order
+    order = torch.zeros(batch, kv_heads, count + 1, dtype=torch.long, device=needed.device)
+    order = order.scatter(2, place, index.expand_as(place))[..., :count]  # heads needing fewer: slot 0 pads
+    return order, torch.arange(count, device=needed.device) < counts
+
+
+def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, KV, U, D): the slots `slots` (B, KV, U) of keys or values (B, KV, S, D). A dimension-major tensor (the
+    cache's keys: each dimension one contiguous row) is gathered along its rows, b-token runs at a time."""
+    if states.stride(-2) == 1:
+        return states.transpose(-1, -2).gather(3, slots[:, :, None].expand(-1, -1, states.shape[-1], -1)).mT
+    return states.gather(2, slots[..., None].expand(-1, -1, -1, states.shape[-1]))
 
 
 def chunked_selected_attention(
@@ -277,9 +309,10 @@ def chunked_selected_attention(
         else:
             chosen = selection[:, :, queries]
         slots, kept = chunk_slots(layout, queries, chosen)  # (B, KV, U)
-        index = slots[..., None].expand(-1, -1, -1, key.shape[-1])
         mask = visible_keys(layout, queries, slots, chosen, kept)
-        outs.append(masked_attention(part, key.gather(2, index), value.gather(2, index), mask, scaling, use_sdpa))
+        outs.append(
+            masked_attention(part, gather_slots(key, slots), gather_slots(value, slots), mask, scaling, use_sdpa)
+        )
         selections.append(chosen)
         read = max(read, slots.shape[2])
     return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)

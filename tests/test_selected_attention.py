@@ -181,6 +181,27 @@ def test_sparq_with_every_dimension_is_the_exact_block_max_and_groups_combine_by
     torch.testing.assert_close(scores, exact, atol=1e-12, rtol=0)
 
 
+def test_sparq_decode_path_reads_only_the_query_dimensions_and_equals_the_matmul_path():
+    """A few queries gather r rows of dimension-major keys; poisoning every other dimension with NaN proves they
+    are never read, and the result equals the prefill path (one matmul of the zeroed query) in float64."""
+    groups, length, dims = HEADS // KV_HEADS, 40, 3
+    query, key, _ = qkv(2, length, queries=1, seed=6)
+    grouped_query = selected.grouped(query, KV_HEADS)  # (B, KV, R, D): a decode step, R <= SPARQ_GATHER_QUERIES
+    assert grouped_query.shape[2] == groups <= selected.SPARQ_GATHER_QUERIES
+    expected = selected.sparq_query(grouped_query, dims) @ key.transpose(-1, -2)
+    top = grouped_query.abs().topk(dims, dim=-1).indices  # (B, KV, R, r)
+    read = torch.zeros(2, KV_HEADS, DIM, dtype=torch.bool).scatter(-1, top.flatten(2), True)  # the dims any reads
+    assert not read.all()  # some dimension is left unread, so the poison below can tell
+    poisoned = key.transpose(-1, -2).contiguous()  # (B, KV, D, S), as the cache stores it
+    poisoned[~read] = torch.nan
+    scores = selected.sparq_scores(grouped_query, poisoned.transpose(-1, -2), dims)
+    torch.testing.assert_close(scores, expected, atol=1e-12, rtol=0)
+    many = qkv(1, length, seed=7)[0]  # T = 40 queries: the matmul path
+    grouped_many = selected.grouped(many, KV_HEADS)
+    gathered = torch.cat([selected.sparq_scores(grouped_many[:, :, i : i + 1], key[:1], dims) for i in range(80)], 2)
+    torch.testing.assert_close(selected.sparq_scores(grouped_many, key[:1], dims), gathered, atol=1e-12, rtol=0)
+
+
 def test_quest_bound_is_at_least_the_true_block_max():
     length = 30
     query, key, _ = qkv(2, length, seed=5)
@@ -277,6 +298,7 @@ def test_the_cache_grows_by_doubling_and_keeps_every_token():
         capacities.append(layer.capacity)
     assert len(set(capacities)) <= 8  # 1, 2, 4, ..., 128: reallocated log2(n) times, not once per token
     assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(100)]
+    assert layer.key_buffer.shape[-1] == layer.capacity  # dimension-major: a key dimension is one contiguous row
     layer.crop(-30)
     assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
     layer.batch_repeat_interleave(2)
