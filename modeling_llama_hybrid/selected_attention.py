@@ -75,15 +75,21 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
     num_blocks = max(int(starts.sum(1).max()), 1) if slots else 1  # one host sync per forward
     block_of_key = torch.where(valid, starts.long().cumsum(1) - 1, num_blocks)
 
-    def per_block(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G): the value its keys share
-        base = values.new_full((batch, num_blocks + 1), -1)
-        return base.scatter_reduce(1, block_of_key, values, "amax")[:, :-1]
-
     slot_index = torch.arange(slots, device=positions.device).expand(batch, -1)
-    first_slot = positions.new_full((batch, num_blocks + 1), slots).scatter_reduce(1, block_of_key, slot_index, "amin")
-    offset = (slot_index - first_slot.gather(1, block_of_key)).clamp(max=block_size - 1)  # a key's place in its block
+    next_opens = F.pad(starts[:, 1:] | ~valid[:, 1:], (0, 1), value=True)
+    # one plain scatter each (a block has one first and one last slot; the spare block G takes the rest)
+    first_slot = positions.new_full((batch, num_blocks + 1), slots)
+    first_slot = first_slot.scatter(1, torch.where(starts, block_of_key, num_blocks), slot_index)[:, :-1]  # (B, G)
+    ends = positions.new_zeros(batch, num_blocks + 1)
+    ends = ends.scatter(1, torch.where(valid & next_opens, block_of_key, num_blocks), slot_index + 1)[:, :-1]
+    used = first_slot < slots  # (B, G): False for the unused block numbers of a row with fewer blocks
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G): the value its keys share
+        return torch.where(used, values.gather(1, first_slot.clamp(max=max(slots - 1, 0))), -1)
+
+    offset = slot_index - F.pad(first_slot, (0, 1)).gather(1, block_of_key)  # a key's place in its block
     block_slots = positions.new_full((batch, (num_blocks + 1) * block_size), slots)
-    block_slots = block_slots.scatter(1, block_of_key * block_size + offset, slot_index)  # invalid keys: spare row
+    block_slots = block_slots.scatter(1, block_of_key * block_size + offset.clamp(0, block_size - 1), slot_index)
     query_slots = (layout.query_offset + torch.arange(num_queries, device=positions.device))[None].expand(batch, -1)
     return SelectionLayout(
         key_positions=positions,
@@ -92,8 +98,8 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         block_positions=per_block(block * block_size),
         block_documents=per_block(documents),
         block_is_sink=per_block(doc_start.long()) > 0,
-        block_slots=block_slots.view(batch, num_blocks + 1, block_size)[:, :-1],
-        block_ends=per_block(slot_index + 1).clamp(min=0),
+        block_slots=block_slots.view(batch, num_blocks + 1, block_size)[:, :-1],  # invalid keys: the spare row
+        block_ends=ends,
         query_slots=query_slots,
         query_positions=positions.gather(1, query_slots),
         query_documents=documents.gather(1, query_slots),

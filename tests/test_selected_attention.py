@@ -126,6 +126,34 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
+def test_layout_blocks_match_a_plain_walk_over_the_slots():
+    positions = packed_and_padded_rows(70)
+    layout = layout_of(positions)
+    for row, row_positions in enumerate(positions.tolist()):
+        blocks, document, previous = [], -1, None  # [(first slot, last slot + 1, start position, document, sink)]
+        for slot, position in enumerate(row_positions):
+            if position < 0:
+                previous = None
+                continue
+            new_document = previous is None or position != previous + 1
+            document += new_document
+            if new_document or position // BLOCK != previous // BLOCK:
+                blocks.append([slot, slot + 1, position // BLOCK * BLOCK, document, new_document])
+            blocks[-1][1], previous = slot + 1, position
+        count = len(blocks)
+        first = layout.block_slots[row, :count, 0].tolist()
+        assert first == [b[0] for b in blocks]
+        assert layout.block_ends[row, :count].tolist() == [b[1] for b in blocks]
+        assert layout.block_positions[row, :count].tolist() == [b[2] for b in blocks]
+        assert layout.block_is_sink[row, :count].tolist() == [b[4] for b in blocks]
+        documents = layout.block_documents[row, :count]
+        assert (documents.diff() >= 0).all() and documents.unique().numel() == blocks[-1][3] + 1
+        for g, (start, end, *_rest) in enumerate(blocks):  # each block's table lists its slots, then "none" (S)
+            table = layout.block_slots[row, g].tolist()
+            assert table == list(range(start, end)) + [70] * (BLOCK - (end - start))
+        assert (layout.block_documents[row, count:] == -1).all()
+
+
 def test_selection_stays_in_the_query_document_and_before_its_window():
     length = 70
     positions = packed_and_padded_rows(length)
