@@ -7,9 +7,11 @@ selection). A scorer ranks them (`score_blocks`), a stable descending sort takes
 query attends with one softmax over sink | selected | window, each token once, keys after t masked. That is exact
 attention over a subset, equal to full causal attention while n <= W + (k + 1) * b.
 
-Scorers (`config.select_scorer`), both combined over a KV group's query heads by max (one selection per KV head):
+Scorers (`config.select_scorer`), all combined over a KV group's query heads by max (one selection per KV head):
 - "sparq" (default): q.k over the query's r largest-|q| dimensions (r = `select_dims`), block score = max over the
   block's rotated keys;
+- "sparq-group": the same over r dimensions shared by a KV group's query heads (largest in their summed |q|), so a
+  decode step reads r rows of keys per KV head instead of up to R * r;
 - "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
   of the true max q.k over the block).
 
@@ -122,30 +124,27 @@ def grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
 
 
-def sparq_query(query: torch.Tensor, dims: int) -> torch.Tensor:
-    """The query with all but its `dims` largest-magnitude dimensions zeroed: q.k of it = q.k over those dims."""
-    top = query.abs().topk(min(dims, query.shape[-1]), dim=-1).indices
-    return torch.zeros_like(query).scatter(-1, top, query.gather(-1, top))
+def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int, sharing: int = 1) -> torch.Tensor:
+    """q.k over `dims` largest-|q| dimensions: grouped queries (B, KV, N, D), keys (B, KV, S, D) -> (B, KV, N, S).
 
-
-def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int) -> torch.Tensor:
-    """q.k over each query's `dims` largest-|q| dimensions: queries (B, KV, N, D), keys (B, KV, S, D) -> (B, KV, N, S).
-
-    A few queries (a decode step) read only those dimensions' rows of the keys (a dimension-major cache stores each
-    as one contiguous row: r / D of the keys per query head); many queries (a prefill chunk) multiply the zeroed
+    `sharing` = 1: each query row picks its own dimensions ("sparq"); `sharing` = R: the N = R * Q rows are R heads
+    of Q queries and the R heads of a query share the dimensions largest in their summed |q| ("sparq-group").
+    A few queries (a decode step) read only the chosen dimensions' rows of the keys (a dimension-major cache stores
+    each as one contiguous row: r / D of the keys per choice); many queries (a prefill chunk) multiply the zeroed
     query by every key, one matmul, which costs what QK^T costs but beats N separate gathers."""
-    if query.shape[2] > SPARQ_GATHER_QUERIES:
-        return sparq_query(query, dims) @ key.transpose(-1, -2)
-    batch, kv_heads, _, dim = query.shape
-    top = query.abs().topk(min(dims, dim), dim=-1).indices  # (B, KV, N, r)
+    batch, kv_heads, rows_of_query, dim = query.shape
+    query = query.view(batch, kv_heads, sharing, rows_of_query // sharing, dim)  # (B, KV, R', Q', D)
+    top = query.abs().sum(2).topk(min(dims, dim), dim=-1).indices  # (B, KV, Q', r): each choice's dimensions
+    if rows_of_query > SPARQ_GATHER_QUERIES:
+        kept = torch.zeros_like(top, dtype=query.dtype).new_zeros(batch, kv_heads, top.shape[2], dim)
+        kept = kept.scatter(-1, top, 1.0)[:, :, None]  # (B, KV, 1, Q', D)
+        return (query * kept).view(batch, kv_heads, rows_of_query, dim) @ key.transpose(-1, -2)
     head = torch.arange(batch * kv_heads, device=query.device).view(batch, kv_heads, 1, 1)
-    rows = key.transpose(-1, -2).reshape(
-        batch * kv_heads * dim, key.shape[2]
-    )  # (B * KV * D, S): a view of a dimension-major cache
-    rows = rows.index_select(0, (head * dim + top).flatten()).view(
-        *top.shape, key.shape[2]
-    )  # (B, KV, N, r, S): rows read
-    return (query.gather(-1, top)[..., None, :] @ rows).squeeze(-2)
+    rows = key.transpose(-1, -2).reshape(batch * kv_heads * dim, key.shape[2])  # a view of a dimension-major cache
+    rows = rows.index_select(0, (head * dim + top).flatten()).view(*top.shape, key.shape[2])  # (B, KV, Q', r, S)
+    values = query.gather(-1, top[:, :, None].expand(-1, -1, sharing, -1, -1))  # (B, KV, R', Q', r)
+    scores = values[..., None, :] @ rows[:, :, None]  # (B, KV, R', Q', 1, S)
+    return scores.view(batch, kv_heads, rows_of_query, key.shape[2])
 
 
 def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +167,10 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     batch, kv_heads = key.shape[:2]
     length = query.shape[2]
     blocks = layout.num_blocks if blocks is None else blocks
-    if scorer == "sparq":
+    if scorer in ("sparq", "sparq-group"):
         read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
-        scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims)  # (B, KV, RQ, S')
+        sharing = query.shape[1] // kv_heads if scorer == "sparq-group" else 1
+        scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims, sharing)  # (B, KV, RQ, S')
         scores = F.pad(scores, (0, 1), value=-torch.inf)  # slot S' stands for "no key" in the block table
         table = layout.block_slots[:, :blocks].clamp(max=read).flatten(1)  # (B, G' * b)
         scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
@@ -182,7 +182,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
             -1, -2
         )
     else:
-        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq' or 'quest'")
+        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
 
 

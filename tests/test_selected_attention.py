@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_pair  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 from hybrid_mixer_fixtures import tiny_model, tokens
+from reference_kernels import sparq_query
 from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig
@@ -26,7 +28,6 @@ from modeling_llama_hybrid.selected_attention import (
     score_blocks,
     select_blocks,
     selection_layout,
-    sparq_query,
 )
 from modeling_llama_hybrid.selected_cache import SelectedSparseLayer
 
@@ -216,7 +217,7 @@ def test_sparq_decode_path_reads_only_the_query_dimensions_and_equals_the_matmul
     query, key, _ = qkv(2, length, queries=1, seed=6)
     grouped_query = selected.grouped(query, KV_HEADS)  # (B, KV, R, D): a decode step, R <= SPARQ_GATHER_QUERIES
     assert grouped_query.shape[2] == groups <= selected.SPARQ_GATHER_QUERIES
-    expected = selected.sparq_query(grouped_query, dims) @ key.transpose(-1, -2)
+    expected = sparq_query(grouped_query, dims) @ key.transpose(-1, -2)
     top = grouped_query.abs().topk(dims, dim=-1).indices  # (B, KV, R, r)
     read = torch.zeros(2, KV_HEADS, DIM, dtype=torch.bool).scatter(-1, top.flatten(2), True)  # the dims any reads
     assert not read.all()  # some dimension is left unread, so the poison below can tell
@@ -228,6 +229,24 @@ def test_sparq_decode_path_reads_only_the_query_dimensions_and_equals_the_matmul
     grouped_many = selected.grouped(many, KV_HEADS)
     gathered = torch.cat([selected.sparq_scores(grouped_many[:, :, i : i + 1], key[:1], dims) for i in range(80)], 2)
     torch.testing.assert_close(selected.sparq_scores(grouped_many, key[:1], dims), gathered, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 40])  # a decode step (row gather) and a prefill chunk (one matmul)
+def test_sparq_group_shares_the_dimensions_of_the_summed_magnitudes(length):
+    groups, dims = HEADS // KV_HEADS, 3
+    query, key, _ = qkv(2, 50, queries=length, seed=8)
+    per_group = query.view(2, KV_HEADS, groups, length, DIM)
+    top = per_group.abs().sum(2).topk(dims, dim=-1).indices  # (B, KV, Q, r)
+    kept = torch.zeros(2, KV_HEADS, 1, length, DIM, dtype=torch.float64).scatter(-1, top[:, :, None], 1.0)
+    expected = (per_group * kept).reshape(2, KV_HEADS, groups * length, DIM) @ key.transpose(-1, -2)
+    scores = selected.sparq_scores(selected.grouped(query, KV_HEADS), key, dims, sharing=groups)
+    torch.testing.assert_close(scores, expected, atol=1e-12, rtol=0)
+    layout = layout_of(torch.arange(50).expand(2, -1), num_queries=length)
+    blocks = score_blocks(query, key, layout, "sparq-group", dims)  # (B, KV, Q, G): block max, then group max
+    per_block = F.pad(expected, (0, -(-50 // BLOCK) * BLOCK - 50), value=-torch.inf).view(
+        2, KV_HEADS, groups, length, -1, BLOCK
+    )
+    torch.testing.assert_close(blocks, per_block.amax(-1).amax(2), atol=1e-12, rtol=0)
 
 
 def test_quest_bound_is_at_least_the_true_block_max():
