@@ -48,6 +48,7 @@ DEPTHS = (0.05, 0.25, 0.45, 0.65)  # share of the filler before the needle: beyo
 SEED = 25
 HAYSTACKS = ("filler", "prose")
 LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 selected)", "compressed"
+GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decode step reads a quarter of the cache
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -64,7 +65,14 @@ BUDGET = {
         (2048, COMPRESSED, 10),
         (2048, MIX, 10),
     ],
-    "quick": [(640, LLAMA, 2), (640, SELECTED, 2), "perplexity", (640, COMPRESSED, 2), (640, MIX, 2)],
+    "quick": [
+        (640, LLAMA, 2),
+        (640, SELECTED, 2),
+        "perplexity",
+        (640, COMPRESSED, 2),
+        (640, MIX, 2),
+        (640, GROUP, 2, ("prose",)),
+    ],
 }
 PERPLEXITY_WINDOWS = {"full": (2048, 8192), "quick": (640,)}
 
@@ -95,16 +103,19 @@ def upcycled(llama, branch: str):
     return model
 
 
-def mixed(selected, compressed, branches: list[str | None]):
+def mixed(selected, compressed, branches: str | list[str | None], **settings):
     """One model whose sparse layers take the global branch `branches[i]`, each layer's weights (its gate starts as
-    that branch's upcycling rule says) from the upcycle of that branch: every variant has the same parameters."""
+    that branch's upcycling rule says) from the upcycle of that branch: every variant has the same parameters.
+    `settings`: config fields to change as well (e.g. the scorer)."""
     config = copy.deepcopy(selected.config)
     config.global_attention = branches
+    for name, value in settings.items():
+        setattr(config, name, value)
     model = LlamaHybridForCausalLM(config).eval()
     state = selected.state_dict()
     for name, tensor in compressed.state_dict().items():
         parts = name.split(".")
-        if parts[:2] == ["model", "layers"] and branches[int(parts[2])] == "compressed":
+        if parts[:2] == ["model", "layers"] and isinstance(branches, list) and branches[int(parts[2])] == "compressed":
             state[name] = tensor
     model.load_state_dict(state)
     model.config._attn_implementation = "sdpa"
@@ -120,6 +131,9 @@ def models(llama) -> dict:
         SELECTED: selected,
         MIX: mixed(selected, compressed, branches),
         COMPRESSED: compressed,
+        GROUP: mixed(
+            selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
+        ),
     }
 
 
@@ -206,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     state["perplexity"].append(entry)
                     save()
             continue
-        length, name, samples = step
-        for haystack in HAYSTACKS:
+        length, name, samples, *only = step
+        for haystack in only[0] if only else HAYSTACKS:
             if (haystack, length, name) in done:
                 continue
             began = time.perf_counter()

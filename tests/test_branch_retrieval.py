@@ -1,0 +1,56 @@
+"""`study/branch_retrieval.py`: its prose probes (exact length, the needle beyond the window at every depth, a
+different stretch of the held-out split per sample) and its models (each sparse layer under the branch asked for,
+with that branch's upcycled weights), on the real tokenizer and a tiny LLaMA."""
+
+from __future__ import annotations
+
+import pytest
+import study_scripts
+import torch
+from conftest import tiny_pair
+
+probe = study_scripts.load("passkey_probe")  # branch_retrieval imports it by name
+study = study_scripts.load("branch_retrieval")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def test_prose_probes_put_every_needle_beyond_the_window(tokenizer):
+    prose = study.heldout_tokens(tokenizer)
+    assert 11_000 < len(prose) < 13_000  # the held-out split the docs quote (11,720 tokens)
+    probes = study.prompts(tokenizer, "prose", 2048, 8, prose)
+    assert [p.depth for p in probes] == list(study.DEPTHS) * 2
+    assert all(len(p.input_ids) == 2048 and p.distance >= 512 for p in probes)
+    assert len({tuple(p.input_ids[100:200]) for p in probes}) == 8  # a different stretch each
+    again = study.prompts(tokenizer, "prose", 2048, 8, prose)
+    assert [p.key for p in again] == [p.key for p in probes]  # fixed samples
+    assert all(p.distance >= 512 for p in study.prompts(tokenizer, "filler", 2048, 4, prose))
+
+
+def test_mixed_models_take_each_branch_with_its_upcycled_weights():
+    from llama_hybrid.upcycle import recipe_for, upcycle
+
+    llama, _ = tiny_pair(num_hidden_layers=6, head_dim=16, num_attention_heads=3, num_key_value_heads=1)
+    recipe = dict(sliding_window=16, compress_block_size=8)
+    selected = upcycle(llama, recipe_for("long-context", 6, global_attention="selected", **recipe))
+    compressed = upcycle(llama, recipe_for("long-context", 6, global_attention="compressed", **recipe))
+    branches = [None, "compressed", "selected", "compressed", "selected", None]
+    mix = study.mixed(selected, compressed, branches)
+    for i, branch in enumerate(branches):
+        attention = mix.model.layers[i].self_attn
+        if branch is None:
+            assert not hasattr(attention, "branch_gate")
+            continue
+        source = {"selected": selected, "compressed": compressed}[branch].model.layers[i].self_attn
+        assert type(attention) is type(source)
+        assert torch.equal(attention.branch_gate.alpha, source.branch_gate.alpha)  # the branch's own gate start
+    rescored = study.mixed(selected, compressed, "selected", select_scorer="sparq-group", select_dims=4)
+    assert rescored.config.select_scorer == "sparq-group" and rescored.model.layers[1].self_attn.select_dims == 4
+    ids = torch.randint(3, 97, (1, 40))
+    with torch.no_grad():  # at 40 <= W + (k + 1) * b = 16 + 9 * 8 tokens every selected model equals the source
+        torch.testing.assert_close(rescored(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
