@@ -37,10 +37,11 @@ PROMPTS = [  # different lengths in one batch: ~10, ~60, ~180 and ~420 tokens
     CONTEXT + " Which number did line 3 hold?",
 ]
 SHARED = [CONTEXT + " The cat sat", CONTEXT + " Then the dog ran"]  # one long prefix, two endings
+QUESTIONS = [CONTEXT + " Which number did line 5 hold?", CONTEXT + " Which number did line 8 hold?"]
 MAX_TOKENS = 16
 STEP_BUDGET = 64  # max_num_batched_tokens of the chunked engine: the longer prompts take several prefill steps
 ENGINES = {
-    "plain": dict(enable_prefix_caching=False),
+    "preempting": dict(enable_prefix_caching=False, num_gpu_blocks_override=17),
     "cached-chunked": dict(enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=STEP_BUDGET),
 }
 
@@ -52,7 +53,7 @@ def gathered_dir(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def references(gathered_dir):
-    return reference_generate(gathered_dir, PROMPTS + SHARED, MAX_TOKENS)
+    return reference_generate(gathered_dir, PROMPTS + SHARED + QUESTIONS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
@@ -64,7 +65,7 @@ def llm(request, gathered_dir):
 
 
 def test_a_batch_of_different_lengths_matches_transformers(llm, references):
-    assert len(references[-1]["prompt_ids"]) > 20 * (WINDOW + (SELECT + 1) * BLOCK)
+    assert len(references[len(PROMPTS) - 1]["prompt_ids"]) > 20 * (WINDOW + (SELECT + 1) * BLOCK)
     for output, reference in zip(greedy(llm, PROMPTS, MAX_TOKENS), references[: len(PROMPTS)], strict=True):
         assert_matches_reference(output, reference)
 
@@ -78,6 +79,28 @@ def test_a_shared_prefix_matches_transformers_with_or_without_the_prefix_cache(l
         assert second.num_cached_tokens >= 128, "the shared prefix was not reused"  # 384 of 440 here
     else:
         assert second.num_cached_tokens == 0
+
+
+def test_preempted_requests_match_transformers(llm, references):
+    """Three short prompts twice, then two long ones: in 17 blocks a decode step runs out of room and vLLM preempts a
+    request, which later recomputes its caches from its tokens."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler  # the in-process engine (conftest)
+    preempt, preemptions = scheduler._preempt_request, []
+
+    def counted(*args, **kwargs):
+        preemptions.append(args)
+        return preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counted
+    try:
+        outputs = greedy(llm, PROMPTS[:3] * 2 + QUESTIONS, MAX_TOKENS)
+    finally:
+        del scheduler._preempt_request
+    expected = references[:3] * 2 + references[-len(QUESTIONS) :]
+    for output, reference in zip(outputs, expected, strict=True):
+        assert_matches_reference(output, reference)
+    if llm.llm_engine.vllm_config.cache_config.num_gpu_blocks_override is not None:
+        assert preemptions, "no request was preempted: the test shows nothing"
 
 
 def test_each_branch_has_its_own_cache_and_backend(llm):
