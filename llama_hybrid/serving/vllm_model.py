@@ -284,10 +284,10 @@ class LlamaHybridGatheredSparseAttention(LlamaHybridSparseAttention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        raw_key = key.clone()  # vLLM's RoPE rotates in place
+        raw_key = None if self.global_branch.caches_rotated_keys else key.clone()  # vLLM's RoPE rotates in place
         query, key = self.rotary_emb(positions, query, key)
         local_out = self.local_attn(query, key, value)
-        global_out = self.attn(query, key if self.global_branch.caches_rotated_keys else raw_key, value)
+        global_out = self.attn(query, key if raw_key is None else raw_key, value)
         has_global = self.global_branch.has_global(positions)
         if has_global is not None:  # no complete block yet: the global output is the local one
             global_out = torch.where(has_global[:, None], global_out, local_out)

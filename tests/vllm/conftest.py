@@ -34,6 +34,14 @@ def tiny_hybrid_dir(tmp_path_factory, smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_gathered_dir(tmp_path_factory, tiny_hybrid_dir):
+    """The tiny hybrid with a compressed (layer 1) and a selected (layer 3) sparse layer: blocks of 4, top 2."""
+    folder = tmp_path_factory.mktemp("tiny-gathered")
+    fields = dict(compress_block_size=4, select_blocks=2)
+    return with_global_branches(tiny_hybrid_dir, folder, ("compressed", "selected"), **fields)
+
+
+@pytest.fixture(scope="session")
 def upcycled_dir(tmp_path_factory, smollm2_dir):
     return save_upcycled(tmp_path_factory.mktemp("upcycled"), default_gguf_path(), smollm2_dir)
 

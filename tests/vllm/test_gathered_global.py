@@ -20,15 +20,11 @@ from vllm_helpers import (
     make_llm,
     reference_generate,
     require_vllm,
-    save_tiny_hybrid,
 )
 
 require_vllm()
 
-BLOCK, SELECT = 4, 2
-GATHERED = dict(
-    global_attention=[None, "compressed", None, "selected"], compress_block_size=BLOCK, select_blocks=SELECT
-)
+BLOCK, SELECT = 4, 2  # those of the tiny_gathered_dir fixture (conftest)
 CONTEXT = " ".join(f"Line {i} of the long context holds the number {i * 7 % 100}." for i in range(30))
 PROMPTS = [  # different lengths in one batch: ~10, ~60, ~180 and ~420 tokens
     "The quick brown fox jumps over the lazy dog",
@@ -47,18 +43,13 @@ ENGINES = {
 
 
 @pytest.fixture(scope="module")
-def gathered_dir(tmp_path_factory, smollm2_dir):
-    return save_tiny_hybrid(tmp_path_factory.mktemp("gathered"), smollm2_dir, **GATHERED)
-
-
-@pytest.fixture(scope="module")
-def references(gathered_dir):
-    return reference_generate(gathered_dir, PROMPTS + SHARED + QUESTIONS, MAX_TOKENS)
+def references(tiny_gathered_dir):
+    return reference_generate(tiny_gathered_dir, PROMPTS + SHARED + QUESTIONS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
-def llm(request, gathered_dir):
-    engine = make_llm(gathered_dir, **ENGINES[request.param])
+def llm(request, tiny_gathered_dir):
+    engine = make_llm(tiny_gathered_dir, **ENGINES[request.param])
     yield engine
     del engine
     gc.collect()
