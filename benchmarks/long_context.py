@@ -84,7 +84,9 @@ SMOKE = Shape(num_layers=6, hidden=64, heads=4, head_dim=16, kv_heads=2, vocab=2
 SMOKE_CONTEXTS = (64, 160)
 
 
-def layout_config(shape: Shape, layout: str, ffn: int, attn: str, max_positions: int) -> LlamaHybridConfig:
+def layout_config(
+    shape: Shape, layout: str, ffn: int, attn: str, max_positions: int, global_attention: str = "compressed"
+) -> LlamaHybridConfig:
     mixers = preset_layout(layout, shape.num_layers)[0]
     return LlamaHybridConfig(
         vocab_size=shape.vocab,
@@ -97,7 +99,7 @@ def layout_config(shape: Shape, layout: str, ffn: int, attn: str, max_positions:
         mixer_types=mixers,
         mlp_layer_types=["dense"] * shape.num_layers,
         sliding_window=shape.window,
-        global_attention="compressed",
+        global_attention=global_attention,
         compress_block_size=shape.block,
         max_position_embeddings=max_positions,
         attn_implementation=attn,
@@ -217,7 +219,9 @@ def child_measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     shape = Shape(**spec["shape"])
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
-    config = layout_config(shape, spec["layout"], spec["ffn"], spec["attn"], spec["max_positions"])
+    config = layout_config(
+        shape, spec["layout"], spec["ffn"], spec["attn"], spec["max_positions"], spec["global_attention"]
+    )
     model = build_model(config, device, dtype)
     ids = random_ids(shape.vocab, spec["context"], device)
     built_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -276,6 +280,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument(
+        "--global-attention",
+        default="compressed",
+        choices=("compressed", "selected", "full"),
+        help="global branch of the hybrid's sparse layers (default compressed: the pinned shape's; the targets are its)",
+    )
     parser.add_argument("--no-rss", action="store_true", help="skip the child processes that measure peak RSS")
     parser.add_argument("--json", type=Path, help="also write one JSON line per measurement here")
     parser.add_argument("--smoke", action="store_true", help="tiny shape and contexts, one repeat: seconds")
@@ -302,9 +312,15 @@ def main(argv=None) -> int:
     about["revision"] = git_revision()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in about.items()))
     ffn = {"llama": shape.llama_ffn, "hybrid": matched_ffn(shape, args.attn, max_positions)}
-    configs = {name: layout_config(shape, name, ffn[name], args.attn, max_positions) for name in LAYOUTS}
+    configs = {
+        name: layout_config(shape, name, ffn[name], args.attn, max_positions, args.global_attention) for name in LAYOUTS
+    }
     params = {name: counts(config) for name, config in configs.items()}
-    emit({"kind": "env", **about, "shape": asdict(shape), "dtype": dtype_name, "attn": args.attn}, log)
+    emit(
+        {"kind": "env", **about, "shape": asdict(shape), "dtype": dtype_name, "attn": args.attn,
+         "global_attention": args.global_attention},
+        log,
+    )  # fmt: skip
     print(
         f"shape: {shape.num_layers} layers, hidden {shape.hidden}, {shape.heads} heads of {shape.head_dim}, "
         f"{shape.kv_heads} KV heads, vocab {shape.vocab}, W {shape.window}, b {shape.block}, dense SwiGLU, "
@@ -355,6 +371,7 @@ def main(argv=None) -> int:
                     layout=name,
                     ffn=ffn[name],
                     attn=args.attn,
+                    global_attention=args.global_attention,
                     max_positions=max_positions,
                     device=args.device,
                     dtype=dtype_name,

@@ -1,88 +1,154 @@
-"""Forward time of one sparse attention layer against one full attention layer of the same shape (CPU, sdpa).
+"""One sparse attention layer against one full attention layer of the same shape: prefill and decode (CPU, sdpa).
 
-The layers are taken from one model (the same q/k/v/o shapes; the sparse layer adds its branch gate) and called as
-the model calls them, masks built once outside the timing. Batch 1, fp32, no grad, median of a few runs.
+Each layer is timed as the model calls it (forward hooks on the layer's attention module: its own time, inside the
+model's forward with the model's masks and cache), batch 1, fp32, no grad:
+- prefill: one forward over n tokens that fills the cache (median of `--repeats` at n <= 8k, one run beyond);
+- decode: the next `--decode-steps` tokens, one forward each through that cache (median over the steps).
+The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
+global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
++ window, exact). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
-    python benchmarks/sparse_layer_speed.py                       # 8k tokens, hidden 256, 4 heads of 64, W 256, b 64
+Weights:
+- random (default): a one-layer model, hidden 256, 4 heads of 64 (4 KV heads), W 256, b 64, k 8, random tokens.
+  Random queries and keys make the selection random: every chunk of a prefill selects nearly every block.
+- `--smollm2`: layer 1 of the embedded SmolLM2-135M-Instruct (9 heads of 64, 3 KV heads) in its `long-context`
+  upcycle (W 512, b 64) under each global branch, against the same layer of the source LLaMA, both reading real
+  text (CPython's pydoc topics, `pydoc_prose`) through the whole 30-layer model; only layer 1 is timed.
+
+    python benchmarks/sparse_layer_speed.py                          # random weights, 8k and 32k tokens
     python benchmarks/sparse_layer_speed.py --lengths 2048 8192 --attn eager
+    python benchmarks/sparse_layer_speed.py --smollm2 --lengths 8192
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import platform
 import statistics
 import time
 
 import torch
+from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.masks import build_masks
+
+VARIANTS = ("attention", "full", "compressed", "selected")
 
 
-def model_for(global_attention: str, attn: str, window: int, block: int) -> LlamaHybridForCausalLM:
+class LayerTimer:
+    """Seconds spent in one module per call, from forward pre-/post-hooks."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls: list[float] = []
+        module.register_forward_pre_hook(lambda *_: setattr(self, "began", time.perf_counter()))
+        module.register_forward_hook(lambda *_: self.calls.append(time.perf_counter() - self.began))
+
+    def take(self) -> list[float]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def random_model(variant: str, attn: str, window: int, block: int) -> LlamaHybridForCausalLM:
     config = LlamaHybridConfig(
         vocab_size=64,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=4,
         head_dim=64,
-        mixer_types=["sparse_attention", "attention"],
+        mixer_types=["attention" if variant == "attention" else "sparse_attention"],
         sliding_window=window,
-        global_attention=global_attention,
+        global_attention="full" if variant == "attention" else variant,
         compress_block_size=block,
         max_position_embeddings=1 << 17,
         attn_implementation=attn,
     )
+    torch.manual_seed(0)
     return LlamaHybridForCausalLM(config).eval()
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def smollm2_models(attn: str) -> tuple[dict, list[int]]:
+    """{variant: model} over the embedded SmolLM2 and its long-context upcycles, and pydoc token ids."""
+    from pathlib import Path
+
+    from llama_hybrid.convert import export_llama, load_llama
+    from llama_hybrid.default_model import default_model_dir
+    from llama_hybrid.pydoc_corpus import pydoc_prose
+    from llama_hybrid.upcycle import recipe_for, upcycle
+
+    folder = Path(__file__).resolve().parents[1] / "out" / "passkey" / "smollm2-llama"
+    if not (folder / "config.json").is_file():
+        export_llama(default_model_dir(), folder, overwrite=True)
+    llama, tokenizer, _ = load_llama(str(folder))
+    models = {"attention": llama}
+    for variant in VARIANTS[1:]:
+        recipe = recipe_for("long-context", llama.config.num_hidden_layers, global_attention=variant)
+        models[variant] = upcycle(llama, recipe)
+    for model in models.values():
+        model.config._attn_implementation = attn
+    return models, tokenizer(pydoc_prose(600_000), add_special_tokens=False).input_ids
 
 
 @torch.no_grad()
+def measure(model, timer: LayerTimer, ids: torch.Tensor, repeats: int, decode_steps: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) of the timed layer: medians."""
+    prefill = []
+    for _ in range(repeats):
+        timer.take()
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-decode_steps], cache=cache)
+        prefill.append(sum(timer.take()))
+    decode = []
+    for t in range(ids.shape[1] - decode_steps, ids.shape[1]):
+        model(ids[:, t : t + 1], cache=cache)
+        decode.append(sum(timer.take()))
+    return statistics.median(prefill), statistics.median(decode)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--window", type=int, default=256, help="random weights: W")
+    parser.add_argument("--block", type=int, default=64, help="random weights: b")
+    parser.add_argument("--repeats", type=int, default=3, help="prefill runs at n <= 8k (one beyond)")
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--smollm2", action="store_true", help="layer 1 of SmolLM2 and its upcycles, real text")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, attn={args.attn}, W={args.window}, b={args.block}"
-    )
-    print(f"{'n':>7} {'full ms':>9} {'sparse/full ms':>15} {'sparse/compressed ms':>21} {'compressed speed-up':>20}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = ["attention", *[v for v in args.variants if v != "attention"]]
+    if args.smollm2:
+        models, text = smollm2_models(args.attn)
+        timers = {v: LayerTimer(models[v].model.layers[1].self_attn) for v in variants}
+        shape = "SmolLM2-135M layer 1 (9 heads of 64, 3 KV heads), long-context upcycle W 512, b 64, pydoc text"
+    else:
+        shape = f"random weights, hidden 256, 4 heads of 64, W {args.window}, b {args.block}, random tokens"
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"attn={args.attn}; {shape}; decode: median of {args.decode_steps} steps")
+    print(f"{'n':>7} {'layer':>11} {'prefill ms':>11} {'decode ms':>10} {'prefill ×':>10} {'decode ×':>9}")
     for length in args.lengths:
+        total = length + args.decode_steps
+        ids = torch.tensor([text[:total]]) if args.smollm2 else torch.randint(0, 64, (1, total))
+        repeats = args.repeats if length <= 8192 else 1
         row = {}
-        for global_attention in ("full", "compressed"):
-            model = model_for(global_attention, args.attn, args.window, args.block)
-            hidden = torch.randn(1, length, 256)
-            position_ids = torch.arange(length)[None]
-            masks = build_masks(model.config, hidden, None, None, position_ids, model.model.rotary_emb)
-            rotary = model.model.rotary_emb(hidden, position_ids)
-            sparse_layer, full_layer = model.model.layers
-            sparse, full = sparse_layer.self_attn, full_layer.self_attn
-            row[global_attention] = median_seconds(
-                functools.partial(sparse, hidden, rotary, masks[sparse_layer.mask_kind]), args.repeats
+        for variant in variants:
+            if args.smollm2:
+                model, timer = models[variant], timers[variant]
+            else:
+                model = random_model(variant, args.attn, args.window, args.block)
+                timer = LayerTimer(model.model.layers[0].self_attn)
+            row[variant] = measure(model, timer, ids, repeats, args.decode_steps)
+            prefill, decode = row[variant]
+            base_prefill, base_decode = row["attention"]
+            print(
+                f"{length:>7} {variant:>11} {prefill * 1e3:>11.1f} {decode * 1e3:>10.2f}"
+                f" {base_prefill / prefill:>9.2f}x {base_decode / decode:>8.2f}x",
+                flush=True,
             )
-            if "dense" not in row:  # the full-attention layer is the same in both models: time it once
-                row["dense"] = median_seconds(
-                    functools.partial(full, hidden, rotary, masks["full_attention"]), args.repeats
-                )
-        print(
-            f"{length:>7} {row['dense'] * 1e3:>9.1f} {row['full'] * 1e3:>15.1f} {row['compressed'] * 1e3:>21.1f}"
-            f" {row['dense'] / row['compressed']:>19.2f}x"
-        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 # 2: `global_attention` may be a per-layer list (format 1: one string for every sparse-attention layer)
 CONFIG_FORMAT_VERSION = 2
 MLP_LAYER_TYPES = ("dense", "sparse")
-SELECT_SCORERS = ("sparq", "quest")  # the selected global branch's block scorers (selected_attention.py)
+SELECT_SCORERS = ("sparq", "sparq-group", "quest")  # the selected global branch's block scorers (selected_attention.py)
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
 # are not stored in a saved config (only the layer lists they produce are), so renaming one changes no checkpoint.
@@ -89,7 +89,8 @@ class LlamaHybridConfig(PreTrainedConfig):
             each `"sparse_attention"` layer and None for the others (a model may mix variants). `"selected"`: exact
             attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
             before the window (ranked by `select_scorer`: `"sparq"`, q.k over the query's `select_dims`
-            largest-magnitude dimensions, or `"quest"`, Quest's min/max bound) and the window; it needs
+            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or
+            `"quest"`, Quest's min/max bound) and the window; it needs
             `sliding_window >= compress_block_size`.
         sparse_gate_init: initial per-head weight of the local branch in `g = 1 - alpha * sigmoid(W x + b)`;
             0 makes a fresh sparse layer exactly its global branch.

@@ -7,9 +7,11 @@ selection). A scorer ranks them (`score_blocks`), a stable descending sort takes
 query attends with one softmax over sink | selected | window, each token once, keys after t masked. That is exact
 attention over a subset, equal to full causal attention while n <= W + (k + 1) * b.
 
-Scorers (`config.select_scorer`), both combined over a KV group's query heads by max (one selection per KV head):
+Scorers (`config.select_scorer`), all combined over a KV group's query heads by max (one selection per KV head):
 - "sparq" (default): q.k over the query's r largest-|q| dimensions (r = `select_dims`), block score = max over the
   block's rotated keys;
+- "sparq-group": the same over r dimensions shared by a KV group's query heads (largest in their summed |q|), so a
+  decode step reads r rows of keys per KV head instead of up to R * r;
 - "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
   of the true max q.k over the block).
 
@@ -39,6 +41,7 @@ from .selected_cache import SelectedSparseLayer
 from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
 QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
+SPARQ_GATHER_QUERIES = 8  # up to this many queries per KV head, "sparq" gathers r key rows per query (decode)
 
 
 @dataclass
@@ -51,6 +54,8 @@ class SelectionLayout:
     block_positions: torch.Tensor  # (B, G) first position j*b of each block
     block_documents: torch.Tensor  # (B, G) its document (-1: an unused block number of a shorter row)
     block_is_sink: torch.Tensor  # (B, G) the block is the first of its document
+    block_slots: torch.Tensor  # (B, G, b) the slots of each block's keys, in order; S where a block has fewer
+    block_ends: torch.Tensor  # (B, G) one past each block's last slot (0 for an unused block number)
     query_slots: torch.Tensor  # (B, T) key slot of each query
     query_positions: torch.Tensor  # (B, T) -1 for padding queries
     query_documents: torch.Tensor  # (B, T)
@@ -72,10 +77,21 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
     num_blocks = max(int(starts.sum(1).max()), 1) if slots else 1  # one host sync per forward
     block_of_key = torch.where(valid, starts.long().cumsum(1) - 1, num_blocks)
 
-    def per_block(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G): the value its keys share
-        base = values.new_full((batch, num_blocks + 1), -1)
-        return base.scatter_reduce(1, block_of_key, values, "amax")[:, :-1]
+    slot_index = torch.arange(slots, device=positions.device).expand(batch, -1)
+    next_opens = F.pad(starts[:, 1:] | ~valid[:, 1:], (0, 1), value=True)
+    # one plain scatter each (a block has one first and one last slot; the spare block G takes the rest)
+    first_slot = positions.new_full((batch, num_blocks + 1), slots)
+    first_slot = first_slot.scatter(1, torch.where(starts, block_of_key, num_blocks), slot_index)[:, :-1]  # (B, G)
+    ends = positions.new_zeros(batch, num_blocks + 1)
+    ends = ends.scatter(1, torch.where(valid & next_opens, block_of_key, num_blocks), slot_index + 1)[:, :-1]
+    used = first_slot < slots  # (B, G): False for the unused block numbers of a row with fewer blocks
 
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # (B, S) -> (B, G): the value its keys share
+        return torch.where(used, values.gather(1, first_slot.clamp(max=max(slots - 1, 0))), -1)
+
+    offset = slot_index - F.pad(first_slot, (0, 1)).gather(1, block_of_key)  # a key's place in its block
+    block_slots = positions.new_full((batch, (num_blocks + 1) * block_size), slots)
+    block_slots = block_slots.scatter(1, block_of_key * block_size + offset.clamp(0, block_size - 1), slot_index)
     query_slots = (layout.query_offset + torch.arange(num_queries, device=positions.device))[None].expand(batch, -1)
     return SelectionLayout(
         key_positions=positions,
@@ -84,6 +100,8 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         block_positions=per_block(block * block_size),
         block_documents=per_block(documents),
         block_is_sink=per_block(doc_start.long()) > 0,
+        block_slots=block_slots.view(batch, num_blocks + 1, block_size)[:, :-1],  # invalid keys: the spare row
+        block_ends=ends,
         query_slots=query_slots,
         query_positions=positions.gather(1, query_slots),
         query_documents=documents.gather(1, query_slots),
@@ -106,10 +124,27 @@ def grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
 
 
-def sparq_query(query: torch.Tensor, dims: int) -> torch.Tensor:
-    """The query with all but its `dims` largest-magnitude dimensions zeroed: q.k of it = q.k over those dims."""
-    top = query.abs().topk(min(dims, query.shape[-1]), dim=-1).indices
-    return torch.zeros_like(query).scatter(-1, top, query.gather(-1, top))
+def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int, sharing: int = 1) -> torch.Tensor:
+    """q.k over `dims` largest-|q| dimensions: grouped queries (B, KV, N, D), keys (B, KV, S, D) -> (B, KV, N, S).
+
+    `sharing` = 1: each query row picks its own dimensions ("sparq"); `sharing` = R: the N = R * Q rows are R heads
+    of Q queries and the R heads of a query share the dimensions largest in their summed |q| ("sparq-group").
+    A few queries (a decode step) read only the chosen dimensions' rows of the keys (a dimension-major cache stores
+    each as one contiguous row: r / D of the keys per choice); many queries (a prefill chunk) multiply the zeroed
+    query by every key, one matmul, which costs what QK^T costs but beats N separate gathers."""
+    batch, kv_heads, rows_of_query, dim = query.shape
+    query = query.view(batch, kv_heads, sharing, rows_of_query // sharing, dim)  # (B, KV, R', Q', D)
+    top = query.abs().sum(2).topk(min(dims, dim), dim=-1).indices  # (B, KV, Q', r): each choice's dimensions
+    if rows_of_query > SPARQ_GATHER_QUERIES:
+        kept = torch.zeros_like(top, dtype=query.dtype).new_zeros(batch, kv_heads, top.shape[2], dim)
+        kept = kept.scatter(-1, top, 1.0)[:, :, None]  # (B, KV, 1, Q', D)
+        return (query * kept).view(batch, kv_heads, rows_of_query, dim) @ key.transpose(-1, -2)
+    head = torch.arange(batch * kv_heads, device=query.device).view(batch, kv_heads, 1, 1)
+    rows = key.transpose(-1, -2).reshape(batch * kv_heads * dim, key.shape[2])  # a view of a dimension-major cache
+    rows = rows.index_select(0, (head * dim + top).flatten()).view(*top.shape, key.shape[2])  # (B, KV, Q', r, S)
+    values = query.gather(-1, top[:, :, None].expand(-1, -1, sharing, -1, -1))  # (B, KV, R', Q', r)
+    scores = values[..., None, :] @ rows[:, :, None]  # (B, KV, R', Q', 1, S)
+    return scores.view(batch, kv_heads, rows_of_query, key.shape[2])
 
 
 def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,43 +157,54 @@ def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tens
     return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
 
 
-def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None) -> torch.Tensor:
-    """Block scores (B, KV, Q, G) of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads.
+def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None):
+    """Block scores (B, KV, Q, G') of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads,
+    for the first `blocks` = G' blocks (default all G): only the key slots of those blocks are read.
 
     "sparq": the max over the block's keys of q.k on the query's `dims` largest-|q| dimensions; "quest": Quest's
     bound q+ . max - q- . min (`bounds`: `block_bounds(key, layout)`, computed here when None).
     """
     batch, kv_heads = key.shape[:2]
     length = query.shape[2]
-    if scorer == "sparq":
-        scores = grouped(sparq_query(query, dims), kv_heads) @ key.transpose(-1, -2)  # (B, KV, R * Q, S)
-        index = layout.block_of_key[:, None, None].expand_as(scores)
-        base = scores.new_full((*scores.shape[:-1], layout.num_blocks + 1), -torch.inf)
-        scores = base.scatter_reduce(-1, index, scores, "amax")[..., :-1]  # (B, KV, R * Q, G)
+    blocks = layout.num_blocks if blocks is None else blocks
+    if scorer in ("sparq", "sparq-group"):
+        read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
+        sharing = query.shape[1] // kv_heads if scorer == "sparq-group" else 1
+        scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims, sharing)  # (B, KV, RQ, S')
+        scores = F.pad(scores, (0, 1), value=-torch.inf)  # slot S' stands for "no key" in the block table
+        table = layout.block_slots[:, :blocks].clamp(max=read).flatten(1)  # (B, G' * b)
+        scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
+        scores = scores.view(*scores.shape[:-1], blocks, layout.block_slots.shape[-1]).amax(-1)  # (B, KV, RQ, G')
     elif scorer == "quest":
         low, high = bounds if bounds is not None else block_bounds(key, layout)
-        query = grouped(query, kv_heads)
-        scores = query.clamp(min=0) @ high.transpose(-1, -2) - (-query).clamp(min=0) @ low.transpose(-1, -2)
+        low, high, grouped_query = low[:, :, :blocks], high[:, :, :blocks], grouped(query, kv_heads)
+        scores = grouped_query.clamp(min=0) @ high.transpose(-1, -2) - (-grouped_query).clamp(min=0) @ low.transpose(
+            -1, -2
+        )
     else:
-        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq' or 'quest'")
-    return scores.reshape(batch, kv_heads, -1, length, layout.num_blocks).amax(2)
+        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq', 'sparq-group' or 'quest'")
+    return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
 
 
-def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, KV, Q, K) the k best candidates by a stable descending sort (ties: the earlier block); G where fewer."""
-    num_blocks = scores.shape[-1]
+def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: int) -> torch.Tensor:
+    """(B, KV, Q, K) the k best candidates by a stable descending sort (ties: the earlier block); `spare` (the block
+    number G, "no block") where fewer."""
     scores = scores.masked_fill(~candidates[:, None], -torch.inf)
     ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
-    chosen = torch.where(ranked.values[..., :k] > -torch.inf, ranked.indices[..., :k], num_blocks)
-    return F.pad(chosen, (0, k - chosen.shape[-1]), value=num_blocks)
+    chosen = torch.where(ranked.values[..., :k] > -torch.inf, ranked.indices[..., :k], spare)
+    return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
 def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None):
-    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). A discrete choice:
-    no gradient flows through it (only through the attention over the chosen keys)."""
+    """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
+    the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
+    discrete choice: no gradient flows through it (only through the attention over the chosen keys)."""
     with torch.no_grad():
-        scores = score_blocks(query, key, layout, scorer, dims, bounds)
-        return top_blocks(scores, candidate_blocks(layout, queries), k)
+        candidates = candidate_blocks(layout, queries)  # (B, Q, G)
+        blocks = int(candidates.flatten(0, 1).any(0).cumsum(0).argmax()) + 1 if candidates.any() else 0  # G'
+        candidates = candidates[..., :blocks]
+        scores = score_blocks(query, key, layout, scorer, dims, bounds, blocks)
+        return top_blocks(scores, candidates, k, layout.num_blocks)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -216,7 +262,7 @@ class SelectedOutput(NamedTuple):
 def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, KV, U) the key slots a chunk reads per KV head: its queries' documents' sinks, the union of their selected
     blocks and the window band (the slots from W - 1 before its first query to its last), in key order; and
-    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slots they do not need)."""
+    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slot 0, marked not needed)."""
     batch, kv_heads = selection.shape[:2]
     slots = layout.key_positions.shape[1]
     chosen = torch.zeros(batch, kv_heads, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
@@ -230,9 +276,20 @@ def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor
     band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])  # (B, S)
     blocks = layout.block_of_key[:, None].expand(-1, kv_heads, -1)
     needed = band[:, None] | F.pad(chosen, (0, 1)).gather(2, blocks)  # (B, KV, S)
-    count = int(needed.sum(2).max())  # U: one host sync per chunk
-    order = torch.sort((~needed).to(torch.int8), dim=2, stable=True).indices[..., :count]  # needed first, in order
-    return order, needed.gather(2, order)
+    counts = needed.sum(2, keepdim=True)  # (B, KV, 1)
+    count = int(counts.max())  # U: one host sync per chunk
+    place = torch.where(needed, needed.long().cumsum(2) - 1, count)  # each needed slot's place, in key order
+    order = torch.zeros(batch, kv_heads, count + 1, dtype=torch.long, device=needed.device)
+    order = order.scatter(2, place, index.expand_as(place))[..., :count]  # heads needing fewer: slot 0 pads
+    return order, torch.arange(count, device=needed.device) < counts
+
+
+def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, KV, U, D): the slots `slots` (B, KV, U) of keys or values (B, KV, S, D). A dimension-major tensor (the
+    cache's keys: each dimension one contiguous row) is gathered along its rows, b-token runs at a time."""
+    if states.stride(-2) == 1:
+        return states.transpose(-1, -2).gather(3, slots[:, :, None].expand(-1, -1, states.shape[-1], -1)).mT
+    return states.gather(2, slots[..., None].expand(-1, -1, -1, states.shape[-1]))
 
 
 def chunked_selected_attention(
@@ -258,9 +315,10 @@ def chunked_selected_attention(
         else:
             chosen = selection[:, :, queries]
         slots, kept = chunk_slots(layout, queries, chosen)  # (B, KV, U)
-        index = slots[..., None].expand(-1, -1, -1, key.shape[-1])
         mask = visible_keys(layout, queries, slots, chosen, kept)
-        outs.append(masked_attention(part, key.gather(2, index), value.gather(2, index), mask, scaling, use_sdpa))
+        outs.append(
+            masked_attention(part, gather_slots(key, slots), gather_slots(value, slots), mask, scaling, use_sdpa)
+        )
         selections.append(chosen)
         read = max(read, slots.shape[2])
     return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)

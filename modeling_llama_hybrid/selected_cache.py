@@ -6,6 +6,9 @@ sink, its k chosen blocks and its window, so it keeps every token. What it keeps
   dimensions of the rotated key of every candidate token each step, so rotating on gather would rotate the whole
   prefix per step, and a second (pre-RoPE) copy would cost half a KV cache more. RoPE is an orthogonal rotation per
   dimension pair, so rotated keys can be re-rotated to other positions (context extension) by the angle difference.
+  Keys are stored dimension-major, (B, KV, D, C): one dimension of every token is one contiguous row, so a decode
+  step's scorer reads its r rows (r / D of the keys) instead of every key's cache lines; `keys` is a transposed
+  (B, KV, S, D) view of it, and the gathers of sink, blocks and window read b-token runs of each row.
 - the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); "quest" computes each
   block's min / max from the keys per step (not stored: a quest decode step reads every key once).
 - the position id of every slot (-1 for left padding), from the step the model opens per forward (`open_step`), so
@@ -49,14 +52,14 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         batch, heads, _, dim = key_states.shape
-        self.key_buffer = key_states.new_zeros(batch, heads, 0, dim)  # (B, KV, C, D)
+        self.key_buffer = key_states.new_zeros(batch, heads, dim, 0)  # (B, KV, D, C): dimension-major
         self.value_buffer = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
         self.position_buffer = torch.full((batch, 0), -1, dtype=torch.long, device=self.device)  # (B, C)
         self.is_initialized = True
 
     @property
     def capacity(self) -> int:
-        return self.key_buffer.shape[2] if self.is_initialized else 0
+        return self.value_buffer.shape[2] if self.is_initialized else 0
 
     def open_step(self, inputs_embeds, position_ids, attention_mask, rotary_emb=None, **kwargs) -> None:
         """The model's once-per-forward call: the new tokens' position ids, -1 where the 2-D mask says padding."""
@@ -75,7 +78,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             shape[dim] = capacity - shape[dim]
             return torch.cat([buffer, buffer.new_full(shape, fill)], dim)
 
-        self.key_buffer = grown(self.key_buffer, 2, 0)
+        self.key_buffer = grown(self.key_buffer, 3, 0)
         self.value_buffer = grown(self.value_buffer, 2, 0)
         self.position_buffer = grown(self.position_buffer, 1, -1)
 
@@ -89,7 +92,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             positions = (self.length + torch.arange(length, device=self.device))[None].expand(batch, -1)
         self.reserve(self.length + length)
         end = self.length + length
-        self.key_buffer[:, :, self.length : end] = key_states
+        self.key_buffer[..., self.length : end] = key_states.transpose(-1, -2)
         self.value_buffer[:, :, self.length : end] = value_states
         self.position_buffer[:, self.length : end] = positions
         self.length, self.new_positions = end, None
@@ -98,7 +101,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
 
     def refresh(self) -> None:
         """`keys` / `values`: views of the filled slots (what generic Cache code and the layer read)."""
-        self.keys = self.key_buffer[:, :, : self.length]
+        self.keys = self.key_buffer[..., : self.length].transpose(-1, -2)  # (B, KV, S, D), a view
         self.values = self.value_buffer[:, :, : self.length]
 
     def key_layout(self, num_queries: int) -> WindowLayout:

@@ -41,3 +41,10 @@ def experts_loop_reference(experts: LlamaHybridExperts, hidden_NH, experts_Nk, w
             total = total + weight * (experts.down_proj[expert] @ (experts.act_fn(gate) * up))
         rows.append(total)
     return torch.stack(rows)
+
+
+def sparq_query(query: torch.Tensor, dims: int) -> torch.Tensor:
+    """The selected branch's "sparq" scorer, plainly: the query with all but its `dims` largest-magnitude dimensions
+    zeroed (q.k of it = q.k over those dimensions)."""
+    top = query.abs().topk(min(dims, query.shape[-1]), dim=-1).indices
+    return torch.zeros_like(query).scatter(-1, top, query.gather(-1, top))

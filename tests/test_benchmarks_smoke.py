@@ -49,3 +49,23 @@ def test_long_context_smoke(tmp_path):
         for name in (*LAYOUTS, "ratio"):
             assert any(line.split()[:2] == [str(context), name] for line in table), (context, name)
     assert any("cache floor 1/6" in line for line in table)
+
+
+def test_sparse_layer_speed_times_every_layer_kind():
+    """`benchmarks/sparse_layer_speed.py` on a tiny length: a row per layer kind with finite prefill and decode times
+    (the timed layer was called: the hooks saw it) and ratios against full attention."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sparse_layer_speed.py"), "--lengths", "200", "--window", "32",
+         "--block", "16", "--repeats", "1", "--decode-steps", "2", "--threads", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = {line.split()[1]: line.split() for line in done.stdout.splitlines() if line.split()[:1] == ["200"]}
+    assert set(rows) == {"attention", "full", "compressed", "selected"}
+    for _n, _layer, prefill, decode, prefill_ratio, decode_ratio in rows.values():
+        assert float(prefill) > 0 and float(decode) > 0
+        assert math.isfinite(float(prefill_ratio.rstrip("x"))) and math.isfinite(float(decode_ratio.rstrip("x")))
+    assert rows["attention"][4:] == ["1.00x", "1.00x"]

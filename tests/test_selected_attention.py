@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_pair  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 from hybrid_mixer_fixtures import tiny_model, tokens
+from reference_kernels import sparq_query
 from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig
@@ -26,7 +28,6 @@ from modeling_llama_hybrid.selected_attention import (
     score_blocks,
     select_blocks,
     selection_layout,
-    sparq_query,
 )
 from modeling_llama_hybrid.selected_cache import SelectedSparseLayer
 
@@ -126,6 +127,34 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
+def test_layout_blocks_match_a_plain_walk_over_the_slots():
+    positions = packed_and_padded_rows(70)
+    layout = layout_of(positions)
+    for row, row_positions in enumerate(positions.tolist()):
+        blocks, document, previous = [], -1, None  # [(first slot, last slot + 1, start position, document, sink)]
+        for slot, position in enumerate(row_positions):
+            if position < 0:
+                previous = None
+                continue
+            new_document = previous is None or position != previous + 1
+            document += new_document
+            if new_document or position // BLOCK != previous // BLOCK:
+                blocks.append([slot, slot + 1, position // BLOCK * BLOCK, document, new_document])
+            blocks[-1][1], previous = slot + 1, position
+        count = len(blocks)
+        first = layout.block_slots[row, :count, 0].tolist()
+        assert first == [b[0] for b in blocks]
+        assert layout.block_ends[row, :count].tolist() == [b[1] for b in blocks]
+        assert layout.block_positions[row, :count].tolist() == [b[2] for b in blocks]
+        assert layout.block_is_sink[row, :count].tolist() == [b[4] for b in blocks]
+        documents = layout.block_documents[row, :count]
+        assert (documents.diff() >= 0).all() and documents.unique().numel() == blocks[-1][3] + 1
+        for g, (start, end, *_rest) in enumerate(blocks):  # each block's table lists its slots, then "none" (S)
+            table = layout.block_slots[row, g].tolist()
+            assert table == list(range(start, end)) + [70] * (BLOCK - (end - start))
+        assert (layout.block_documents[row, count:] == -1).all()
+
+
 def test_selection_stays_in_the_query_document_and_before_its_window():
     length = 70
     positions = packed_and_padded_rows(length)
@@ -179,6 +208,45 @@ def test_sparq_with_every_dimension_is_the_exact_block_max_and_groups_combine_by
     exact = query @ key.repeat_interleave(groups, 1).transpose(-1, -2)  # (B, H, T, S)
     exact = exact.view(1, KV_HEADS, groups, length, -1, BLOCK).amax(-1).amax(2)
     torch.testing.assert_close(scores, exact, atol=1e-12, rtol=0)
+
+
+def test_sparq_decode_path_reads_only_the_query_dimensions_and_equals_the_matmul_path():
+    """A few queries gather r rows of dimension-major keys; poisoning every other dimension with NaN proves they
+    are never read, and the result equals the prefill path (one matmul of the zeroed query) in float64."""
+    groups, length, dims = HEADS // KV_HEADS, 40, 3
+    query, key, _ = qkv(2, length, queries=1, seed=6)
+    grouped_query = selected.grouped(query, KV_HEADS)  # (B, KV, R, D): a decode step, R <= SPARQ_GATHER_QUERIES
+    assert grouped_query.shape[2] == groups <= selected.SPARQ_GATHER_QUERIES
+    expected = sparq_query(grouped_query, dims) @ key.transpose(-1, -2)
+    top = grouped_query.abs().topk(dims, dim=-1).indices  # (B, KV, R, r)
+    read = torch.zeros(2, KV_HEADS, DIM, dtype=torch.bool).scatter(-1, top.flatten(2), True)  # the dims any reads
+    assert not read.all()  # some dimension is left unread, so the poison below can tell
+    poisoned = key.transpose(-1, -2).contiguous()  # (B, KV, D, S), as the cache stores it
+    poisoned[~read] = torch.nan
+    scores = selected.sparq_scores(grouped_query, poisoned.transpose(-1, -2), dims)
+    torch.testing.assert_close(scores, expected, atol=1e-12, rtol=0)
+    many = qkv(1, length, seed=7)[0]  # T = 40 queries: the matmul path
+    grouped_many = selected.grouped(many, KV_HEADS)
+    gathered = torch.cat([selected.sparq_scores(grouped_many[:, :, i : i + 1], key[:1], dims) for i in range(80)], 2)
+    torch.testing.assert_close(selected.sparq_scores(grouped_many, key[:1], dims), gathered, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 40])  # a decode step (row gather) and a prefill chunk (one matmul)
+def test_sparq_group_shares_the_dimensions_of_the_summed_magnitudes(length):
+    groups, dims = HEADS // KV_HEADS, 3
+    query, key, _ = qkv(2, 50, queries=length, seed=8)
+    per_group = query.view(2, KV_HEADS, groups, length, DIM)
+    top = per_group.abs().sum(2).topk(dims, dim=-1).indices  # (B, KV, Q, r)
+    kept = torch.zeros(2, KV_HEADS, 1, length, DIM, dtype=torch.float64).scatter(-1, top[:, :, None], 1.0)
+    expected = (per_group * kept).reshape(2, KV_HEADS, groups * length, DIM) @ key.transpose(-1, -2)
+    scores = selected.sparq_scores(selected.grouped(query, KV_HEADS), key, dims, sharing=groups)
+    torch.testing.assert_close(scores, expected, atol=1e-12, rtol=0)
+    layout = layout_of(torch.arange(50).expand(2, -1), num_queries=length)
+    blocks = score_blocks(query, key, layout, "sparq-group", dims)  # (B, KV, Q, G): block max, then group max
+    per_block = F.pad(expected, (0, -(-50 // BLOCK) * BLOCK - 50), value=-torch.inf).view(
+        2, KV_HEADS, groups, length, -1, BLOCK
+    )
+    torch.testing.assert_close(blocks, per_block.amax(-1).amax(2), atol=1e-12, rtol=0)
 
 
 def test_quest_bound_is_at_least_the_true_block_max():
@@ -277,6 +345,7 @@ def test_the_cache_grows_by_doubling_and_keeps_every_token():
         capacities.append(layer.capacity)
     assert len(set(capacities)) <= 8  # 1, 2, 4, ..., 128: reallocated log2(n) times, not once per token
     assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(100)]
+    assert layer.key_buffer.shape[-1] == layer.capacity  # dimension-major: a key dimension is one contiguous row
     layer.crop(-30)
     assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
     layer.batch_repeat_interleave(2)

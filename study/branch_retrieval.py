@@ -1,0 +1,224 @@
+"""Retrieval and perplexity at step 0 of the global branches (issue 25): which upcycle still finds the needle?
+
+    python study/branch_retrieval.py            # the published run (hours on one CPU thread: see BUDGET)
+    python study/branch_retrieval.py --quick    # smoke test: same code paths, a few minutes, numbers meaningless
+
+The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none trained after upcycling:
+- `smollm2 (llama)`: the source, a plain transformers `LlamaForCausalLM`.
+- `selected`: its `long-context` upcycle (layers 1..28 sparse, window W = 512, blocks of b = 64) with every sparse
+  layer's global branch `selected` (sink + the top k = 8 blocks + window, one softmax; scorer `sparq`, r = 16):
+  each query attends to at most 64 + 8 * 64 + 512 = 1,088 tokens.
+- `mix (1 in 4 selected)`: the same with sparse layers 4, 8, ..., 28 selected and the rest `compressed` (a cache
+  about a quarter of the selected one's beyond the window).
+- `compressed`: every sparse layer compressed (the smallest cache).
+
+Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
+at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
+real prose, the held-out split of CPython's pydoc topics (`split_topics`, 11,720 tokens), each sample a different
+stretch of it. Needle depths cycle through DEPTHS, chosen so every needle lies beyond the window (each sample's
+distance is recorded; the tables count only needles beyond W). Perplexity: the held-out split in windows of 2,048
+tokens (5 windows) and of 8,192 tokens (one window: its first 8,192 tokens), every token scored.
+
+Results go to --out (default out/branch-retrieval): results.json (every sample) and results.md (the tables), written
+after every cell, so an interrupted run resumes where it stopped (cells already in results.json are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import passkey_probe as probe
+import torch
+
+from llama_hybrid.pydoc_corpus import pydoc_topics, split_topics
+from llama_hybrid.training.io import write_json
+from llama_hybrid.upcycle import recipe_for, upcycle
+from modeling_llama_hybrid import LlamaHybridForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+DEPTHS = (0.05, 0.25, 0.45, 0.65)  # share of the filler before the needle: beyond W = 512 at every length >= 2k
+SEED = 25
+HAYSTACKS = ("filler", "prose")
+LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 selected)", "compressed"
+# (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
+# upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
+# on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
+# than the issue's 20 per cell at 4k and 8k, fixed and printed with every table.
+BUDGET = {
+    "full": [
+        (2048, LLAMA, 20),
+        (2048, SELECTED, 20),
+        (4096, LLAMA, 10),
+        (4096, SELECTED, 10),
+        "perplexity",
+        (8192, LLAMA, 4),
+        (8192, SELECTED, 4),
+        (2048, COMPRESSED, 10),
+        (2048, MIX, 10),
+    ],
+    "quick": [(640, LLAMA, 2), (640, SELECTED, 2), "perplexity", (640, COMPRESSED, 2), (640, MIX, 2)],
+}
+PERPLEXITY_WINDOWS = {"full": (2048, 8192), "quick": (640,)}
+
+
+def heldout_tokens(tokenizer) -> list[int]:
+    topics = pydoc_topics()
+    _, heldout = split_topics(topics)
+    return probe.encode(tokenizer, "\n\n".join(topics[k] for k in heldout))
+
+
+def prompts(tokenizer, haystack: str, length: int, samples: int, prose: list[int]) -> list[probe.Passkey]:
+    """Fixed samples of one (haystack, length): keys, depths and prose offsets from a seed of their own."""
+    rng = random.Random(f"{SEED}-{haystack}-{length}")
+    out = []
+    for i in range(samples):
+        key, depth = probe.random_key(rng), DEPTHS[i % len(DEPTHS)]
+        filler = None
+        if haystack == "prose":
+            offset = rng.randrange(len(prose) - length)
+            filler = prose[offset : offset + length]
+        out.append(probe.build_prompt(tokenizer, length, key, depth, filler))
+    return out
+
+
+def upcycled(llama, branch: str):
+    model = upcycle(llama, recipe_for("long-context", llama.config.num_hidden_layers, global_attention=branch))
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def mixed(selected, compressed, branches: list[str | None]):
+    """One model whose sparse layers take the global branch `branches[i]`, each layer's weights (its gate starts as
+    that branch's upcycling rule says) from the upcycle of that branch: every variant has the same parameters."""
+    config = copy.deepcopy(selected.config)
+    config.global_attention = branches
+    model = LlamaHybridForCausalLM(config).eval()
+    state = selected.state_dict()
+    for name, tensor in compressed.state_dict().items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and branches[int(parts[2])] == "compressed":
+            state[name] = tensor
+    model.load_state_dict(state)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def models(llama) -> dict:
+    selected, compressed = upcycled(llama, "selected"), upcycled(llama, "compressed")
+    sparse = [kind == "sparse_attention" for kind in selected.config.mixer_types]
+    branches = [("selected" if i % 4 == 0 else "compressed") if s else None for i, s in enumerate(sparse)]
+    return {
+        LLAMA: llama,
+        SELECTED: selected,
+        MIX: mixed(selected, compressed, branches),
+        COMPRESSED: compressed,
+    }
+
+
+@torch.no_grad()
+def perplexity(model, tokens: list[int], window: int) -> tuple[float, int, int]:
+    """(perplexity, windows, scored tokens) over consecutive non-overlapping windows of `window` tokens."""
+    total, count, windows = 0.0, 0, 0
+    for start in range(0, len(tokens) - window + 1, window):
+        ids = torch.tensor([tokens[start : start + window]])
+        loss = model(ids, labels=ids).loss.item()
+        total, count, windows = total + loss * (window - 1), count + window - 1, windows + 1
+    return math.exp(total / count), windows, count
+
+
+def summary(rows: list[dict], window: int) -> dict:
+    """{(haystack, length, model): {exact, n}} over the needles beyond the window."""
+    cells: dict = {}
+    for row in rows:
+        if row["distance"] >= window:
+            cells.setdefault((row["haystack"], row["length"], row["model"]), []).append(row["correct"])
+    return {key: {"exact": statistics.fmean(v), "hits": sum(v), "n": len(v)} for key, v in cells.items()}
+
+
+def markdown(state: dict, window: int, names: list[str]) -> str:
+    cells = summary(state["samples"], window)
+    lengths = sorted({key[1] for key in cells})
+    lines = ["# Pass keys beyond the window at step 0 (exact matches / samples)", "", state["setup"], ""]
+    lines += ["| haystack | model | " + " | ".join(f"{n} tokens" for n in lengths) + " |"]
+    lines += ["|---|---|" + "---:|" * len(lengths)]
+    for haystack in HAYSTACKS:
+        for name in names:
+            row = [cells.get((haystack, n, name)) for n in lengths]
+            if any(row):
+                shown = [f"{c['hits']}/{c['n']}" if c else "–" for c in row]
+                lines.append(f"| {haystack} | {name} | " + " | ".join(shown) + " |")
+    lines += ["", "## Held-out perplexity (pydoc held-out split)", "", "| model | window | windows | tokens | ppl |"]
+    lines += ["|---|---:|---:|---:|---:|"]
+    for entry in state["perplexity"]:
+        lines.append(
+            f"| {entry['model']} | {entry['window']} | {entry['windows']} | {entry['tokens']} | {entry['ppl']:.3f} |"
+        )
+    lines += ["", "Seconds per sample (mean):", ""]
+    for name, by_length in state["seconds"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{n}: {s:.1f} s" for n, s in sorted(by_length.items())))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: short prompts, 2 samples per cell")
+    parser.add_argument("--out", default=str(REPO / "out" / "branch-retrieval"), help="run folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
+    args = parser.parse_args(argv)
+    size = "quick" if args.quick else "full"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    llama, tokenizer = probe.source_llama(REPO / "out" / "passkey")
+    built = models(llama)
+    window = built["selected"].config.sliding_window
+    prose = heldout_tokens(tokenizer)
+    path = out / "results.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    state["setup"] = (
+        f"SmolLM2-135M-Instruct and its `long-context` upcycles at step 0 (window {window}, blocks of "
+        f"{built['selected'].config.compress_block_size}, k = {built['selected'].config.select_blocks}, scorer "
+        f"{built['selected'].config.select_scorer} r = {built['selected'].config.select_dims}); needle depths "
+        f"{', '.join(map(str, DEPTHS))} in turn; counts are needles beyond the window; {args.threads} torch thread(s)."
+    )
+    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
+
+    def save() -> None:
+        write_json(path, state)
+        (out / "results.md").write_text(markdown(state, window, list(built)), encoding="utf-8")
+
+    for step in BUDGET[size]:
+        if step == "perplexity":
+            measured = {(e["model"], e["window"]) for e in state["perplexity"]}
+            for window_tokens, name in itertools.product(PERPLEXITY_WINDOWS[size], (LLAMA, SELECTED)):
+                if (name, window_tokens) not in measured:
+                    ppl, windows, tokens = perplexity(built[name], prose, window_tokens)
+                    print(f"{name:<24} ppl {ppl:.3f} over {windows} x {window_tokens} tokens", flush=True)
+                    entry = {"model": name, "window": window_tokens, "windows": windows, "tokens": tokens, "ppl": ppl}
+                    state["perplexity"].append(entry)
+                    save()
+            continue
+        length, name, samples = step
+        for haystack in HAYSTACKS:
+            if (haystack, length, name) in done:
+                continue
+            began = time.perf_counter()
+            batch = {length: prompts(tokenizer, haystack, length, samples, prose)}
+            rows = probe.evaluate(f"{name} [{haystack}]", built[name], batch)
+            state["samples"] += [{**r, "model": name, "haystack": haystack} for r in rows]
+            state["seconds"].setdefault(name, {})[str(length)] = (time.perf_counter() - began) / samples
+            save()
+    print(markdown(state, window, list(built)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
