@@ -16,6 +16,7 @@ from modeling_llama_hybrid import LlamaHybridConfig
 from modeling_llama_hybrid.banded_attention import window_layout
 from modeling_llama_hybrid.block_layout import compressed_block_layout
 from modeling_llama_hybrid.compressed_attention import pool_summaries, summary_attention
+from modeling_llama_hybrid.configuration_llama_hybrid import SELECT_SCORERS
 from modeling_llama_hybrid.rotary import LlamaHybridRotaryEmbedding, rotate_keys
 from modeling_llama_hybrid.selected_attention import chunked_selected_attention, selection_layout
 
@@ -74,7 +75,7 @@ def test_compressed_branch_matches_the_transformers_layer_in_every_split():
         torch.testing.assert_close(got[has_block[0, :, 0, 0]], expected[0][has_block[0, :, 0, 0]])
 
 
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", list(SELECT_SCORERS))
 def test_selected_branch_matches_the_transformers_layer_in_every_split(scorer):
     query, key, value = qkv(seed=1)
     layout = selection_layout(window_layout(torch.arange(LENGTH)[None], 0, W), LENGTH, BLOCK)
