@@ -263,12 +263,6 @@ register_global_branch(
     cache_bytes=_compressed_cache_bytes,
     display_name=lambda config: f"sparse attention (compressed global, blocks of {config.compress_block_size} + local)",
     upcycle=UpcycleRule(source="attention", init=_start_local, step0="window", sparse_gate_init=1.0),
-    vllm_refusal=(
-        "sparse attention with global_attention='compressed' is not served by the vLLM model (its cache keeps "
-        "block summaries, for which vLLM's paged KV cache has no kind). Serve this model with transformers "
-        "(`llama-hybrid generate`, or `generate()`), or use global_attention='full' for vLLM (e.g. `llama-hybrid "
-        "convert SOURCE OUT --recipe hybrid --global-attention full`, then fine-tune)."
-    ),
 )
 
 register_global_branch(
@@ -279,11 +273,6 @@ register_global_branch(
     cache_bytes=_selected_cache_bytes,
     display_name=lambda config: f"sparse attention (selected global: top {config.select_blocks} blocks + local)",
     upcycle=UpcycleRule(source="attention", init=_start_global, step0="selected", sparse_gate_init=0.0),
-    vllm_refusal=(
-        "sparse attention with global_attention='selected' is not served by the vLLM model (each query attends to "
-        "blocks it selects itself, which vLLM's attention backends cannot express). Serve this model with "
-        "transformers (`llama-hybrid generate`, or `generate()`), or use global_attention='full' for vLLM."
-    ),
 )
 
 

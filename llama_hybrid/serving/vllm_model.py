@@ -9,13 +9,17 @@ type lists of the config decide the mixer and the feed-forward; vLLM decides the
   `config.sliding_window`), which reads the global one's KV cache (`kv_sharing_target_layer_name`), so keys and
   values are stored once. The gate `g = 1 - alpha * sigmoid(W x + b)` (per token and head) mixes them in fp32:
   `out = g * global + (1 - g) * local`, then `o_proj`.
+- `"sparse_attention"` with `global_attention="compressed"` or `"selected"`: the local branch is a sliding-window
+  `Attention` with a window cache of its own; the global branch (`self_attn.attn`) runs on our attention backend
+  (`raw_kv_backend`), whose full-length cache holds pre-RoPE keys (compressed) or rotated keys (selected) and values,
+  and which computes the branch per request with the transformers model's own functions (`global_branches`).
 - `"conv"`: vLLM's `ShortConv` (LFM2's layer: `in_proj` -> `B, C, x`; `C * conv(B * x)`; `out_proj`) with its conv
   state managed by vLLM's mamba-state machinery (this class declares the state shape, dtype and copy function).
 - FFN `"dense"`: SwiGLU; `"sparse"`: softmax top-k router (`GateLinear` in fp32, renormalised top-k when
   `norm_topk_prob`), `FusedMoE` experts loaded from our fused 3-D weights, and the ungated shared expert added.
 
-Refused at load (`UnsupportedForVllm`): compressed global sparse attention (its cache holds block summaries, which
-vLLM's KV cache specs have no kind for) and activations other than SiLU.
+Refused at load (`UnsupportedForVllm`): activations other than SiLU, a model-wide sliding window set by vLLM, and any
+registry entry that declares a `vllm_refusal`.
 
 Shapes: N tokens of the batch (vLLM flattens all sequences into one token axis), H heads on this rank, D head dim.
 """
@@ -60,6 +64,8 @@ from vllm.model_executor.models.utils import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
+from llama_hybrid.serving.global_branches import CompressedGlobalBranch, SelectedGlobalBranch
+from llama_hybrid.serving.raw_kv_backend import RawKVBackend
 from llama_hybrid.serving.support import check_supported
 from modeling_llama_hybrid.mixers import layer_spec
 
@@ -185,7 +191,11 @@ class LlamaHybridAttention(nn.Module):
             rope_parameters=config.rope_parameters,
             is_neox_style=True,
         )
-        self.attn = self.make_attention(cache_config, quant_config, f"{prefix}.attn")
+        self.attn = self.make_attention(cache_config, quant_config, f"{prefix}.attn", **self.attn_options(config))
+
+    def attn_options(self, config) -> dict:
+        """Extra arguments of `self.attn` (the layer's attention, or a sparse layer's global branch)."""
+        return {}
 
     def make_attention(self, cache_config, quant_config, prefix: str, **kwargs) -> Attention:
         return Attention(
@@ -218,25 +228,86 @@ class LlamaHybridSparseAttention(LlamaHybridAttention):
         super().__init__(config, cache_config, quant_config, prefix)
         # The global branch (self.attn) has no window: LlamaHybridForCausalLM checks that vLLM set no model-wide
         # one (cache_config.sliding_window), which Attention would otherwise apply to it.
-        self.local_attn = self.make_attention(
-            cache_config,
-            quant_config,
-            f"{prefix}.local_attn",
-            per_layer_sliding_window=config.sliding_window,
-            kv_sharing_target_layer_name=f"{prefix}.attn",
-        )
+        self.local_attn = self.make_local_attention(config, cache_config, quant_config, f"{prefix}.local_attn")
         self.branch_gate = LlamaHybridBranchGate(
             config.hidden_size, config.num_attention_heads, f"{prefix}.branch_gate"
+        )
+
+    def make_local_attention(self, config, cache_config, quant_config, prefix: str) -> Attention:
+        """The window branch: vLLM's sliding-window attention, reading the global branch's cache of rotated keys."""
+        return self.make_attention(
+            cache_config,
+            quant_config,
+            prefix,
+            per_layer_sliding_window=config.sliding_window,
+            kv_sharing_target_layer_name=self.attn.layer_name,
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         query, key, value = self.project_qkv(positions, hidden_states)
         global_out = self.attn(query, key, value)  # writes this layer's KV cache: must run before the local branch
         local_out = self.local_attn(query, key, value)
+        return self.mix(hidden_states, global_out, local_out)
+
+    def mix(self, hidden_states: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+        """g * global + (1 - g) * local in fp32 (branch outputs (N, H*D)), then o_proj."""
         gate = self.branch_gate(hidden_states)[..., None]  # (N, H, 1)
         shape = (-1, self.num_heads, self.head_dim)  # (N, H, D)
         mixed = gate * global_out.view(shape).float() + (1 - gate) * local_out.view(shape).float()
         return self.o_proj(mixed.to(global_out.dtype).flatten(1))[0]
+
+
+class LlamaHybridGatheredSparseAttention(LlamaHybridSparseAttention):
+    """A sparse layer whose global branch gathers the request's keys (compressed, selected: `global_branches`).
+
+    Two caches: the local branch is vLLM's sliding-window attention over rotated keys in a window cache of its own
+    (`local_attn`); the global branch (`attn`) is our backend (`raw_kv_backend`), whose full-length cache holds what
+    the variant reads (pre-RoPE keys for compressed, rotated ones for selected) and which runs the variant's math
+    for each request. A subclass names its branch (`make_global_branch`).
+    """
+
+    def make_global_branch(self, config):
+        raise NotImplementedError
+
+    def attn_options(self, config) -> dict:
+        self.global_branch = self.make_global_branch(config)
+        return {"attn_backend": RawKVBackend, "global_branch": self.global_branch}
+
+    def make_local_attention(self, config, cache_config, quant_config, prefix: str) -> Attention:
+        return self.make_attention(cache_config, quant_config, prefix, per_layer_sliding_window=config.sliding_window)
+
+    def rotate(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """RoPE (the layer's own) on keys (N, KV, D) at `positions` (N,), out of place."""
+        rotated, _ = self.rotary_emb.forward_native(positions, keys.flatten(1))
+        return rotated.view_as(keys)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        raw_key = None if self.global_branch.caches_rotated_keys else key.clone()  # vLLM's RoPE rotates in place
+        query, key = self.rotary_emb(positions, query, key)
+        local_out = self.local_attn(query, key, value)
+        global_out = self.attn(query, key if raw_key is None else raw_key, value)
+        has_global = self.global_branch.has_global(positions)
+        if has_global is not None:  # no complete block yet: the global output is the local one
+            global_out = torch.where(has_global[:, None], global_out, local_out)
+        return self.mix(hidden_states, global_out, local_out)
+
+
+class LlamaHybridCompressedSparseAttention(LlamaHybridGatheredSparseAttention):
+    def make_global_branch(self, config) -> CompressedGlobalBranch:
+        return CompressedGlobalBranch(config.compress_block_size, self.rotate)
+
+
+class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
+    def make_global_branch(self, config) -> SelectedGlobalBranch:
+        return SelectedGlobalBranch(
+            config.compress_block_size,
+            config.sliding_window,
+            config.select_blocks,
+            config.select_scorer,
+            config.select_dims,
+        )
 
 
 def build_short_conv(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> ShortConv:
@@ -257,8 +328,11 @@ def build_attention(config, vllm_config: VllmConfig, layer_idx: int, prefix: str
     return LlamaHybridAttention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
 
 
-def build_sparse_attention(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> LlamaHybridAttention:
-    return LlamaHybridSparseAttention(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+def sparse_attention_builder(layer_class: type[LlamaHybridSparseAttention]):
+    def build(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> LlamaHybridAttention:
+        return layer_class(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+
+    return build
 
 
 # vLLM's module for each registry entry that does not refuse vLLM (`support.served_mixers()`, keyed by the entry's
@@ -266,7 +340,9 @@ def build_sparse_attention(config, vllm_config: VllmConfig, layer_idx: int, pref
 # parameter names load unchanged.
 MIXER_BUILDERS = {
     "attention": build_attention,
-    "sparse_attention/full": build_sparse_attention,
+    "sparse_attention/full": sparse_attention_builder(LlamaHybridSparseAttention),
+    "sparse_attention/compressed": sparse_attention_builder(LlamaHybridCompressedSparseAttention),
+    "sparse_attention/selected": sparse_attention_builder(LlamaHybridSelectedSparseAttention),
     "conv": build_short_conv,
 }
 

@@ -16,7 +16,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: plenty 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from vllm_helpers import save_tiny_hybrid, save_upcycled  # noqa: E402
+from vllm_helpers import save_tiny_hybrid, save_upcycled, with_global_branches  # noqa: E402
 
 import modeling_llama_hybrid  # noqa: E402, F401  (registers the config for transformers in this process)
 from llama_hybrid.default_model import default_gguf_path, default_model_dir  # noqa: E402
@@ -34,5 +34,21 @@ def tiny_hybrid_dir(tmp_path_factory, smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_gathered_dir(tmp_path_factory, tiny_hybrid_dir):
+    """The tiny hybrid with a compressed (layer 1) and a selected (layer 3) sparse layer: blocks of 4, top 2."""
+    folder = tmp_path_factory.mktemp("tiny-gathered")
+    fields = dict(compress_block_size=4, select_blocks=2)
+    return with_global_branches(tiny_hybrid_dir, folder, ("compressed", "selected"), **fields)
+
+
+@pytest.fixture(scope="session")
 def upcycled_dir(tmp_path_factory, smollm2_dir):
     return save_upcycled(tmp_path_factory.mktemp("upcycled"), default_gguf_path(), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def upcycled_gathered_dir(tmp_path_factory, upcycled_dir):
+    """The same upcycle with compressed and selected sparse layers in turn (window 16, blocks of 8, top 2)."""
+    folder = tmp_path_factory.mktemp("upcycled-gathered")
+    fields = dict(compress_block_size=8, select_blocks=2)
+    return with_global_branches(upcycled_dir, folder, ("compressed", "selected"), **fields)

@@ -1,4 +1,4 @@
-"""A model the vLLM model cannot serve exactly is refused at load, with an error naming the layers and the way out."""
+"""A model the vLLM model cannot serve exactly is refused at load, with an error naming the setting and the way out."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ from vllm_helpers import make_llm, require_vllm, save_tiny_hybrid
 require_vllm()
 
 
-def test_compressed_global_attention_is_refused(tmp_path, smollm2_dir):
-    folder = save_tiny_hybrid(
-        tmp_path / "compressed", smollm2_dir, global_attention="compressed", compress_block_size=4
-    )
+def test_an_activation_other_than_silu_is_refused(tmp_path, smollm2_dir):
+    """Every mixer kind and variant is served (tests/vllm/test_gathered_global.py serves compressed and selected
+    layers); what is still refused is refused at load, naming the setting and the way out."""
+    folder = save_tiny_hybrid(tmp_path / "gelu", smollm2_dir, hidden_act="gelu")
     with pytest.raises(Exception) as raised:  # in-process engines raise it as is; spawned ones wrap it
         make_llm(folder)
     message = str(raised.value)
-    assert "layers [1, 3]" in message and "global_attention='compressed'" in message, message
-    assert "global_attention='full'" in message and "generate" in message, message
+    assert "hidden_act='gelu'" in message and "'silu'" in message and "generate()" in message, message
 
 
 def test_the_vllm_model_builds_exactly_the_entries_that_do_not_refuse_it():

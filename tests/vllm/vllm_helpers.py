@@ -92,6 +92,21 @@ def save_upcycled(target: Path, gguf: Path, tokenizer_source: Path) -> Path:
     return target
 
 
+def with_global_branches(source: Path, target: Path, variants: tuple[str, ...], **config_fields) -> Path:
+    """A copy of the folder `source` whose sparse layers take the global branches `variants` in turn, with
+    `config_fields` set: a config edit only, since every global branch has the same parameters."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    config = LlamaHybridConfig.from_pretrained(target)
+    sparse = [i for i, kind in enumerate(config.mixer_types) if kind == "sparse_attention"]
+    chosen = {layer: variants[n % len(variants)] for n, layer in enumerate(sparse)}
+    config.global_attention = [chosen.get(i) for i in range(config.num_hidden_layers)]
+    for name, value in config_fields.items():
+        setattr(config, name, value)
+    LlamaHybridConfig(**config.to_dict())  # validates the edit
+    config.save_pretrained(target)
+    return target
+
+
 def reference_generate(folder: Path, prompts: list[str], max_tokens: int) -> list[dict]:
     """transformers generate(), one unpadded prompt at a time, greedy: token ids and per-step log-probabilities."""
     from transformers import AutoTokenizer
