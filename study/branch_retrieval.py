@@ -49,6 +49,7 @@ SEED = 25
 HAYSTACKS = ("filler", "prose")
 LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 selected)", "compressed"
 GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decode step reads a quarter of the cache
+MODELS = [LLAMA, SELECTED, GROUP, MIX, COMPRESSED]  # the tables' order
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -186,31 +187,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: short prompts, 2 samples per cell")
     parser.add_argument("--out", default=str(REPO / "out" / "branch-retrieval"), help="run folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="run only the pass-key cells of these lengths")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity step")
+    parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
+
+    def save() -> None:
+        write_json(path, state)
+        (out / "results.md").write_text(markdown(state, state["window"], MODELS), encoding="utf-8")
+
+    if args.merge:  # two processes ran disjoint cells (one per core): one results.json
+        other = json.loads((Path(args.merge) / "results.json").read_text())
+        state["samples"] += [r for r in other["samples"] if (r["haystack"], r["length"], r["model"]) not in done]
+        measured = {(e["model"], e["window"]) for e in state["perplexity"]}
+        state["perplexity"] += [e for e in other["perplexity"] if (e["model"], e["window"]) not in measured]
+        for name, by_length in other["seconds"].items():
+            state["seconds"].setdefault(name, {}).update(by_length)
+        state.setdefault("window", other["window"])
+        state.setdefault("setup", other["setup"])
+        save()
+        print(markdown(state, state["window"], MODELS))
+        return 0
     torch.set_num_threads(args.threads)
     llama, tokenizer = probe.source_llama(REPO / "out" / "passkey")
     built = models(llama)
-    window = built["selected"].config.sliding_window
+    state["window"] = window = built["selected"].config.sliding_window
     prose = heldout_tokens(tokenizer)
-    path = out / "results.json"
-    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
     state["setup"] = (
         f"SmolLM2-135M-Instruct and its `long-context` upcycles at step 0 (window {window}, blocks of "
         f"{built['selected'].config.compress_block_size}, k = {built['selected'].config.select_blocks}, scorer "
         f"{built['selected'].config.select_scorer} r = {built['selected'].config.select_dims}); needle depths "
         f"{', '.join(map(str, DEPTHS))} in turn; counts are needles beyond the window; {args.threads} torch thread(s)."
     )
-    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
-
-    def save() -> None:
-        write_json(path, state)
-        (out / "results.md").write_text(markdown(state, window, list(built)), encoding="utf-8")
 
     for step in BUDGET[size]:
         if step == "perplexity":
+            if args.no_perplexity:
+                continue
             measured = {(e["model"], e["window"]) for e in state["perplexity"]}
             for window_tokens, name in itertools.product(PERPLEXITY_WINDOWS[size], (LLAMA, SELECTED)):
                 if (name, window_tokens) not in measured:
@@ -221,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     save()
             continue
         length, name, samples, *only = step
+        if args.lengths and length not in args.lengths:
+            continue
         for haystack in only[0] if only else HAYSTACKS:
             if (haystack, length, name) in done:
                 continue
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             state["samples"] += [{**r, "model": name, "haystack": haystack} for r in rows]
             state["seconds"].setdefault(name, {})[str(length)] = (time.perf_counter() - began) / samples
             save()
-    print(markdown(state, window, list(built)))
+    print(markdown(state, window, MODELS))
     return 0
 
 
