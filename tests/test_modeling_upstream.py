@@ -27,7 +27,7 @@ import pytest
 import torch
 import transformers
 from transformers.models.auto import modeling_auto
-from upstream_support import SDIST_TESTS_ENV, load_upstream_module, upstream_module_exists
+from upstream_support import SDIST_TESTS_ENV, load_upstream_module, run_distributed, upstream_module_exists
 
 from modeling_llama_hybrid import (
     LlamaHybridConfig,
@@ -65,7 +65,10 @@ if _tests_dir is None:
 pytest.importorskip("parameterized", reason="transformers' test suite needs `parameterized` (pip install -e .[dev])")
 ModelTesterMixin = load_upstream_module(_tests_dir, "test_modeling_common").ModelTesterMixin
 TrainingTesterMixin = load_upstream_module(_tests_dir, "test_training_mixin").TrainingTesterMixin
-TensorParallelTesterMixin = load_upstream_module(_tests_dir, "test_tensor_parallel_mixin").TensorParallelTesterMixin
+_tensor_parallel = load_upstream_module(_tests_dir, "test_tensor_parallel_mixin")
+TensorParallelTesterMixin = _tensor_parallel.TensorParallelTesterMixin
+if hasattr(_tensor_parallel, "_init_distributed"):  # 5.17 spawns its ranks itself; ours load the upstream package first
+    _tensor_parallel._init_distributed = lambda tp, **_: run_distributed(world_size=tp)
 if upstream_module_exists(_tests_dir, "test_expert_parallel_mixin"):  # 5.25; 5.17 keeps EP in the TP mixin
     ExpertParallelTesterMixin = load_upstream_module(_tests_dir, "test_expert_parallel_mixin").ExpertParallelTesterMixin
 else:
