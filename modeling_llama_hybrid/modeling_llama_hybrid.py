@@ -19,7 +19,8 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -219,7 +220,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         use_cache: bool | None = None,
         cache=None,
         output_router_logits: bool | None = None,  # read by `capture_outputs`, which records them
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         cache = pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -331,7 +332,7 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
