@@ -40,7 +40,7 @@ def compile_decoder_layers(
     mode: str | None = None,
     backend: str = "inductor",
 ) -> int:
-    """Compile every decoder layer in place (`nn.Module.compile`); returns how many were compiled.
+    """Compile every decoder layer's forward in place; returns how many were compiled.
 
     `fullgraph=True` turns any graph break into an error: use it to check that a layout compiles whole. The eager
     experts loop (`experts_implementation="eager"`) breaks the graph at each MoE layer (it asks the host which
@@ -60,5 +60,7 @@ def compile_decoder_layers(
     setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), MIN_RECOMPILE_LIMIT))
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
+        # the forward, not the module call: the model's output-recording hooks (hidden states, router logits) then
+        # run eagerly around each compiled layer instead of breaking its graph
+        layer.forward = torch.compile(layer.forward, fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
     return len(layers)

@@ -8,8 +8,8 @@ entry's own `cache_layer`, installed after transformers built the stock one). A 
 cache layer that keeps one (`open_cache_steps`); the layers read it from their cache layer.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers' suite reads the forwards' return types (the output
+# dataclass and its fields, e.g. `router_logits`) from their annotations at runtime.
 import functools
 
 import torch
@@ -19,11 +19,11 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import LlamaHybridAttention
 from .checks import (
     CheckpointError,
     check_attention_mask,
@@ -105,13 +105,15 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and, for an MoE layer, its router logits (N, E) (None for a dense layer).
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the new hidden states, the router logits (N, E) of an MoE layer and the mixer's attention weights
+        (None for a dense layer / where the mixer computes none).
 
-        Router logits are returned rather than captured by an output hook: hooks read a ContextVar that
-        torch.compile cannot trace, so a hook inside every layer would split each compiled layer into pieces.
+        The model records what it is asked for (router logits, attention weights, hidden states) from these return
+        values with hooks on the layer, which run outside its compiled forward (llama_hybrid/compilation.py): a hook
+        inside the layer reads a ContextVar that torch.compile cannot trace and would split each compiled layer.
         """
-        mixed, _ = self.mixer(
+        mixed, attn_weights = self.mixer(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + mixed
@@ -120,7 +122,7 @@ class LlamaHybridDecoderLayer(GradientCheckpointingLayer):
             ffn_out, router_logits = self.mlp(ffn_input)
         else:
             ffn_out, router_logits = self.mlp(ffn_input), None
-        return hidden_states + ffn_out, router_logits
+        return hidden_states + ffn_out, router_logits, attn_weights
 
     @property
     def mixer(self) -> nn.Module:
@@ -139,10 +141,13 @@ class LlamaHybridPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
+    # Every recorded output is a value the decoder layer returns (see its forward); a None (a dense layer's router
+    # logits, a conv mixer's attention weights) is skipped.
     _can_record_outputs = {
         "hidden_states": LlamaHybridDecoderLayer,
-        "attentions": LlamaHybridAttention,  # sparse attention subclasses it
-    }  # router logits are returned by the layers (see LlamaHybridDecoderLayer.forward), not hooked
+        "router_logits": OutputRecorder(LlamaHybridDecoderLayer, index=1),
+        "attentions": OutputRecorder(LlamaHybridDecoderLayer, index=2),
+    }
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -214,12 +219,10 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache=None,
-        output_router_logits: bool | None = None,
-        **kwargs,
+        output_router_logits: bool | None = None,  # read by `capture_outputs`, which records them
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         cache = pick_cache(cache, past_key_values)
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         # every input is checked before the first kernel (on GPU a bad id is a device-side assert, not an error)
@@ -251,9 +254,8 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
-        router_logits = []
         for layer in self.layers:
-            hidden_states, layer_router_logits = layer(
+            hidden_states, *_ = layer(
                 hidden_states,
                 attention_mask=masks.get(layer.mask_kind),
                 position_embeddings=position_embeddings,
@@ -261,13 +263,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
-            if layer_router_logits is not None:
-                router_logits.append(layer_router_logits)
-        return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states),
-            router_logits=tuple(router_logits) if output_router_logits and router_logits else None,
-            **cache_output(cache),
-        )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_output(cache))
 
     def cached_tokens(self, cache) -> int | None:
         """Tokens already in the cache, or None where the 2-D mask length cannot be checked against it (static
@@ -336,7 +332,7 @@ class LlamaHybridForCausalLM(LlamaHybridPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits

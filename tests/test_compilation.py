@@ -163,10 +163,10 @@ def test_recipe_flags_pick_the_experts_kernel_and_compile_the_layers():
     args = ModelArguments(experts_implementation="batched_mm", compile_layers=True, loss_implementation="chunked")
     assert select_kernels(model, args) is model
     assert model.config._experts_implementation == "batched_mm" and model.loss_implementation == "chunked"
-    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in decoder_layers(model))
     untouched = tiny_model("attention", "sdpa")
     select_kernels(untouched, ModelArguments())
-    assert all(layer._compiled_call_impl is None for layer in decoder_layers(untouched))
+    assert not any(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in decoder_layers(untouched))
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
