@@ -192,3 +192,19 @@ def test_bad_control_values_are_user_errors(model_folder, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "--favor", "cat"])
     assert exit_info.value.code == 2 and "expected WORD=BIAS" in capsys.readouterr().err
+
+
+def test_convert_parses_per_layer_global_branches_and_the_context(capsys):
+    from llama_hybrid.cli import build_parser
+
+    argv = ["convert", "src", "out", "--global-attention", "compressed", "--global-attention-at", "selected=4,8"]
+    argv += ["--global-attention-at", "full=every:3", "--context-length", "32768", "--rope-scaling", "linear"]
+    args = build_parser().parse_args(argv)
+    assert args.global_attention == "compressed"
+    assert args.global_attention_at == [("selected", [4, 8]), ("full", 3)]
+    assert (args.context_length, args.rope_scaling) == (32768, "linear")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    for text in ("--global-attention-at NAME=LAYERS", "selected=every:4", "--context-length N", "yarn, linear, none"):
+        assert text in usage, text
