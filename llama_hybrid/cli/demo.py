@@ -13,9 +13,10 @@ parameter the upcycling adds: the sparse-attention branch gates and the MoE rout
 at the end. Why not full AdamW: the upcycled model has 441M parameters, and AdamW keeps a gradient and two fp32
 moments for each, ~5 GB on top of the weights (8.3 GB peak resident memory measured), more than a laptop has.
 Why these parameters: what the upcycling changes at step 0 is attention (the sparse layers' global branch beyond the
-context it reproduces exactly) and the new conv blocks, which is where LoRA and the gates act. The fused experts get no LoRA here: peft
-wraps 3-D expert weights in a parametrization that rebuilds every expert's weight on each access, which on CPU cost
-~6 min per step and pushed the peak past 4.5 GB (measured); the recipe's `train sft --lora` adapts them on a GPU.
+context it reproduces exactly) and the new conv blocks, which is where LoRA and the gates act. The fused experts get
+no LoRA here: peft wraps 3-D expert weights in a parametrization that rebuilds every expert's weight on each access,
+which on CPU cost ~6 min per step and pushed the peak past 4.5 GB (measured); the recipe's `train sft --lora` adapts
+them on a GPU.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class LazyChoices:
     """argparse `choices` read on first use from the library (which loads torch), so building the parser stays light:
-    the upcycling recipes and RoPE scalings, and the registry's global branches and insertable mixer kinds (a kind or variant that is
-    registered is a choice, with no list kept here)."""
+    the upcycling recipes and RoPE scalings, and the registry's global branches and insertable mixer kinds (a kind or
+    variant that is registered is a choice, with no list kept here)."""
 
     def __init__(self, read):
         self.read = read
