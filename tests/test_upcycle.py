@@ -154,7 +154,7 @@ def test_per_layer_global_attention_refuses_a_layer_that_is_not_sparse_and_an_un
 def test_full_global_recipe_is_exact_at_any_length(llama, moe_init):
     recipe = recipe_for("staged", 8, sliding_window=WINDOW, moe_init=moe_init)
     hybrid = upcycle(llama, recipe)
-    assert hybrid.config.global_attention == "full"
+    assert hybrid.config.global_attention == "full" and exact_context(hybrid.config) is None  # any length
     ids = _ids(5 * WINDOW, seed=1)
     torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-5)
 
