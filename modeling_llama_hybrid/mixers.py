@@ -39,6 +39,11 @@ STEP0_PROMISES = {
         "tokens; beyond, each query attends exactly to its document's first block, its top blocks and its window"
     ),
 }
+# the longest context (tokens) over which each promise is equality with the source, from the config; absent: any
+STEP0_EXACT_TOKENS: dict[str, Callable[[object], int]] = {
+    "window": lambda config: config.sliding_window,
+    "selected": lambda config: config.sliding_window + (config.select_blocks + 1) * config.compress_block_size,
+}
 
 
 @dataclass(frozen=True)
@@ -343,6 +348,7 @@ __all__ = [
     "GLOBAL_BRANCHES",
     "MIXERS",
     "MixerSpec",
+    "STEP0_EXACT_TOKENS",
     "UpcycleRule",
     "all_specs",
     "install_cache_layers",

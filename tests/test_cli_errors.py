@@ -295,3 +295,50 @@ def test_default_model_that_cannot_be_downloaded_is_a_user_error(tmp_path, monke
     assert main(["generate", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("error: could not download the default model") and "--model" in err
+
+
+def test_per_layer_global_attention_and_context_options_refuse_bad_values(folders, capsys):
+    """Problems only the source's layers reveal are user errors (before any weights load); malformed option values
+    are argparse's errors. Each ends in one error line with exit status 2."""
+    convert = ["convert", str(folders["llama"]), str(folders["out"])]
+    cases = [
+        (
+            ["--sparse-layers", "1", "--global-attention-at", "selected=2"],
+            "names source layer 2, which is not a sparse",
+        ),
+        (["--global-attention-at", "selected=every:1"], "selected=every:1 picks no layer: the recipe has 0 sparse"),
+        (
+            ["--sparse-layers", "1", "--global-attention-at", "selected=1", "--global-attention-at", "full=1"],
+            "gives source layer 1 two global branches (selected and full)",
+        ),
+        (
+            ["--recipe", "hybrid", "--rope-scaling", "linear"],
+            "--rope-scaling linear does nothing without --context-length",
+        ),
+        (
+            ["--sparse-layers", "1", "--global-attention", "selected", "--window", "2", "--compress-block-size", "4"],
+            "sliding_window=2 is shorter than compress_block_size=4",
+        ),
+    ]
+    for extra, expected in cases:
+        assert main([*convert, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not folders["out"].exists()
+    from llama_hybrid.cli import build_parser
+
+    for extra, expected in [
+        (["--global-attention-at", "sliding=1"], "unknown global branch 'sliding'"),
+        (["--global-attention-at", "selected"], "expected NAME=LAYERS like selected=4,8,12"),
+        (["--global-attention-at", "selected=every:0"], "selected=every:N with N a positive integer"),
+        (["--global-attention-at", "selected=a,b"], "comma-separated layer indices"),
+        (["--context-length", "0"], "expected a positive integer"),
+        (["--rope-scaling", "ntk"], "invalid choice: 'ntk'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["convert", "src", "out", *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and [line for line in err.splitlines() if "error: " in line] == [
+            err.splitlines()[-1]
+        ]
+        assert expected in err, err

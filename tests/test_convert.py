@@ -114,3 +114,63 @@ def test_export_llama_refuses_a_hybrid(tmp_path):
 def test_default_model_config_carries_no_gguf_leftovers(default_model_dir):
     saved = json.loads((default_model_dir / "config.json").read_text())
     assert "quantization_config" not in saved and "_model_name_or_path" not in saved
+
+
+def test_cli_convert_sets_the_context_length_and_rope_scaling(llama_folder, tmp_path, capsys):
+    trained = TINY_LLAMA["max_position_embeddings"]  # 256
+    for scaling, longer in (("linear", 4 * trained), ("none", 2 * trained)):
+        target = tmp_path / scaling
+        assert (
+            main(
+                ["convert", str(llama_folder), str(target), "--context-length", str(longer), "--rope-scaling", scaling]
+            )
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert f"context: {longer} tokens is EXTRAPOLATION" in out and f"past {trained}" in out
+        config = json.loads((target / "config.json").read_text())
+        assert config["max_position_embeddings"] == longer
+        if scaling == "none":
+            assert "NOT rescaled" in out and config["rope_parameters"].get("rope_type", "default") == "default"
+        else:
+            assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+    assert main(["convert", str(llama_folder), str(tmp_path / "yarn"), "--context-length", str(2 * trained)]) == 0
+    assert "RoPE is rescaled (yarn, factor 2)" in capsys.readouterr().out  # yarn is the default
+    assert main(["convert", str(llama_folder), str(tmp_path / "within"), "--context-length", "128"]) == 0
+    assert "context: 128 tokens, within the source's max_position_embeddings (256)" in capsys.readouterr().out
+    within = json.loads((tmp_path / "within" / "config.json").read_text())
+    assert within["max_position_embeddings"] == trained  # a shorter context changes nothing
+
+
+def test_cli_convert_per_layer_global_branch_equals_the_source_up_to_its_bound(llama_folder, tmp_path, capsys):
+    target = tmp_path / "mixed"
+    options = ["--sparse-layers", "0,1,2", "--global-attention", "full", "--global-attention-at", "selected=0,2"]
+    options += ["--window", "8", "--compress-block-size", "4", "--insert-conv-after", "0"]
+    assert main(["convert", str(llama_folder), str(target), *options]) == 0
+    table = capsys.readouterr().out.splitlines()
+    hybrid = AutoModelForCausalLM.from_pretrained(target, attn_implementation="eager")
+    assert hybrid.config.global_attention == ["selected", None, "full", "selected"]  # the conv block shifts 1, 2
+    rows = {int(line.split()[0]): line for line in table if line.split()[:1] and line.split()[0].isdigit()}
+    assert [rows[i].split()[1] for i in range(4)] == [
+        "sparse_attention/selected",
+        "conv",
+        "sparse_attention/full",
+        "sparse_attention/selected",
+    ]
+    assert any(line.startswith("step 0, layers [0, 3]: equals the source while the context holds") for line in table)
+    bound = 8 + (hybrid.config.select_blocks + 1) * 4  # 44
+    assert f"contexts of up to {bound} tokens" in "\n".join(table)
+    llama = LlamaForCausalLM.from_pretrained(llama_folder, attn_implementation="eager")
+    ids = torch.randint(3, hybrid.config.vocab_size, (2, bound + 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours, theirs = hybrid(ids).logits, llama(ids).logits
+    torch.testing.assert_close(ours[:, :bound], theirs[:, :bound], rtol=0, atol=1e-4)
+    assert (ours[:, bound:] - theirs[:, bound:]).abs().max() > 1e-3
+
+
+def test_cli_convert_one_sparse_layer_in_n_selected_the_rest_compressed(llama_folder, tmp_path):
+    options = ["--sparse-layers", "0,1,2", "--global-attention", "compressed", "--window", "8"]
+    options += ["--compress-block-size", "4", "--global-attention-at", "selected=every:2"]  # the 2nd sparse layer
+    assert main(["convert", str(llama_folder), str(tmp_path / "out"), *options]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["global_attention"] == ["compressed", "selected", "compressed"]

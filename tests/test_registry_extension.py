@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -199,7 +200,7 @@ def test_command_line_offers_the_new_variant_and_kind():
         ["convert", "src", "out", "--sparse-layers", "1", "--global-attention", "window_only"]
         + ["--insert-conv-after", "0", "--insert-kind", "tokenwise"]
     )
-    recipe = _recipe_from_args(args, lambda: 3)
+    recipe = _recipe_from_args(args, lambda: LlamaConfig(**TINY_LLAMA))  # 3 layers
     assert (recipe.global_attention, recipe.insert_kind) == ("window_only", "tokenwise")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_pair
@@ -11,11 +13,16 @@ from llama_hybrid.reporting import cache_bytes, cache_bytes_for, parameter_count
 from llama_hybrid.upcycle import (
     RECIPES,
     UpcycleRecipe,
+    describe,
     describe_context,
+    every_nth,
+    exact_context,
+    mix_global_attention,
     plan_layers,
     recipe_for,
     rope_scaled_source,
     upcycle,
+    upcycled_config,
 )
 from modeling_llama_hybrid.compat import CACHE_FIELD
 
@@ -36,23 +43,118 @@ def _ids(length, seed=0):
     return torch.randint(3, 97, (2, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_hybrid_recipe_has_every_kind_and_is_exact_within_the_window(llama):
+def test_hybrid_recipe_has_every_kind_and_is_exact_up_to_the_selection_bound(llama):
     recipe = recipe_for("hybrid", 8, sliding_window=WINDOW, compress_block_size=BLOCK)
     hybrid = upcycle(llama, recipe)
     assert set(hybrid.config.mixer_types) == {"attention", "sparse_attention", "conv"}
     assert "sparse" in hybrid.config.mlp_layer_types
     assert hybrid.config.num_hidden_layers == 8 + len(recipe.insert_conv_after)
+    assert hybrid.config.global_attention == "selected"
+    bound = exact_context(hybrid.config)
+    assert bound == WINDOW + (hybrid.config.select_blocks + 1) * BLOCK  # 16 + 9 * 4 = 52
+    ids = _ids(bound + 12)
+    ours, theirs = _logits(hybrid, ids), _logits(llama, ids)
+    torch.testing.assert_close(ours[:, :bound], theirs[:, :bound], rtol=0, atol=1e-4)
+    assert (ours[:, bound:] - theirs[:, bound:]).abs().max() > 1e-3  # a subset past the bound: reported, not hidden
+
+
+def test_compressed_hybrid_is_exact_within_the_window_only(llama):
+    recipe = recipe_for("hybrid", 8, global_attention="compressed", sliding_window=WINDOW, compress_block_size=BLOCK)
+    hybrid = upcycle(llama, recipe)
+    assert exact_context(hybrid.config) == WINDOW
     ids = _ids(WINDOW)
     torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
     beyond = (_logits(hybrid, _ids(4 * WINDOW)) - _logits(llama, _ids(4 * WINDOW))).abs().max()
     assert beyond > 1e-3  # compressed global != full attention past the window: reported, not hidden
 
 
+def test_per_layer_global_attention_lands_on_the_shifted_target_layers(llama):
+    recipe = UpcycleRecipe(
+        sparse_layers=[1, 2, 5, 6],
+        global_attention="compressed",
+        global_attention_at={2: "selected", 6: "full"},
+        insert_conv_after=[1, 4],  # shifts source layer 2 to target 3, 5 and 6 to 7 and 8
+        sliding_window=WINDOW,
+        compress_block_size=BLOCK,
+    )
+    hybrid = upcycle(llama, recipe)
+    plan = plan_layers(8, recipe)
+    expected = [None, "compressed", None, "selected", None, None, None, "compressed", "full", None]
+    assert hybrid.config.global_attention == expected
+    assert [spec.global_attention for spec in plan] == expected
+    assert [recipe.global_attention_of(i) for i in range(8)] == [None, "compressed", "selected"] + [None] * 2 + [
+        "compressed",
+        "full",
+        None,
+    ]
+    table = describe(hybrid, plan, None).splitlines()
+    for target, variant in enumerate(expected):
+        row = next(line for line in table if line.split()[:1] == [str(target)])
+        assert (f"sparse_attention/{variant}" in row) == (variant is not None), row
+    promises = {line.split(":")[0]: line for line in table if line.startswith("step 0, layers")}
+    assert promises == {
+        "step 0, layers [0, 2, 4, 5, 6, 8, 9]": promises["step 0, layers [0, 2, 4, 5, 6, 8, 9]"],
+        "step 0, layers [1, 7]": promises["step 0, layers [1, 7]"],
+        "step 0, layers [3]": promises["step 0, layers [3]"],
+    }
+    assert "fits in the window" in promises["step 0, layers [1, 7]"]
+    assert "select_blocks + 1" in promises["step 0, layers [3]"]
+    assert f"contexts of up to {WINDOW} tokens" in table[-2]  # the compressed layers' bound is the shortest
+    ids = _ids(WINDOW)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
+
+
+def test_selected_and_full_layers_mixed_equal_the_source_up_to_the_selection_bound(llama):
+    recipe = UpcycleRecipe(
+        sparse_layers=[1, 3, 4, 6], global_attention="full", global_attention_at={3: "selected", 6: "selected"}
+    )
+    recipe = dataclasses.replace(recipe, sliding_window=WINDOW, compress_block_size=BLOCK, insert_conv_after=[2])
+    hybrid = upcycle(llama, recipe)
+    config = hybrid.config
+    assert config.global_attention == [None, "full", None, None, "selected", "full", None, "selected", None]
+    bound = exact_context(config)
+    assert bound == WINDOW + (config.select_blocks + 1) * BLOCK
+    ids = _ids(bound + 9, seed=4)  # (t - W + 1) mod b != 0 at the first token past the bound
+    ours, theirs = _logits(hybrid, ids), _logits(llama, ids)
+    torch.testing.assert_close(ours[:, :bound], theirs[:, :bound], rtol=0, atol=1e-4)
+    assert (ours[:, bound:] - theirs[:, bound:]).abs().max() > 1e-3
+
+
+def test_one_sparse_layer_in_n_selected_the_rest_compressed(llama):
+    recipe = mix_global_attention(recipe_for("long-context", 8), "selected", 2)  # sparse layers 1..6
+    assert recipe.global_attention == "compressed" and recipe.global_attention_at == dict.fromkeys(
+        [2, 4, 6], "selected"
+    )
+    chosen = upcycled_config(llama.config, recipe)[0].global_attention
+    assert chosen == [None] + ["compressed", "selected"] * 3 + [None]
+    assert every_nth(list(range(1, 29)), 4) == [4, 8, 12, 16, 20, 24, 28]  # SmolLM2's long-context: 7 of 28
+    assert every_nth([5, 1, 3], 1) == [1, 3, 5]
+    with pytest.raises(ValueError, match="every=0 must be a positive int"):
+        mix_global_attention(recipe, "selected", 0)
+
+
+def test_per_layer_global_attention_refuses_a_layer_that_is_not_sparse_and_an_unknown_branch(llama):
+    recipe = UpcycleRecipe(sparse_layers=[1, 2], global_attention_at={3: "selected"})
+    with pytest.raises(
+        ValueError, match=r"names source layer 3, which is not a sparse layer \(sparse_layers: \[1, 2\]"
+    ):
+        upcycle(llama, recipe)
+    with pytest.raises(ValueError, match=r"global_attention_at\[2\]='sliding'; choose one of \['full', 'compressed'"):
+        upcycle(llama, UpcycleRecipe(sparse_layers=[1, 2], global_attention_at={2: "sliding"}))
+    with pytest.raises(ValueError, match="sliding_window=4 is shorter than compress_block_size=8"):
+        upcycle(
+            llama,
+            UpcycleRecipe(
+                sparse_layers=[1], global_attention_at={1: "selected"}, sliding_window=4, compress_block_size=8
+            ),
+        )
+
+
 @pytest.mark.parametrize("moe_init", ["copy", "shared"])
 def test_full_global_recipe_is_exact_at_any_length(llama, moe_init):
     recipe = recipe_for("staged", 8, sliding_window=WINDOW, moe_init=moe_init)
     hybrid = upcycle(llama, recipe)
-    assert hybrid.config.global_attention == "full"
+    assert hybrid.config.global_attention == "full" and exact_context(hybrid.config) is None  # any length
     ids = _ids(5 * WINDOW, seed=1)
     torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-5)
 

@@ -11,11 +11,12 @@ LLAMA_HYBRID_DEBUG=1 shows the traceback instead, for bug reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from . import demo, generation, push, tokenizer, train
-from .options import DTYPES, GlobalBranches, InsertableKinds, add_recipe_option
+from .options import DTYPES, GlobalBranches, InsertableKinds, RopeScalings, add_recipe_option, positive_int
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "LLAMA_HYBRID_DEBUG"
@@ -41,6 +42,26 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 2,5,8, got {text!r}") from err
 
 
+EVERY = "every:"  # `--global-attention-at NAME=every:N`: one in N sparse layers
+
+
+def _placement(text: str) -> tuple[str, list[int] | int]:
+    """`--global-attention-at NAME=LAYERS`: (branch, source layers) or (branch, N) for `NAME=every:N`."""
+    name, sep, layers = text.partition("=")
+    if not sep or not name or not layers.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=LAYERS like selected=4,8,12 or selected=every:4, got {text!r}")
+    if name not in GlobalBranches():
+        raise argparse.ArgumentTypeError(
+            f"unknown global branch {name!r} in {text!r}; choose one of {list(GlobalBranches())}"
+        )
+    if not layers.startswith(EVERY):
+        return name, _layer_list(layers)
+    every = layers.removeprefix(EVERY)
+    if not every.isdigit() or int(every) < 1:
+        raise argparse.ArgumentTypeError(f"expected {name}=every:N with N a positive integer, got {text!r}")
+    return name, int(every)
+
+
 def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "upcycling (function-preserving at step 0; without these the result is plain LLaMA)",
@@ -54,10 +75,21 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
         "--global-attention",
         choices=GlobalBranches(),
         metavar="NAME",
-        help="global branch of sparse layers: %(choices)s",
+        help="global branch of every sparse layer that --global-attention-at does not name: %(choices)s",
+    )
+    group.add_argument(
+        "--global-attention-at",
+        type=_placement,
+        action="append",
+        metavar="NAME=LAYERS",
+        help="global branch NAME for these sparse source layers, e.g. selected=4,8,12, or selected=every:4 for "
+        "every 4th sparse layer (the 4th, 8th, ...); repeatable, e.g. --global-attention compressed "
+        "--global-attention-at selected=every:4 makes one sparse layer in four selected and the rest compressed",
     )
     group.add_argument("--window", type=int, dest="sliding_window", help="local window of sparse layers")
-    group.add_argument("--compress-block-size", type=int, help="block size of the compressed global branch")
+    group.add_argument(
+        "--compress-block-size", type=int, help="block size of the compressed and selected global branches"
+    )
     group.add_argument("--moe-layers", type=_layer_list, help="source layers whose MLP becomes a Mixture of Experts")
     group.add_argument("--num-experts", type=int)
     group.add_argument("--top-k", type=int, dest="num_experts_per_tok", help="experts per token")
@@ -73,24 +105,70 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expert-noise", type=float, help="symmetry breaking: relative noise on expert copies")
     group.add_argument("--drop-upcycling", type=float, help="symmetry breaking: re-initialised fraction of units")
     group.add_argument("--seed", type=int)
+    group.add_argument(
+        "--context-length",
+        type=positive_int,
+        metavar="N",
+        help="context of the converted model in tokens; beyond the source's max_position_embeddings this is "
+        "extrapolation: RoPE is rescaled (--rope-scaling) and the model needs fine-tuning at that length",
+    )
+    group.add_argument(
+        "--rope-scaling",
+        choices=RopeScalings(),
+        metavar="NAME",
+        help="how RoPE reaches a --context-length beyond the source's: %(choices)s (default: yarn; none keeps RoPE, "
+        "raw extrapolation)",
+    )
 
 
 UPCYCLE_FIELDS = (
     "sparse_layers global_attention sliding_window compress_block_size moe_layers num_experts num_experts_per_tok "
-    "moe_init insert_conv_after insert_kind conv_kernel_size expert_noise drop_upcycling seed"
+    "moe_init insert_conv_after insert_kind conv_kernel_size expert_noise drop_upcycling seed context_length "
+    "rope_scaling"
 ).split()
 
 
-def _recipe_from_args(args, num_layers_of):
-    """None for a plain conversion; else the named recipe (or an empty one) with explicit options applied."""
+def _recipe_from_args(args, source_config_of):
+    """None for a plain conversion; else the named recipe (or an empty one) with explicit options applied, checked
+    against the source's config (`source_config_of()`) before any weights load."""
     overrides = {name: getattr(args, name) for name in UPCYCLE_FIELDS if getattr(args, name, None) is not None}
-    if args.recipe is None and not overrides:
+    placements = getattr(args, "global_attention_at", None) or []
+    if args.recipe is None and not overrides and not placements:
         return None
-    from llama_hybrid.upcycle import UpcycleRecipe, recipe_for
+    from llama_hybrid.upcycle import UpcycleRecipe, recipe_for, upcycled_config
 
+    source_config = source_config_of()
     if args.recipe is None:
-        return UpcycleRecipe(**overrides)
-    return recipe_for(args.recipe, num_layers_of(), **overrides)
+        recipe = UpcycleRecipe(**overrides)
+    else:
+        recipe = recipe_for(args.recipe, source_config.num_hidden_layers, **overrides)
+    recipe = _place_global_attention(recipe, placements)
+    if args.rope_scaling is not None and recipe.context_length is None:
+        raise ValueError(f"--rope-scaling {args.rope_scaling} does nothing without --context-length N")
+    upcycled_config(source_config, recipe)  # every refusal of the recipe and of the config it makes, up front
+    return recipe
+
+
+def _place_global_attention(recipe, placements: list[tuple[str, list[int] | int]]):
+    """The recipe with each `--global-attention-at NAME=LAYERS` applied; a layer given two branches is refused."""
+    from llama_hybrid.upcycle import every_nth
+
+    chosen: dict[int, str] = {}
+    for name, layers in placements:
+        if isinstance(layers, int):  # every:N, counted over the recipe's sparse layers
+            every, layers = layers, every_nth(recipe.sparse_layers, layers)
+            if not layers:
+                raise ValueError(
+                    f"--global-attention-at {name}=every:{every} picks no layer: the recipe has "
+                    f"{len(recipe.sparse_layers)} sparse layer(s) (give them with --sparse-layers or --recipe)"
+                )
+        for layer in layers:
+            if chosen.get(layer, name) != name:
+                raise ValueError(
+                    f"--global-attention-at gives source layer {layer} two global branches ({chosen[layer]} and {name})"
+                )
+            chosen[layer] = name
+    return dataclasses.replace(recipe, global_attention_at={**recipe.global_attention_at, **chosen})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,13 +232,13 @@ def _cmd_convert(args) -> int:
     from llama_hybrid.convert import convert_llama, source_location
     from llama_hybrid.upcycle import upcycle_llama
 
-    def num_source_layers() -> int:
+    def source_config():
         from transformers import AutoConfig
 
         location, kwargs = source_location(args.source)
-        return AutoConfig.from_pretrained(location, **kwargs).num_hidden_layers
+        return AutoConfig.from_pretrained(location, **kwargs)
 
-    recipe = _recipe_from_args(args, num_source_layers)
+    recipe = _recipe_from_args(args, source_config)
     dtype = _torch_dtype(args.dtype)
     if recipe is None:
         folder = convert_llama(args.source, args.output_dir, dtype=dtype, overwrite=args.overwrite)

@@ -15,8 +15,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class LazyChoices:
     """argparse `choices` read on first use from the library (which loads torch), so building the parser stays light:
-    the upcycling recipes, and the registry's global branches and insertable mixer kinds (a kind or variant that is
-    registered is a choice, with no list kept here)."""
+    the upcycling recipes and RoPE scalings, and the registry's global branches and insertable mixer kinds (a kind or
+    variant that is registered is a choice, with no list kept here)."""
 
     def __init__(self, read):
         self.read = read
@@ -46,6 +46,12 @@ def _insertable_kinds() -> tuple[str, ...]:
     return tuple(upcycle.insertable_kinds())
 
 
+def _rope_scalings() -> tuple[str, ...]:
+    from llama_hybrid import upcycle
+
+    return tuple(upcycle.ROPE_SCALINGS)
+
+
 def RecipeNames() -> LazyChoices:  # noqa: N802 (reads as the choices it stands for)
     """The upcycling recipes `llama_hybrid.upcycle.RECIPES`; the old names of renamed recipes are accepted too (see
     `recipe_name`) but not listed."""
@@ -58,6 +64,10 @@ def GlobalBranches() -> LazyChoices:  # noqa: N802
 
 def InsertableKinds() -> LazyChoices:  # noqa: N802
     return LazyChoices(_insertable_kinds)
+
+
+def RopeScalings() -> LazyChoices:  # noqa: N802
+    return LazyChoices(_rope_scalings)
 
 
 def recipe_name(text: str) -> str:
