@@ -62,7 +62,7 @@ from .pydoc_corpus import pydoc_prose
 from .reporting import parameter_counts
 
 ROUTER_STD = 0.01
-RECIPES = ("hybrid", "staged", "long-context")  # the named upcycle recipes of `recipe_for`
+RECIPES = ("hybrid", "staged", "long-context", "long-context-selected")  # the named upcycle recipes of `recipe_for`
 ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
@@ -164,6 +164,12 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
       and no conv is inserted, so the parameters are the source's plus the per-head gates. Give `context_length`
       for a context beyond the source's `max_position_embeddings` (that is extrapolation: RoPE is then rescaled
       with `rope_scaling`, YaRN by default). Needs a source of at least 3 layers.
+    - `long-context-selected`: the same layers with a selected global branch (sink + top 8 blocks of 64 + the
+      512-token window, exact over those): the point of the measured frontier that keeps the source's retrieval
+      and perplexity at step 0 without training (docs/claims.md, section 4c), at the cost of an O(n) cache like
+      the source's; a decode step reads at most 1,088 tokens' keys and values per layer. One selected layer in four
+      (the rest compressed, a third of the cache) lost most of the needles the source found, and all compressed
+      (a tenth) lost every one.
     """
     if recipe_name in RENAMED_RECIPES:
         new_name = RENAMED_RECIPES[recipe_name]
@@ -180,7 +186,7 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
             moe_layers=list(range(num_layers // 2, num_layers)),
             insert_conv_after=[i for i in range(num_layers) if i % 4 == 3],
         )
-    elif recipe_name == "long-context":
+    elif recipe_name in ("long-context", "long-context-selected"):
         if num_layers < 3:
             raise ValueError(
                 f"the long-context recipe keeps the first and last layers full attention; a source of {num_layers} "
@@ -188,7 +194,7 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
             )
         recipe = UpcycleRecipe(
             sparse_layers=list(range(1, num_layers - 1)),
-            global_attention="compressed",
+            global_attention="selected" if recipe_name == "long-context-selected" else "compressed",
             sliding_window=512,
             compress_block_size=64,
         )

@@ -164,7 +164,19 @@ def test_the_old_recipe_name_seed_still_works_with_a_warning():
         assert recipe_for("seed", 8) == recipe_for("staged", 8)
     with pytest.raises(ValueError, match="upcycle recipe must be one of"):
         recipe_for("nonsense", 8)
-    assert set(RECIPES) == {"hybrid", "staged", "long-context"}
+    assert set(RECIPES) == {"hybrid", "staged", "long-context", "long-context-selected"}
+
+
+def test_long_context_selected_recipe_equals_the_source_up_to_its_bound_and_keeps_every_token(llama):
+    recipe = recipe_for("long-context-selected", 8)
+    assert recipe == dataclasses.replace(recipe_for("long-context", 8), global_attention="selected")
+    hybrid = upcycle(llama, dataclasses.replace(recipe, sliding_window=WINDOW, compress_block_size=BLOCK))
+    bound = WINDOW + (hybrid.config.select_blocks + 1) * BLOCK  # 16 + 9 * 4 = 52 tokens
+    assert exact_context(hybrid.config) == bound
+    ids = _ids(bound)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
+    beyond = (_logits(hybrid, _ids(4 * bound)) - _logits(llama, _ids(4 * bound))).abs().max()
+    assert beyond > 1e-4  # past the bound each query reads its sink, top k blocks and window: close, not equal
 
 
 def test_long_context_recipe_keeps_the_first_and_last_layers_full_attention(llama):
