@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_models import write_tiny_hybrid
+from conftest import TINY_LLAMA  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 from transformers import AutoTokenizer, GenerationMixin
 
 from llama_hybrid.cli import main
@@ -213,7 +214,6 @@ def test_convert_parses_per_layer_global_branches_and_the_context(capsys):
 def test_demo_evaluates_beyond_the_context_step_0_reproduces(tmp_path, capsys, monkeypatch):
     """The demo's perplexity windows reach past W + (k + 1) * b, and it says so (a tiny LLaMA stands in for SmolLM2;
     `--steps 0` skips the fine-tuning)."""
-    from conftest import TINY_LLAMA
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     import llama_hybrid.convert
