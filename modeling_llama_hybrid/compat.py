@@ -23,6 +23,7 @@ from transformers import PreTrainedConfig, configuration_utils
 from transformers.cache_utils import Cache
 from transformers.distributed import DistributedConfig
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils import output_capturing
 from transformers.utils.deprecation import deprecate_kwarg
 
 # Output field that holds the cache in this transformers version.
@@ -191,3 +192,16 @@ def _base_field_types() -> dict:
     """PreTrainedConfig's dataclass fields and their types (its annotations are strings: resolved here)."""
     hints = typing.get_type_hints(PreTrainedConfig, {"torch": torch, **vars(configuration_utils)})
     return {field.name: hints[field.name] for field in dataclasses.fields(PreTrainedConfig)}
+
+
+def clear_stale_output_capture(*_args) -> None:
+    """A forward pre-hook for a model whose outputs `capture_outputs` records (router logits, attentions, hidden
+    states). transformers' collector turns into a plain global while dynamo traces it and turns back on reset; a
+    compiled generate under flex_attention with a static cache (seen on 5.17) leaves it turned, and from then on
+    every eager forward of the process records nothing: router logits come back empty and the MoE balancing loss
+    cannot be formed. Before this forward's own capture starts and outside a trace, the switch can only be stale."""
+    if torch.compiler.is_compiling():  # first: a traced hook must not read (and so guard on) the switch
+        return
+    collector = getattr(output_capturing, "_active_collector", None)
+    if getattr(collector, "compiling", False):
+        collector.compiling, collector.global_var = False, None

@@ -38,6 +38,7 @@ from .compat import (
     CACHE_FIELD,
     accepts_past_key_values,
     cache_output,
+    clear_stale_output_capture,
     default_use_kernels,
     keep_last_logits,
     pick_cache,
@@ -205,6 +206,7 @@ class LlamaHybridModel(LlamaHybridPreTrainedModel):
         # Router and sparse-gate weights stay fp32 under a bf16/fp16 load; named per layer, for the layers that have
         # them ("mlp.gate" alone would also match the dense MLP's gate_proj, since transformers matches by search).
         self._keep_in_fp32_modules_strict = fp32_module_names(config)
+        self.register_forward_pre_hook(clear_stale_output_capture)  # before `capture_outputs` starts recording
         self.post_init()
 
     @accepts_past_key_values

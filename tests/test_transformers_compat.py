@@ -100,3 +100,25 @@ def test_a_mistyped_base_config_field_is_named_on_every_version(field, value):
     assert mistyped_base_field(config) is None
     object.__setattr__(config, field, value)  # past any check, as a 5.25 constructor lets it through
     assert mistyped_base_field(config)[0] == field
+
+
+def test_a_stale_compiled_output_collector_does_not_silence_router_logits():
+    """transformers' output collector left switched to its compile-time global (as a compiled flex + static-cache
+    generate leaves it on 5.17): the next eager forward still records every MoE layer's router logits, so the
+    balancing loss is formed."""
+    from hybrid_mixer_fixtures import tiny_model, tokens
+    from transformers.utils import output_capturing
+
+    model = tiny_model("attention", "sdpa")
+    ids = tokens(2, 9)
+    expected = model(ids, output_router_logits=True).router_logits
+    assert len(expected) > 0
+    collector = output_capturing._active_collector
+    collector.compiling, collector.global_var = True, None  # the stale state
+    try:
+        out = model(ids, labels=ids, output_router_logits=True)
+    finally:
+        collector.compiling, collector.global_var = False, None
+    assert len(out.router_logits) == len(expected) and out.aux_loss is not None
+    for got, want in zip(out.router_logits, expected, strict=True):
+        torch.testing.assert_close(got, want)
