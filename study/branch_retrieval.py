@@ -65,6 +65,8 @@ BUDGET = {
         (8192, SELECTED, 4),
         (2048, COMPRESSED, 10),
         (2048, MIX, 10),
+        (2048, GROUP, 10, ("prose",)),
+        (4096, GROUP, 10, ("prose",)),
     ],
     "quick": [
         (640, LLAMA, 2),
