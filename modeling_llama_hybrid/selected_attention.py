@@ -136,7 +136,7 @@ def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int, sharing: int
     query = query.view(batch, kv_heads, sharing, rows_of_query // sharing, dim)  # (B, KV, R', Q', D)
     top = query.abs().sum(2).topk(min(dims, dim), dim=-1).indices  # (B, KV, Q', r): each choice's dimensions
     if rows_of_query > SPARQ_GATHER_QUERIES:
-        kept = torch.zeros_like(top, dtype=query.dtype).new_zeros(batch, kv_heads, top.shape[2], dim)
+        kept = query.new_zeros(batch, kv_heads, top.shape[2], dim)
         kept = kept.scatter(-1, top, 1.0)[:, :, None]  # (B, KV, 1, Q', D)
         return (query * kept).view(batch, kv_heads, rows_of_query, dim) @ key.transpose(-1, -2)
     head = torch.arange(batch * kv_heads, device=query.device).view(batch, kv_heads, 1, 1)
@@ -201,7 +201,8 @@ def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, s
     discrete choice: no gradient flows through it (only through the attention over the chosen keys)."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
-        blocks = int(candidates.flatten(0, 1).any(0).cumsum(0).argmax()) + 1 if candidates.any() else 0  # G'
+        seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
+        blocks = int((seen * torch.arange(1, seen.numel() + 1, device=seen.device)).max())  # G': one host sync
         candidates = candidates[..., :blocks]
         scores = score_blocks(query, key, layout, scorer, dims, bounds, blocks)
         return top_blocks(scores, candidates, k, layout.num_blocks)
