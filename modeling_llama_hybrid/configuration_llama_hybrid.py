@@ -20,6 +20,7 @@ from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 CONFIG_FORMAT_VERSION = 2
 MLP_LAYER_TYPES = ("dense", "sparse")
 SELECT_SCORERS = ("sparq", "sparq-group", "quest")  # the selected global branch's block scorers (selected_attention.py)
+SELECT_POSITIONS = ("true", "fixed")  # the distances the selected branch attends its sink and selected blocks at
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
 # are not stored in a saved config (only the layer lists they produce are), so renaming one changes no checkpoint.
@@ -92,6 +93,11 @@ class LlamaHybridConfig(PreTrainedConfig):
             largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or
             `"quest"`, Quest's min/max bound) and the window; it needs
             `sliding_window >= compress_block_size`.
+        select_positions: the distances the selected branch attends its sink and selected blocks at: `"true"`
+            (default; exact attention over the subset) or `"fixed"` (InfLLM's scheme: all of them `select_distance`
+            before the query, default `sliding_window`, while the window keeps true distances: no query-key distance
+            exceeds max(sliding_window, select_distance) at any length, so a model never sees a distance it was not
+            trained on; not exact, even inside the trained length).
         sparse_gate_init: initial per-head weight of the local branch in `g = 1 - alpha * sigmoid(W x + b)`;
             0 makes a fresh sparse layer exactly its global branch.
         conv_kernel_size, conv_bias: the short convolution's taps and bias.
@@ -145,6 +151,8 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_blocks: int = 8
     select_dims: int = 16
     select_scorer: str = "sparq"
+    select_positions: str = "true"
+    select_distance: int | None = None
     sparse_gate_init: float | int = 0.5
     conv_kernel_size: int = 4
     conv_bias: bool = False
@@ -453,6 +461,17 @@ def _check_selection(config: "LlamaHybridConfig") -> None:
     _positive_int(config, "select_dims")
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
+    if config.select_positions not in SELECT_POSITIONS:
+        raise ValueError(f"select_positions={config.select_positions!r}; choose one of {list(SELECT_POSITIONS)}")
+    if config.select_distance is not None:
+        _positive_int(config, "select_distance")
+        if config.select_positions != "fixed":
+            raise ValueError(f"select_distance={config.select_distance} needs select_positions='fixed'")
+    if config.select_positions == "fixed" and config.rope_parameters.get("rope_type") == "dynamic":
+        raise ValueError(
+            "select_positions='fixed' cannot be combined with rope_type='dynamic' (its frequencies change with the "
+            "length; the fixed distance needs one rotation): use 'default', 'linear', 'yarn' or 'llama3'"
+        )
     selected = [i for i in range(config.num_hidden_layers) if variant_of(config, i) == "selected"]
     if selected and config.sliding_window < config.compress_block_size:
         raise ValueError(

@@ -16,12 +16,16 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   of the true max q.k over the block).
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
-eager / sdpa path: queries in chunks, each chunk gathers once the union of its queries' sink, selected blocks and
-window band, and applies each query's own choice as a mask, so its memory is bounded by the chunk (a chunk's scores
-are (Q x S); nothing is (T x S)). The kernel returns its selection (the reference takes one) and how many key slots
-it read. flex_attention falls back to the chunked kernel (no block-mask kernel yet). Decode reads the keys through
-the same kernel: a one-token step gathers sink + k*b + W slots, plus the scoring data (the rotated keys' r dims under
-"sparq"; block bounds computed from every key under "quest").
+eager / sdpa path: queries in chunks; a chunk scores and selects, then attends with one softmax over two parts, its
+window band (Q + W - 1 slots shared by its queries) and, per query, the (k + 1) * b slots of its sink and selected
+blocks gathered on their own (minus those inside its window: each token once). So its memory and its attention cost
+are linear in the chunk (O(Q * (W + (k + 1) * b)) scores per head); only the scorer reads every earlier key. The
+kernel returns its selection (the reference takes one) and how many key slots a query read. flex_attention falls
+back to the chunked kernel (no block-mask kernel yet). A decode step gathers sink + k*b + W slots, plus the scoring
+data (the r key dims under "sparq"; block bounds computed from every key under "quest").
+
+Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
+at one fixed distance, the window at true distances (`Memory`: what the memory part is scored and attended with).
 
 Shape legend: B batch, H query heads, KV key/value heads, R = H / KV heads per group, T queries, Q chunk length,
 S key slots, U gathered slots of a chunk, G blocks, K selected blocks, D head dim.
@@ -36,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import repeat_kv
-from .banded_attention import WindowLayout, document_starts
+from .banded_attention import WindowLayout, document_starts, window_mask
+from .rotary import LlamaHybridRotaryEmbedding, rotate_keys
 from .selected_cache import SelectedSparseLayer
 from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
@@ -59,7 +64,10 @@ class SelectionLayout:
     query_slots: torch.Tensor  # (B, T) key slot of each query
     query_positions: torch.Tensor  # (B, T) -1 for padding queries
     query_documents: torch.Tensor  # (B, T)
+    query_sinks: torch.Tensor  # (B, T) the block number of each query's document's sink (G for padding)
+    query_offset: int | torch.Tensor  # key slot of the first query
     window: int
+    contiguous: bool  # every row is one document whose slot s holds position s (block j = slots [j*b, (j+1)*b))
 
     @property
     def num_blocks(self) -> int:
@@ -93,19 +101,29 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
     block_slots = positions.new_full((batch, (num_blocks + 1) * block_size), slots)
     block_slots = block_slots.scatter(1, block_of_key * block_size + offset.clamp(0, block_size - 1), slot_index)
     query_slots = (layout.query_offset + torch.arange(num_queries, device=positions.device))[None].expand(batch, -1)
+    query_documents = documents.gather(1, query_slots)
+    block_is_sink = per_block(doc_start.long()) > 0
+    block_numbers = torch.arange(num_blocks, device=positions.device).expand(batch, -1)
+    sink_of_document = positions.new_full((batch, slots + 2), num_blocks)  # documents are numbered 1..S
+    sink_documents = torch.where(block_is_sink, per_block(documents), slots + 1)  # other blocks: a spare index
+    sink_of_document = sink_of_document.scatter(1, sink_documents, block_numbers)
+    sink_of_document[:, 0] = num_blocks  # document -1 (padding) reads index 0 below: no sink
     return SelectionLayout(
         key_positions=positions,
         key_documents=documents,
         block_of_key=block_of_key,
         block_positions=per_block(block * block_size),
         block_documents=per_block(documents),
-        block_is_sink=per_block(doc_start.long()) > 0,
+        block_is_sink=block_is_sink,
         block_slots=block_slots.view(batch, num_blocks + 1, block_size)[:, :-1],  # invalid keys: the spare row
         block_ends=ends,
         query_slots=query_slots,
         query_positions=positions.gather(1, query_slots),
-        query_documents=documents.gather(1, query_slots),
+        query_documents=query_documents,
+        query_sinks=sink_of_document.gather(1, query_documents.clamp(min=0)),
+        query_offset=layout.query_offset,
         window=layout.window,
+        contiguous=bool((positions == slot_index).all()),  # one host sync per forward
     )
 
 
@@ -171,10 +189,15 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
         read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
         sharing = query.shape[1] // kv_heads if scorer == "sparq-group" else 1
         scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims, sharing)  # (B, KV, RQ, S')
-        scores = F.pad(scores, (0, 1), value=-torch.inf)  # slot S' stands for "no key" in the block table
-        table = layout.block_slots[:, :blocks].clamp(max=read).flatten(1)  # (B, G' * b)
-        scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
-        scores = scores.view(*scores.shape[:-1], blocks, layout.block_slots.shape[-1]).amax(-1)  # (B, KV, RQ, G')
+        size = layout.block_slots.shape[-1]
+        if layout.contiguous:  # block j is slots [j*b, (j+1)*b): no table to read
+            scores = scores[..., : blocks * size]
+            if read < blocks * size:  # the last block is incomplete: its missing keys score -inf
+                scores = F.pad(scores, (0, blocks * size - read), value=-torch.inf)
+        else:  # a slot S marks "no key": only incomplete blocks have one, and they are never candidates
+            table = layout.block_slots[:, :blocks].clamp(max=read - 1).flatten(1)  # (B, G' * b)
+            scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
+        scores = scores.reshape(*scores.shape[:-1], blocks, size).amax(-1)  # (B, KV, RQ, G')
     elif scorer == "quest":
         low, high = bounds if bounds is not None else block_bounds(key, layout)
         low, high, grouped_query = low[:, :, :blocks], high[:, :, :blocks], grouped(query, kv_heads)
@@ -233,95 +256,145 @@ def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, s
     return visible | (~visible.any(-1, keepdim=True) & own)
 
 
-def masked_attention(query, key, value, mask, scaling: float, use_sdpa: bool) -> torch.Tensor:
-    """q (B, H, Q, D), k/v (B, KV, U, D), bool mask (B, KV, Q, U) per KV head -> (B, Q, H, D)."""
-    groups = query.shape[1] // key.shape[1]
-    mask = repeat_kv(mask, groups)  # (B, H, Q, U)
-    if use_sdpa:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    else:
-        scores = (query @ repeat_kv(key, groups).transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32))
-        weights = (scores * scaling).masked_fill(~mask, -torch.inf).softmax(-1).to(value.dtype)
-        out = weights @ repeat_kv(value, groups)
-    return out.transpose(1, 2)
+class Memory(NamedTuple):
+    """How the sink and the selected blocks are scored and attended (the window always sees true positions).
+
+    True positions (`memory=None` in the kernels): the rotated queries and keys. A fixed distance L (InfLLM's
+    scheme, `select_positions="fixed"`): every memory token sits L before the query, so the queries are rotated to
+    position L and the keys are not rotated at all (q(L) . k(0) is RoPE at distance L).
+    """
+
+    query: torch.Tensor  # (B, H, T, D)
+    key: torch.Tensor  # (B, KV, S, D), every slot
 
 
-def dense_selected_attention(query, key, value, layout: SelectionLayout, selection: torch.Tensor, scaling: float):
+def dense_selected_attention(
+    query, key, value, layout: SelectionLayout, selection: torch.Tensor, scaling: float, memory: Memory | None = None
+):
     """The plain reference: one (B, KV, T, S) mask from the selection (B, KV, T, K); eager softmax, float64-safe.
-    q (B, H, T, D), rotated k and v (B, KV, S, D) -> (B, T, H, D)."""
+    q (B, H, T, D), rotated k and v (B, KV, S, D) -> (B, T, H, D). With `memory`, a visible key outside the
+    query's window is scored with `memory.query` . `memory.key` instead."""
+    groups = query.shape[1] // key.shape[1]
     slots = torch.arange(key.shape[2], device=key.device).expand(*key.shape[:2], -1)  # (B, KV, S)
-    mask = visible_keys(layout, slice(None), slots, selection)
-    return masked_attention(query, key, value, mask, scaling, use_sdpa=False)
+    mask = repeat_kv(visible_keys(layout, slice(None), slots, selection), groups)  # (B, H, T, S)
+    scores = query @ repeat_kv(key, groups).transpose(-1, -2)
+    if memory is not None:
+        distance = layout.query_positions[:, None, :, None] - layout.key_positions[:, None, None, :]
+        far = memory.query @ repeat_kv(memory.key, groups).transpose(-1, -2)
+        scores = torch.where(distance < layout.window, scores, far)
+    scores = scores.to(torch.promote_types(query.dtype, torch.float32))
+    weights = (scores * scaling).masked_fill(~mask, -torch.inf).softmax(-1).to(value.dtype)
+    return (weights @ repeat_kv(value, groups)).transpose(1, 2)
 
 
 class SelectedOutput(NamedTuple):
     out: torch.Tensor  # (B, T, H, D)
     selection: torch.Tensor  # (B, KV, T, K) block numbers of `layout`, G where fewer than K were candidates
-    read_slots: int  # the most key / value slots one chunk gathered for one KV head
+    read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
 
 
-def chunk_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, KV, U) the key slots a chunk reads per KV head: its queries' documents' sinks, the union of their selected
-    blocks and the window band (the slots from W - 1 before its first query to its last), in key order; and
-    (B, KV, U) which of them are needed (heads that need fewer than U are padded with slot 0, marked not needed)."""
-    batch, kv_heads = selection.shape[:2]
-    slots = layout.key_positions.shape[1]
-    chosen = torch.zeros(batch, kv_heads, layout.num_blocks + 1, dtype=torch.bool, device=selection.device)
-    chosen = chosen.scatter(2, selection.flatten(2), True)  # (B, KV, G + 1) the union of the chunk's choices
-    documents = layout.query_documents[:, queries]
-    first, last = documents.amin(1, keepdim=True), documents.amax(1, keepdim=True)
-    sinks = layout.block_is_sink & (layout.block_documents >= first) & (layout.block_documents <= last)
-    chosen = chosen[..., :-1] | sinks[:, None]  # (B, KV, G)
-    index = torch.arange(slots, device=selection.device)
-    query_slots = layout.query_slots[:, queries]
-    band = (index >= query_slots[:, :1] - (layout.window - 1)) & (index <= query_slots[:, -1:])  # (B, S)
-    blocks = layout.block_of_key[:, None].expand(-1, kv_heads, -1)
-    needed = band[:, None] | F.pad(chosen, (0, 1)).gather(2, blocks)  # (B, KV, S)
-    counts = needed.sum(2, keepdim=True)  # (B, KV, 1)
-    count = int(counts.max())  # U: one host sync per chunk
-    place = torch.where(needed, needed.long().cumsum(2) - 1, count)  # each needed slot's place, in key order
-    order = torch.zeros(batch, kv_heads, count + 1, dtype=torch.long, device=needed.device)
-    order = order.scatter(2, place, index.expand_as(place))[..., :count]  # heads needing fewer: slot 0 pads
-    return order, torch.arange(count, device=needed.device) < counts
+def memory_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
+    """(B, KV, Q, (K + 1) * b) the key slots of each query's sink block and selected blocks; S where none."""
+    sinks = layout.query_sinks[:, None, queries, None].expand(*selection.shape[:-1], 1)  # (B, KV, Q, 1)
+    blocks = torch.cat([sinks, selection], -1)  # (B, KV, Q, K + 1), G: "no block"
+    table = F.pad(layout.block_slots, (0, 0, 0, 1), value=layout.key_positions.shape[1])  # (B, G + 1, b)
+    batch, kv_heads, length, count = blocks.shape
+    slots = table.gather(1, blocks.view(batch, -1, 1).expand(-1, -1, table.shape[-1]))  # (B, KV*Q*(K+1), b)
+    return slots.view(batch, kv_heads, length, -1)
 
 
 def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """(B, KV, U, D): the slots `slots` (B, KV, U) of keys or values (B, KV, S, D). A dimension-major tensor (the
-    cache's keys: each dimension one contiguous row) is gathered along its rows, b-token runs at a time."""
-    if states.stride(-2) == 1:
-        return states.transpose(-1, -2).gather(3, slots[:, :, None].expand(-1, -1, states.shape[-1], -1)).mT
-    return states.gather(2, slots[..., None].expand(-1, -1, -1, states.shape[-1]))
+    """(B, KV, Q, M, D): the slots `slots` (B, KV, Q, M) of keys or values (B, KV, S, D); slot S ("none") reads
+    slot S - 1 (the caller masks it).
+
+    Rows of D numbers are copied whole (`index_select` on a token-major table). A dimension-major tensor (the
+    cache's keys: each dimension one contiguous row) is gathered along its rows when it reads fewer slots than it
+    holds (a decode step: (k + 1) * b slots, not the prefix), else copied token-major once (a prefill chunk)."""
+    batch, kv_heads, length, count = slots.shape
+    num_slots, dim = states.shape[2], states.shape[3]
+    flat = slots.reshape(batch, kv_heads, -1).clamp(max=num_slots - 1)
+    if states.stride(-2) == 1 and flat.shape[-1] < num_slots:
+        gathered = states.transpose(-1, -2).gather(3, flat[:, :, None].expand(-1, -1, dim, -1)).transpose(-1, -2)
+        return gathered.reshape(batch, kv_heads, length, count, dim)
+    table = states.reshape(-1, dim)  # (B * KV * S, D) token-major (a copy when `states` is not)
+    base = torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1) * num_slots
+    return table.index_select(0, (flat + base).flatten()).view(batch, kv_heads, length, count, dim)
+
+
+def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
+    """The window band of a chunk: key slots from W - 1 before its first query to its last (clamped), its keys and
+    values (B, KV, L, D) from `key` / `value`, which hold the last slots of the `num_slots`, and the window mask
+    (B, 1, Q, L) of each query over them."""
+    first = layout.query_offset + queries.start - (layout.window - 1)
+    band = first + torch.arange(queries.stop - queries.start + layout.window - 1, device=key.device)  # (L,)
+    held = num_slots - key.shape[2]  # slots before the first one `key` holds
+    picked = (band - held).clamp(0, key.shape[2] - 1)
+    window = WindowLayout(layout.key_positions, layout.key_documents, layout.query_offset, layout.window)
+    query_slots = layout.query_offset + torch.arange(queries.start, queries.stop, device=key.device)
+    batch = layout.key_positions.shape[0]
+    mask = window_mask(window, query_slots.expand(batch, -1), band.expand(batch, -1))  # (B, Q, L)
+    mask = mask & (band >= held)  # a slot the tensors do not hold is never in a query's window
+    return key.index_select(2, picked), value.index_select(2, picked), mask[:, None]
 
 
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
-    use_sdpa: bool = True, chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None,
+    chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
 ) -> SelectedOutput:  # fmt: skip
-    """The eager / sdpa kernel: q (B, H, T, D), rotated k and v (B, KV, S, D) -> `SelectedOutput`.
+    """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
-    Each chunk of Q queries scores the blocks (Q x S scores per head), selects (or takes `selection`), gathers the
-    union of what its queries read (`chunk_slots`, U slots) and attends under each query's own choice as a mask.
+    `value` holds every slot (B, KV, S, D); `key` the rotated keys of the last slots, at least every query's window
+    band (a cache that stores unrotated keys rotates only those). Each chunk of Q queries scores the blocks
+    (`memory`'s queries and keys, default `query` and `key`), selects (or takes `selection`), and attends with one
+    softmax over two parts: its window band (L = Q + W - 1 slots shared by the chunk, true positions) and, per
+    query, the (k + 1) * b slots of its sink and selected blocks minus those inside its window (each token once).
+    Memory per chunk: (Q x L) + (Q x (k + 1) * b) scores per head, never (T x S).
     """
-    length = query.shape[2]
+    batch, heads, length, dim = query.shape
+    kv_heads, num_slots = value.shape[1], value.shape[2]
+    groups = heads // kv_heads
+    memory = memory if memory is not None else Memory(query, key)
     bounds = None
     if scorer == "quest" and selection is None:
         with torch.no_grad():
-            bounds = block_bounds(key, layout)
+            bounds = block_bounds(memory.key, layout)
+    score_type = torch.promote_types(query.dtype, torch.float32)
     outs, selections, read = [], [], 0
     for start in range(0, length, chunk):
         queries = slice(start, min(start + chunk, length))
-        part = query[:, :, queries]
+        width = queries.stop - queries.start
+        part, memory_part = query[:, :, queries], memory.query[:, :, queries]
         if selection is None:
-            chosen = select_blocks(part, key, layout, queries, k, scorer, dims, bounds)
+            chosen = select_blocks(memory_part, memory.key, layout, queries, k, scorer, dims, bounds)
         else:
             chosen = selection[:, :, queries]
-        slots, kept = chunk_slots(layout, queries, chosen)  # (B, KV, U)
-        mask = visible_keys(layout, queries, slots, chosen, kept)
-        outs.append(
-            masked_attention(part, gather_slots(key, slots), gather_slots(value, slots), mask, scaling, use_sdpa)
+        band_key, band_value, band_mask = window_band(layout, queries, key, value, num_slots)  # (B, KV, L, D)
+        slots = memory_slots(layout, queries, chosen)  # (B, KV, Q, M)
+        positions = F.pad(layout.key_positions, (0, 1), value=-1)
+        slot_positions = positions[:, None].expand(-1, kv_heads, -1).gather(2, slots.flatten(2)).view(slots.shape)
+        distance = layout.query_positions[:, None, queries, None] - slot_positions
+        memory_mask = (slot_positions >= 0) & (distance >= layout.window)  # (B, KV, Q, M): not in the window
+        grouped_part = part.reshape(batch, kv_heads, groups * width, dim)  # (B, KV, R*Q, D)
+        band_scores = (grouped_part @ band_key.transpose(-1, -2)).view(batch, kv_heads, groups, width, -1)
+        memory_key = gather_slots(memory.key, slots)  # (B, KV, Q, M, D)
+        memory_query = memory_part.reshape(batch, kv_heads, groups, width, dim).transpose(2, 3)  # (B, KV, Q, R, D)
+        memory_scores = (memory_query @ memory_key.transpose(-1, -2)).transpose(2, 3)  # (B, KV, R, Q, M)
+        scores = torch.cat(
+            [
+                band_scores.to(score_type).masked_fill(~band_mask[:, :, None], -torch.inf),
+                memory_scores.to(score_type).masked_fill(~memory_mask[:, :, None], -torch.inf),
+            ],
+            -1,
         )
+        weights = (scores * scaling).softmax(-1).to(value.dtype)  # (B, KV, R, Q, L + M)
+        band_weights, memory_weights = weights.split([band_key.shape[2], slots.shape[-1]], -1)
+        out = band_weights.reshape(batch, kv_heads, groups * width, -1) @ band_value  # (B, KV, R*Q, D)
+        memory_value = gather_slots(value, slots)  # (B, KV, Q, M, D)
+        memory_out = (memory_weights.transpose(2, 3) @ memory_value).transpose(2, 3)  # (B, KV, R, Q, D)
+        out = out.view(batch, kv_heads, groups, width, dim) + memory_out
+        outs.append(out.reshape(batch, heads, width, dim).transpose(1, 2))  # (B, Q, H, D)
         selections.append(chosen)
-        read = max(read, slots.shape[2])
+        read = max(read, band_key.shape[2] - width + 1 + slots.shape[-1])
     return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)
 
 
@@ -331,9 +404,15 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
 
     With its own cache layer (selected_cache.py; the model and generate() install it under a dynamic cache) the key
     layout comes from the positions the cache recorded; otherwise (no cache, or a stock cache layer, e.g. a static
-    one) from the `WindowLayout` over every key that masks.py builds (`GLOBAL_MASKS["key_slots"]`). Either way both
-    branches read the rotated keys: the window through the banded kernel (eager / sdpa; flex reads its sliding mask
-    when the layout comes from masks.py), the global branch through the chunked kernel on every backend.
+    one) from the `WindowLayout` over every key that masks.py builds (`GLOBAL_MASKS["key_slots"]`). The window is
+    read through the banded kernel (eager / sdpa; flex reads its sliding mask when the layout comes from masks.py),
+    the global branch through the chunked kernel on every backend.
+
+    Positions (`config.select_positions`): "true" caches rotated keys, as full attention does. "fixed" (InfLLM's
+    scheme: the sink and the selected tokens all sit `select_distance` before the query, the window keeps true
+    distances, so no query-key distance exceeds max(W, select_distance) however long the context) caches the keys
+    unrotated: the scorer and the memory part read them against queries rotated to that distance, and only the
+    slots a step's windows read are rotated, by their own positions (`memory_rotary`).
     """
 
     def __init__(self, config, layer_idx: int):
@@ -342,22 +421,64 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_blocks = config.select_blocks
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
+        self.fixed_distance = None
+        if config.select_positions == "fixed":
+            self.fixed_distance = config.select_distance or config.sliding_window
+            self.memory_rotary = LlamaHybridRotaryEmbedding(config)  # cos / sin at cached slots' positions
 
     def forward(self, hidden_states, position_embeddings, attention_mask: SparseMasks, cache=None, **kwargs):
-        query, key, value = self.project_qkv(hidden_states, position_embeddings, cache, kwargs)
+        if self.fixed_distance is None:
+            query, key, value = self.project_qkv(hidden_states, position_embeddings, cache, kwargs)
+            memory, held = None, 0
+        else:
+            query, key, value, memory = self.project_fixed(hidden_states, position_embeddings, cache, kwargs)
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         if isinstance(layer_cache, SelectedSparseLayer):
             layout = layer_cache.key_layout(query.shape[2])
             attention_mask = SparseMasks(layout, layout)
-        local_out = self.local_branch(query, key, value, attention_mask, kwargs)
-        global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out)
+        if memory is not None:  # rotate what the windows read: every slot, or the cache's last W - 1 + T
+            held = 0
+            if isinstance(layer_cache, SelectedSparseLayer):
+                held = max(key.shape[2] - query.shape[2] - (self.sliding_window - 1), 0)
+            positions = attention_mask.global_.key_positions[:, held:]
+            cos, sin = self.memory_rotary(value, positions.clamp(min=0))
+            key = rotate_keys(key[:, :, held:], cos, sin)
+        local_out = self.local_branch(query, key, value[:, :, held:], tail_masks(attention_mask, held), kwargs)
+        global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out, memory)
         return self.mix(hidden_states, global_out, local_out), None
 
-    def global_branch(self, query, key, value, masks: SparseMasks, kwargs, local_out):
-        """The selected branch (B, T, H, D) over every key (`masks.global_`: a WindowLayout over them)."""
+    def project_fixed(self, hidden_states, position_embeddings, cache, kwargs):
+        """Rotated queries (B, H, T, D), unrotated cached keys and values (B, KV, S, D), and the `Memory`: the
+        queries rotated to the fixed distance (times RoPE's attention scaling, which a key at position 0 carries)."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        at = torch.full((1, 1), self.fixed_distance, dtype=torch.long, device=query.device)
+        cos, sin = self.memory_rotary(query, at)  # (1, 1, D)
+        memory_query = rotate_keys(query, cos, sin) * self.memory_rotary.attention_scaling
+        query = rotate_keys(query, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        return query, key, value, Memory(memory_query, key)
+
+    def global_branch(self, query, key, value, masks: SparseMasks, kwargs, local_out, memory: Memory | None = None):
+        """The selected branch (B, T, H, D) over every key (`masks.global_`: a WindowLayout over them); `key` holds
+        the rotated keys of the last slots (all of them, or at least every query's window band)."""
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
-        use_sdpa = self.config._attn_implementation != "eager"
         result = chunked_selected_attention(
-            query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling, use_sdpa
-        )
+            query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
+            memory=memory,
+        )  # fmt: skip
         return result.out, None
+
+
+def tail_masks(masks: SparseMasks, held: int) -> SparseMasks:
+    """The local mask for keys that start at slot `held` (a `WindowLayout` shifted; nothing to do when 0)."""
+    if not held:
+        return masks
+    layout = masks.local
+    shifted = WindowLayout(
+        layout.key_positions[:, held:], layout.documents[:, held:], layout.query_offset - held, layout.window
+    )
+    return SparseMasks(shifted, masks.global_)

@@ -109,14 +109,13 @@ def packed_and_padded_rows(length: int) -> torch.Tensor:
     return torch.stack([plain, padded, packed])
 
 
-@pytest.mark.parametrize("use_sdpa", [False, True])
 @pytest.mark.parametrize("scorer", ["sparq", "quest"])
-def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer, use_sdpa):
+def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer):
     length = 70  # >> W + k * b = 11
     positions = packed_and_padded_rows(length)
     query, key, value = qkv(3, length, seed=1)
     layout = layout_of(positions)
-    kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, use_sdpa, chunk=9)
+    kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=9)
     out, chosen = reference(query, key, value, layout, scorer)
     assert torch.equal(kernel.selection, chosen)  # float64: the same scores, the same stable choice
     real = positions >= 0
