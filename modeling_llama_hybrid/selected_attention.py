@@ -323,7 +323,7 @@ def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
     """The window band of a chunk: key slots from W - 1 before its first query to its last (clamped), its keys and
-    values (B, KV, L, D) from `key` / `value`, which hold the last slots of the `num_slots`, and the window mask
+    values (B, KV, L, D) (`key` holds the last slots of the `num_slots`, `value` all of them), and the window mask
     (B, 1, Q, L) of each query over them."""
     first = layout.query_offset + queries.start - (layout.window - 1)
     band = first + torch.arange(queries.stop - queries.start + layout.window - 1, device=key.device)  # (L,)
@@ -334,7 +334,8 @@ def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: 
     batch = layout.key_positions.shape[0]
     mask = window_mask(window, query_slots.expand(batch, -1), band.expand(batch, -1))  # (B, Q, L)
     mask = mask & (band >= held)  # a slot the tensors do not hold is never in a query's window
-    return key.index_select(2, picked), value.index_select(2, picked), mask[:, None]
+    band_value = value.index_select(2, band.clamp(0, num_slots - 1))  # `value` holds every slot
+    return key.index_select(2, picked), band_value, mask[:, None]
 
 
 def chunked_selected_attention(

@@ -18,11 +18,15 @@ MIXERS = {
     "sparse_compressed": ("sparse_attention", "compressed"),
     "sparse_mixed": ("sparse_attention", ["compressed", "full"]),
     "sparse_selected": ("sparse_attention", "selected"),
+    "sparse_selected_fixed": ("sparse_attention", "selected"),  # select_positions="fixed" (OVERRIDES)
     "conv": ("conv", "full"),
 }
 # per-fixture config fields: one selected block, so the selected branch differs from full attention past
 # W + (k + 1) * b = 9 tokens, inside the decode tests' 12
-OVERRIDES = {"sparse_selected": dict(select_blocks=1)}
+OVERRIDES = {
+    "sparse_selected": dict(select_blocks=1),
+    "sparse_selected_fixed": dict(select_blocks=1, select_positions="fixed"),
+}
 
 
 def tiny_config(mixer: str = "sparse_compressed", attn: str = "eager", **overrides) -> LlamaHybridConfig:

@@ -48,7 +48,7 @@ def fresh_dynamo():
 
 # The selected global branch sizes its gathers from the data (a host sync per forward and per query chunk), so its
 # layers compile with graph breaks; a fullgraph form needs static bounds (the compressed branch's way), still to do.
-DATA_DEPENDENT_SHAPES = {"sparse_selected"}
+DATA_DEPENDENT_SHAPES = {"sparse_selected", "sparse_selected_fixed"}
 
 
 @pytest.mark.parametrize("mixer", list(MIXERS))
