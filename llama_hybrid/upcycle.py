@@ -64,6 +64,7 @@ from .reporting import parameter_counts
 ROUTER_STD = 0.01
 RECIPES = ("hybrid", "staged", "long-context", "long-context-selected")  # the named upcycle recipes of `recipe_for`
 ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
+SELECT_POSITIONS = ("true", "fixed")  # the selected layers' position scheme (the config's `select_positions`)
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
 
@@ -88,9 +89,12 @@ class UpcycleRecipe:
     expert_noise: float = 0.0
     drop_upcycling: float = 0.0
     seed: int = 0
-    # None: the source's max_position_embeddings, RoPE unchanged. Beyond it: RoPE rescaled by `rope_scaling`.
+    # None: the source's max_position_embeddings, RoPE unchanged. Beyond it: RoPE rescaled by `rope_scaling`, or
+    # the fixed-distance scheme of selected layers, or both. The None fields below are chosen by `resolve_context`.
     context_length: int | None = None
-    rope_scaling: str = "yarn"
+    rope_scaling: str | None = None  # None: "none" under the fixed-distance scheme, else "yarn"
+    select_positions: str | None = None  # None: "fixed" beyond the source's context when a layer is selected
+    select_every_layer: bool | None = None  # the full-attention layers selected too; None: under "fixed" beyond it
 
     def check(self, num_source_layers: int) -> None:
         for name in ("sparse_layers", "moe_layers", "insert_conv_after"):
@@ -108,8 +112,10 @@ class UpcycleRecipe:
             raise ValueError(f"drop_upcycling={self.drop_upcycling} must be in [0, 1)")
         if self.expert_noise < 0:
             raise ValueError(f"expert_noise={self.expert_noise} must be >= 0")
-        if self.rope_scaling not in ROPE_SCALINGS:
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose one of {list(ROPE_SCALINGS)}")
+        if self.select_positions is not None and self.select_positions not in SELECT_POSITIONS:
+            raise ValueError(f"select_positions={self.select_positions!r}; choose one of {list(SELECT_POSITIONS)}")
         if self.context_length is not None and (isinstance(self.context_length, bool) or self.context_length < 1):
             raise ValueError(f"context_length={self.context_length!r} must be a positive number of tokens (or None)")
         for name in ("sliding_window", "compress_block_size"):
@@ -266,6 +272,8 @@ def upcycle_llama(
     table of its layers, parameters and measured deviation from the source (measured in fp32; the weights are
     saved in `dtype`, default the source's)."""
     llama, tokenizer, generation = load_llama(source, None)
+    recipe.check(llama.config.num_hidden_layers)
+    recipe = resolve_context(llama.config, recipe)
     hybrid = upcycle(llama, recipe)
     deviation = measure_deviation(llama, hybrid, tokenizer, recipe.sliding_window) if report else None
     print(describe(hybrid, plan_layers(llama.config.num_hidden_layers, recipe), deviation))
@@ -280,6 +288,38 @@ def upcycle_llama(
     return write_model_folder(hybrid, tokenizer, generation, output_dir, overwrite)
 
 
+def resolve_context(llama_config, recipe: UpcycleRecipe) -> UpcycleRecipe:
+    """The recipe with its context choices made for this source (the fields left None):
+
+    - `select_positions`: "fixed" when `context_length` exceeds the source's `max_position_embeddings` and some
+      layer is selected (the selected layers then never attend at a distance beyond max(W, fixed distance): the
+      model is not asked to extrapolate), else "true" (exact attention over the subset);
+    - `select_every_layer`: under "fixed" beyond the source's context, the layers the recipe keeps full attention
+      are selected too (at 32k a full layer of an 8k source would attend at distances it never saw);
+    - `rope_scaling`: "none" under "fixed" (no distance leaves the trained range), else YaRN.
+    Explicit fields are kept: e.g. `rope_scaling="yarn"` with "fixed" rescales RoPE as well.
+    """
+    layers = llama_config.num_hidden_layers
+    beyond = recipe.context_length is not None and recipe.context_length > llama_config.max_position_embeddings
+    selected = any(recipe.global_attention_of(i) == "selected" for i in range(layers))
+    positions = recipe.select_positions or ("fixed" if beyond and selected else "true")
+    if positions == "fixed" and not selected:
+        raise ValueError("select_positions='fixed' applies to selected layers and the recipe has none")
+    every = recipe.select_every_layer
+    every = positions == "fixed" and beyond if every is None else every
+    placed = dict(recipe.global_attention_at)
+    if every:
+        placed.update({i: "selected" for i in range(layers) if i not in recipe.sparse_layers})
+    return dataclasses.replace(
+        recipe,
+        sparse_layers=sorted(set(recipe.sparse_layers) | set(placed)),
+        global_attention_at=placed,
+        select_positions=positions,
+        select_every_layer=every,
+        rope_scaling=recipe.rope_scaling or ("none" if positions == "fixed" else "yarn"),
+    )
+
+
 def context_rope(llama_config, recipe: UpcycleRecipe) -> tuple[int, dict | None]:
     """(max_position_embeddings, rope_parameters or None to keep the source's) of the upcycled model.
 
@@ -288,6 +328,7 @@ def context_rope(llama_config, recipe: UpcycleRecipe) -> tuple[int, dict | None]
     extrapolation); a source whose RoPE is already scaled is refused rather than scaled twice.
     """
     trained = llama_config.max_position_embeddings
+    recipe = resolve_context(llama_config, recipe)
     context = recipe.context_length
     if context is None or context <= trained:
         return trained, None
@@ -310,6 +351,7 @@ def context_rope(llama_config, recipe: UpcycleRecipe) -> tuple[int, dict | None]
 def describe_context(llama_config, recipe: UpcycleRecipe) -> str:
     """One line saying whether the recipe's context is within what the source was trained on, or extrapolation."""
     trained = llama_config.max_position_embeddings
+    recipe = resolve_context(llama_config, recipe)
     context = recipe.context_length
     if context is None or context <= trained:
         shown = trained if context is None else context
@@ -319,6 +361,16 @@ def describe_context(llama_config, recipe: UpcycleRecipe) -> str:
         f"context: {context} tokens is EXTRAPOLATION beyond the source's max_position_embeddings ({trained}): the "
         f"source never saw positions past {trained}. "
     )
+    if recipe.select_positions == "fixed":
+        every = "every layer is selected, " if recipe.select_every_layer else ""
+        head += (
+            f"Selected layers attend their sink and chosen blocks at one fixed distance ({recipe.sliding_window}, "
+            f"InfLLM's scheme) and their window at true distances: {every}so no attention distance exceeds the "
+            f"window, training-free. Step 0 equals the source only up to {recipe.sliding_window} tokens (beyond, "
+            "the far tokens sit at the wrong distance: measured in docs/claims.md, section 4d). "
+        )
+        if rope is None:
+            return head + "RoPE unchanged."
     if rope is None:
         return head + (
             "RoPE is NOT rescaled (rope_scaling='none'): those positions are raw extrapolation, which LLaMA-family "
@@ -346,6 +398,7 @@ def rope_scaled_source(llama: nn.Module, recipe: UpcycleRecipe) -> nn.Module:
 
 def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridConfig, list[TargetLayer]]:
     recipe.check(llama_config.num_hidden_layers)
+    recipe = resolve_context(llama_config, recipe)
     if recipe.moe_layers and getattr(llama_config, "mlp_bias", False):
         raise ValueError("the source MLPs have biases; fused experts have none, so MoE upcycling would not be exact")
     plan = plan_layers(llama_config.num_hidden_layers, recipe)
@@ -369,6 +422,7 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
         moe_intermediate_size=llama_config.intermediate_size,
         num_shared_experts=1 if recipe.moe_init == "shared" else 0,
         norm_topk_prob=True,
+        select_positions=recipe.select_positions,
     )
     # what a fresh gate starts as; upcycling sets each sparse layer's gate by its own branch's rule anyway
     gate_init = GLOBAL_BRANCHES[recipe.global_attention].upcycle.sparse_gate_init

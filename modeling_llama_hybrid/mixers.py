@@ -36,13 +36,18 @@ STEP0_PROMISES = {
     "window": "equals the source only while the context fits in the window; the deviation beyond it is reported",
     "selected": (
         "equals the source while the context holds at most sliding_window + (select_blocks + 1) * compress_block_size "
-        "tokens; beyond, each query attends exactly to its document's first block, its top blocks and its window"
+        "tokens (sliding_window under select_positions='fixed'); beyond, each query attends exactly to its document's "
+        "first block, its top blocks and its window (under 'fixed', the first two at one fixed distance)"
     ),
 }
 # the longest context (tokens) over which each promise is equality with the source, from the config; absent: any
 STEP0_EXACT_TOKENS: dict[str, Callable[[object], int]] = {
     "window": lambda config: config.sliding_window,
-    "selected": lambda config: config.sliding_window + (config.select_blocks + 1) * config.compress_block_size,
+    "selected": lambda config: (
+        config.sliding_window
+        if config.select_positions == "fixed"
+        else config.sliding_window + (config.select_blocks + 1) * config.compress_block_size
+    ),
 }
 
 

@@ -142,6 +142,25 @@ def test_cli_convert_sets_the_context_length_and_rope_scaling(llama_folder, tmp_
     assert within["max_position_embeddings"] == trained  # a shorter context changes nothing
 
 
+def test_cli_convert_beyond_the_context_with_selected_layers_picks_fixed_distances(llama_folder, tmp_path, capsys):
+    trained = TINY_LLAMA["max_position_embeddings"]  # 256
+    layout = ["--recipe", "long-context-selected", "--window", "8", "--compress-block-size", "4"]
+    target = tmp_path / "fixed"
+    assert main(["convert", str(llama_folder), str(target), *layout, "--context-length", str(4 * trained)]) == 0
+    out = capsys.readouterr().out
+    assert "fixed distance (8, InfLLM's scheme)" in out and "RoPE unchanged" in out
+    assert "step 0: the model equals the source on contexts of up to 8 tokens" in out
+    config = json.loads((target / "config.json").read_text())
+    assert config["select_positions"] == "fixed" and set(config["mixer_types"]) == {"sparse_attention"}
+    assert config["rope_parameters"].get("rope_type", "default") == "default"
+    both = ["--rope-scaling", "yarn", "--no-select-every-layer"]
+    target = tmp_path / "both"
+    assert main(["convert", str(llama_folder), str(target), *layout, "--context-length", "1024", *both]) == 0
+    assert "RoPE is rescaled (yarn, factor 4)" in capsys.readouterr().out
+    config = json.loads((target / "config.json").read_text())
+    assert config["select_positions"] == "fixed" and config["mixer_types"][0] == "attention"
+
+
 def test_cli_convert_per_layer_global_branch_equals_the_source_up_to_its_bound(llama_folder, tmp_path, capsys):
     target = tmp_path / "mixed"
     options = ["--sparse-layers", "0,1,2", "--global-attention", "full", "--global-attention-at", "selected=0,2"]

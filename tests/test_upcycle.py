@@ -380,3 +380,46 @@ def test_real_smollm2_upcycled_hybrid_matches_within_the_window(smollm2_llama, d
         assert ids["input_ids"].shape[1] + 64 <= recipe.sliding_window  # the whole answer stays in the window
         settings = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert torch.equal(hybrid.generate(**ids, **settings), smollm2_llama.generate(**ids, **settings))
+
+
+def test_selected_recipe_beyond_the_source_context_picks_fixed_distances_on_every_layer(llama):
+    """Beyond the source's context the selected recipe attends far tokens at one fixed distance (no extrapolation):
+    every layer selected (the recipe's full layers too), RoPE unchanged; exact up to the window only, and says so."""
+    trained = llama.config.max_position_embeddings  # 256
+    recipe = recipe_for(
+        "long-context-selected", 8, sliding_window=WINDOW, compress_block_size=BLOCK, context_length=4 * trained
+    )
+    hybrid = upcycle(llama, recipe)
+    config = hybrid.config
+    assert config.select_positions == "fixed" and config.max_position_embeddings == 4 * trained
+    assert config.mixer_types == ["sparse_attention"] * 8 and config.global_attention == "selected"
+    assert config.rope_parameters == llama.config.rope_parameters
+    assert exact_context(config) == WINDOW
+    line = describe_context(llama.config, recipe)
+    assert "fixed distance" in line and "every layer is selected" in line and "RoPE unchanged" in line
+    ids = _ids(WINDOW)
+    torch.testing.assert_close(_logits(hybrid, ids), _logits(llama, ids), rtol=0, atol=1e-4)
+    assert (_logits(hybrid, _ids(4 * WINDOW)) - _logits(llama, _ids(4 * WINDOW))).abs().max() > 1e-3
+
+
+def test_context_choices_can_be_given_explicitly(llama):
+    trained = llama.config.max_position_embeddings
+    common = dict(sliding_window=WINDOW, compress_block_size=BLOCK)
+    # both: fixed distances and YaRN, the recipe's full layers kept
+    recipe = recipe_for(
+        "long-context-selected", 8, **common, context_length=4 * trained, rope_scaling="yarn", select_every_layer=False
+    )
+    config = upcycled_config(llama.config, recipe)[0]
+    assert config.select_positions == "fixed" and config.rope_parameters["rope_type"] == "yarn"
+    assert config.mixer_types[0] == config.mixer_types[-1] == "attention"
+    # true positions beyond the context: YaRN as before
+    recipe = recipe_for("long-context-selected", 8, **common, context_length=4 * trained, select_positions="true")
+    config = upcycled_config(llama.config, recipe)[0]
+    assert config.select_positions == "true" and config.rope_parameters["rope_type"] == "yarn"
+    # within the context nothing changes: true positions, the recipe's layers
+    config = upcycled_config(llama.config, recipe_for("long-context-selected", 8, **common))[0]
+    assert config.select_positions == "true" and config.mixer_types[0] == "attention"
+    with pytest.raises(ValueError, match="select_positions='fixed' applies to selected layers"):
+        upcycled_config(llama.config, recipe_for("long-context", 8, **common, select_positions="fixed"))
+    with pytest.raises(ValueError, match="select_positions='near'; choose one of"):
+        upcycled_config(llama.config, recipe_for("long-context-selected", 8, **common, select_positions="near"))

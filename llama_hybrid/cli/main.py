@@ -116,15 +116,28 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
         "--rope-scaling",
         choices=RopeScalings(),
         metavar="NAME",
-        help="how RoPE reaches a --context-length beyond the source's: %(choices)s (default: yarn; none keeps RoPE, "
-        "raw extrapolation)",
+        help="how RoPE reaches a --context-length beyond the source's: %(choices)s (default: none under "
+        "--select-positions fixed, else yarn; none otherwise keeps RoPE: raw extrapolation)",
+    )
+    group.add_argument(
+        "--select-positions",
+        choices=("true", "fixed"),
+        help="distances at which selected layers attend their sink and chosen blocks: true, or fixed (InfLLM's "
+        "scheme: one fixed distance, the window's own length; no distance leaves the trained range). Default: "
+        "fixed when --context-length exceeds the source's and a layer is selected, else true",
+    )
+    group.add_argument(
+        "--select-every-layer",
+        action=argparse.BooleanOptionalAction,
+        help="also select the layers the recipe keeps full attention (default: yes under fixed positions beyond "
+        "the source's context, where a full layer would attend at distances it never saw)",
     )
 
 
 UPCYCLE_FIELDS = (
     "sparse_layers global_attention sliding_window compress_block_size moe_layers num_experts num_experts_per_tok "
     "moe_init insert_conv_after insert_kind conv_kernel_size expert_noise drop_upcycling seed context_length "
-    "rope_scaling"
+    "rope_scaling select_positions select_every_layer"
 ).split()
 
 
