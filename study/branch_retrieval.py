@@ -32,6 +32,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -184,6 +185,23 @@ def markdown(state: dict, window: int, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_runs(state: dict, folder: Path) -> None:
+    """Add to `state` the cells of the run in `folder` that it lacks (two processes ran disjoint cells)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        print(f"error: --merge {folder}: no results.json there", file=sys.stderr)
+        raise SystemExit(2)
+    other = json.loads(path.read_text())
+    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
+    state["samples"] += [r for r in other["samples"] if (r["haystack"], r["length"], r["model"]) not in done]
+    measured = {(e["model"], e["window"]) for e in state["perplexity"]}
+    state["perplexity"] += [e for e in other["perplexity"] if (e["model"], e["window"]) not in measured]
+    for name, by_length in other["seconds"].items():
+        state["seconds"].setdefault(name, {}).update(by_length)
+    state.setdefault("window", other["window"])
+    state.setdefault("setup", other["setup"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: short prompts, 2 samples per cell")
@@ -205,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.md").write_text(markdown(state, state["window"], MODELS), encoding="utf-8")
 
     if args.merge:  # two processes ran disjoint cells (one per core): one results.json
-        other = json.loads((Path(args.merge) / "results.json").read_text())
-        state["samples"] += [r for r in other["samples"] if (r["haystack"], r["length"], r["model"]) not in done]
-        measured = {(e["model"], e["window"]) for e in state["perplexity"]}
-        state["perplexity"] += [e for e in other["perplexity"] if (e["model"], e["window"]) not in measured]
-        for name, by_length in other["seconds"].items():
-            state["seconds"].setdefault(name, {}).update(by_length)
-        state.setdefault("window", other["window"])
-        state.setdefault("setup", other["setup"])
+        merge_runs(state, Path(args.merge))
         save()
         print(markdown(state, state["window"], MODELS))
         return 0
