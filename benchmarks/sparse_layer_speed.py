@@ -6,7 +6,7 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 - decode: the next `--decode-steps` tokens, one forward each through that cache (median over the steps).
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
-+ window, exact). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
++ window, exact), `selected-fixed` (the same at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
 Weights:
 - random (default): a one-layer model, hidden 256, 4 heads of 64 (4 KV heads), W 256, b 64, k 8, random tokens.
@@ -32,7 +32,10 @@ from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
-VARIANTS = ("attention", "full", "compressed", "selected")
+VARIANTS = ("attention", "full", "compressed", "selected", "selected-fixed")
+# variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
+# position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's)
+VARIANT_FIELDS = {"selected-fixed": dict(global_attention="selected", select_positions="fixed")}
 
 
 class LayerTimer:
@@ -49,6 +52,7 @@ class LayerTimer:
 
 
 def random_model(variant: str, attn: str, window: int, block: int) -> LlamaHybridForCausalLM:
+    fields = {"global_attention": "full" if variant == "attention" else variant, **VARIANT_FIELDS.get(variant, {})}
     config = LlamaHybridConfig(
         vocab_size=64,
         hidden_size=256,
@@ -59,10 +63,10 @@ def random_model(variant: str, attn: str, window: int, block: int) -> LlamaHybri
         head_dim=64,
         mixer_types=["attention" if variant == "attention" else "sparse_attention"],
         sliding_window=window,
-        global_attention="full" if variant == "attention" else variant,
         compress_block_size=block,
         max_position_embeddings=1 << 17,
         attn_implementation=attn,
+        **fields,
     )
     torch.manual_seed(0)
     return LlamaHybridForCausalLM(config).eval()
@@ -83,7 +87,8 @@ def smollm2_models(attn: str) -> tuple[dict, list[int]]:
     llama, tokenizer, _ = load_llama(str(folder))
     models = {"attention": llama}
     for variant in VARIANTS[1:]:
-        recipe = recipe_for("long-context", llama.config.num_hidden_layers, global_attention=variant)
+        fields = VARIANT_FIELDS.get(variant, {"global_attention": variant})
+        recipe = recipe_for("long-context", llama.config.num_hidden_layers, **fields)
         models[variant] = upcycle(llama, recipe)
     for model in models.values():
         model.config._attn_implementation = attn
