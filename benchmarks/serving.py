@@ -103,6 +103,7 @@ def long_context_folder(source: str, target: str) -> str:
 
     llama_config = LlamaConfig.from_pretrained(source)
     config, _ = upcycled_config(llama_config, recipe_for("long-context", llama_config.num_hidden_layers))
+    config.architectures = ["LlamaHybridForCausalLM"]  # what vLLM resolves the model class from
     config.save_pretrained(target)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (Path(source) / name).is_file():
@@ -150,8 +151,8 @@ def capacity(source: str, kv_space: str, lengths: list[int]) -> None:
     print(f"maximum concurrency (vLLM's figure) per request length: {', '.join(map(str, lengths))} tokens")
     for name in CAPACITY_DESIGNS:
         row = [results[name, tokens] for tokens in lengths]
-        ratios = [value / results["source (llama layout)", tokens] for value, tokens in zip(row, lengths)]
-        cells = ", ".join(f"{value:.2f}x ({ratio:.1f}x the source)" for value, ratio in zip(row, ratios))
+        ratios = [value / results["source (llama layout)", tokens] for value, tokens in zip(row, lengths, strict=True)]
+        cells = ", ".join(f"{value:.2f}x ({ratio:.1f}x the source)" for value, ratio in zip(row, ratios, strict=True))
         print(f"  {name}: {cells}")
 
 
