@@ -1,12 +1,23 @@
-"""Generation throughput of vLLM vs transformers generate() on the same model and the same 32 prompts (CPU, one run).
+"""Generation throughput of vLLM vs transformers generate() on the same model and the same 32 prompts (CPU, one run);
+with `--capacity`, vLLM's own maximum concurrency for the source SmolLM2 vs its `long-context` upcycle.
 
     .venv-vllm/bin/python benchmarks/serving.py [--model FOLDER] [--max-tokens 64]
+    .venv-vllm/bin/python benchmarks/serving.py --capacity [--kv-space 4] [--lengths 8192 32768]
 
 Both sides decode greedily exactly `--max-tokens` tokens per prompt (EOS ignored), in fp32. vLLM gets all prompts at
 once and batches them as its scheduler decides (continuous batching, paged KV cache, `enforce_eager`); generate()
 gets them as one left-padded batch, the way a user batches it. Timed: generation only (engine start and model load
 are printed apart). Default model: the embedded SmolLM2-135M-Instruct converted to LlamaHybrid. Needs the vLLM
 environment (docs/serving.md); not part of CI.
+
+`--capacity` builds engines only (no generation, random weights: `load_format="dummy"`; the cache depends on the
+config alone) and prints the figure vLLM logs as "Maximum concurrency for N tokens per request": how many requests
+of `max_model_len` = N tokens its KV cache of `VLLM_CPU_KVCACHE_SPACE` GiB holds at once, with
+`max_num_batched_tokens` pinned at 2,048 (a sliding-window cache reserves W - 1 tokens plus the in-flight batch per
+request). Models: the source SmolLM2 (llama layout) and its `long-context` upcycle (28 of 30 layers compressed,
+window 512, blocks of 64), whose config is all the engine needs; compressed layers on the native cache (the default)
+and, for reference, the raw-key design. Beyond SmolLM2's 8,192 positions vLLM needs
+`VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`, which this mode sets.
 """
 
 from __future__ import annotations
@@ -73,11 +84,91 @@ def time_generate(folder: str, max_tokens: int) -> tuple[float, int]:
     return seconds, out[:, batch.input_ids.shape[1] :].numel()
 
 
+STEP_TOKENS = 2048  # max_num_batched_tokens of the capacity engines
+CAPACITY_DESIGNS = {  # name -> (model, vLLM additional_config)
+    "source (llama layout)": ("source", {}),
+    "long-context upcycle, native compressed cache": ("long-context", {}),
+    "long-context upcycle, raw-key compressed cache": ("long-context", {"llama_hybrid_compressed_cache": "raw"}),
+}
+
+
+def long_context_folder(source: str, target: str) -> str:
+    """The `long-context` upcycle's config (and the source's tokenizer) in `target`: all an engine's cache needs."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from llama_hybrid.upcycle import recipe_for, upcycled_config
+
+    llama_config = LlamaConfig.from_pretrained(source)
+    config, _ = upcycled_config(llama_config, recipe_for("long-context", llama_config.num_hidden_layers))
+    config.architectures = ["LlamaHybridForCausalLM"]  # what vLLM resolves the model class from
+    config.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, Path(target) / name)
+    return target
+
+
+def max_concurrency(folder: str, tokens: int, additional_config: dict) -> float:
+    """vLLM's maximum concurrency for `tokens`-token requests (engine construction only, in this process)."""
+    import gc
+
+    from vllm import LLM
+
+    llm = LLM(
+        folder,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=tokens,
+        max_num_batched_tokens=STEP_TOKENS,
+        load_format="dummy",
+        seed=0,
+        distributed_executor_backend="uni",
+        additional_config=additional_config,
+    )
+    concurrency = llm.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency
+    del llm
+    gc.collect()
+    return concurrency
+
+
+def capacity(source: str, kv_space: str, lengths: list[int]) -> None:
+    import tempfile
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_space
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its config holds the figure
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    with tempfile.TemporaryDirectory() as upcycled:
+        folders = {"source": source, "long-context": long_context_folder(source, upcycled)}
+        results = {
+            (name, tokens): max_concurrency(folders[model], tokens, extra)
+            for name, (model, extra) in CAPACITY_DESIGNS.items()
+            for tokens in lengths
+        }
+    print(f"VLLM_CPU_KVCACHE_SPACE={kv_space} GiB, max_num_batched_tokens={STEP_TOKENS}, fp32 KV cache")
+    print(f"maximum concurrency (vLLM's figure) per request length: {', '.join(map(str, lengths))} tokens")
+    for name in CAPACITY_DESIGNS:
+        row = [results[name, tokens] for tokens in lengths]
+        ratios = [value / results["source (llama layout)", tokens] for value, tokens in zip(row, lengths, strict=True)]
+        cells = ", ".join(f"{value:.2f}x ({ratio:.1f}x the source)" for value, ratio in zip(row, ratios, strict=True))
+        print(f"  {name}: {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a LlamaHybrid folder (default: the embedded SmolLM2, converted)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--capacity", action="store_true", help="print vLLM's maximum concurrency instead")
+    parser.add_argument("--kv-space", default="4", help="VLLM_CPU_KVCACHE_SPACE in GiB for --capacity")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768], help="tokens per request")
     args = parser.parse_args()
+    if args.capacity:
+        from llama_hybrid.default_model import default_model_dir
+
+        capacity(args.model or str(default_model_dir()), args.kv_space, args.lengths)
+        return
     if args.model is None:
         from llama_hybrid.default_model import default_model_dir
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_hybrid.serving.global_branches import CompressedGlobalBranch, SelectedGlobalBranch, batched
+from llama_hybrid.serving.global_branches import (
+    CompressedGlobalBranch,
+    CompressedSummaryBranch,
+    SelectedGlobalBranch,
+    batched,
+)
 from modeling_llama_hybrid import LlamaHybridConfig
 from modeling_llama_hybrid.banded_attention import window_layout
 from modeling_llama_hybrid.block_layout import compressed_block_layout
@@ -73,6 +78,41 @@ def test_compressed_branch_matches_the_transformers_layer_in_every_split():
     assert torch.equal(branch.has_global(positions[0]), has_block[0, :, 0, 0])
     for got in stepwise(branch, rotated_query, raw_key, value):
         torch.testing.assert_close(got[has_block[0, :, 0, 0]], expected[0][has_block[0, :, 0, 0]])
+
+
+def summary_stepwise(branch: CompressedSummaryBranch, query, key, value):
+    """The native cache's branch as vLLM calls it, for each split: a step sees only the summaries stored so far and
+    the open block's raw keys (what the summary cache and the open-block ring hold), never the older keys."""
+    for split in SPLITS:
+        outs, end = [], 0
+        summary_keys, summary_values = key.new_zeros(0, KV_HEADS, DIM), value.new_zeros(0, KV_HEADS, DIM)
+        for size in split:
+            start, end = end, end + size
+            open_start = branch.open_start(start)
+            first_block, new_keys, new_values = branch.new_summaries(
+                key[open_start:start], value[open_start:start], key[start:end], value[start:end], start
+            )
+            assert first_block == summary_keys.shape[0]
+            summary_keys, summary_values = torch.cat([summary_keys, new_keys]), torch.cat([summary_values, new_values])
+            assert summary_keys.shape[0] == end // BLOCK
+            outs.append(branch.attend(query[start:end], summary_keys, summary_values, start, SCALE))
+        yield torch.cat(outs)
+
+
+def test_the_summary_cache_branch_matches_the_gathering_reference_in_every_split():
+    config = tiny_config()
+    rotary = LlamaHybridRotaryEmbedding(config).to(torch.float64)
+    query, raw_key, value = qkv(seed=2)
+
+    def rotate(at: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return rotate_keys(batched(keys), *rotary(keys, at[None]))[0].transpose(0, 1)
+
+    reference = CompressedGlobalBranch(BLOCK, rotate)
+    expected = reference(query, raw_key, value, SCALE)
+    has_global = reference.has_global(torch.arange(LENGTH))
+    branch = CompressedSummaryBranch(BLOCK, rotate)
+    for got in summary_stepwise(branch, query, raw_key, value):
+        torch.testing.assert_close(got[has_global], expected[has_global], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("scorer", list(SELECT_SCORERS))

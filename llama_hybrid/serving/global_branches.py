@@ -10,6 +10,10 @@ unpadded row (one document, positions 0..S-1):
 - selected: candidate blocks, scoring, top-k and one softmax over sink | selected | window
   (`chunked_selected_attention` over a `selection_layout`).
 
+`CompressedSummaryBranch` is the compressed branch for a cache that holds summaries, not keys (the native cache,
+`summary_kv_backend`): a step pools the blocks it completes from the open block's cached raw keys and its own, and
+attends to the summaries stored so far, with the same functions; `CompressedGlobalBranch` is its reference.
+
 The branches import no vLLM (the serving backend, `raw_kv_backend`, calls them), so the main test suite checks
 them against the transformers layer. Shapes: T queries, S keys, H query heads, KV key/value heads, D head dim.
 """
@@ -62,6 +66,67 @@ class CompressedGlobalBranch:
         mean_value = block_means(batched(value), layout.summary_of_key, num_summaries)
         summary_key = batched(self.rotate(layout.summary_positions[0], mean_key[0].transpose(0, 1)))
         out, _ = dense_summary_attention(batched(query), summary_key, mean_value, layout, scaling)  # (1, T, H, D)
+        return out[0]
+
+
+@dataclass(frozen=True)
+class SummaryVisibility:
+    """The one field `dense_summary_attention` reads of a layout: (1, T, G) query t sees summary g."""
+
+    visible: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CompressedSummaryBranch:
+    """`global_attention="compressed"` over a cache of summaries (O(n/b)) and the open block's raw keys (< b).
+
+    A step of T tokens at positions [F, F + T) completes blocks F // b ... (F + T) // b - 1: each is pooled from the
+    open block's cached pre-RoPE keys and values (positions [F - F % b, F)) followed by the step's (`new_summaries`),
+    exactly as `block_layout.block_means` pools them over the whole sequence, and its key mean rotated at the
+    block's first position. The step's queries then attend to every stored summary they see (`attend`).
+    """
+
+    block_size: int
+    rotate: Rotate
+    caches_rotated_keys = False  # the layer passes pre-RoPE keys: summaries are means of those
+
+    def has_global(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N,) whether a query sees a complete block (block 0 completes at b - 1); where not, global := local."""
+        return positions >= self.block_size - 1
+
+    def open_start(self, position: int) -> int:
+        """First position of the block that holds `position`: the open block's start before a step at `position`."""
+        return position - position % self.block_size
+
+    def new_summaries(
+        self, open_key: torch.Tensor, open_value: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: int
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The open block's raw keys and values (F % b, KV, D) and the step's (T, KV, D), the step starting at
+        position F = `first` -> (number of the first new summary, summary keys (N, KV, D) rotated, values (N, KV, D))
+        of the N blocks the step completes."""
+        start = self.open_start(first)
+        pooled_key, pooled_value = torch.cat([open_key, key]), torch.cat([open_value, value])  # (P, KV, D)
+        count = (first + key.shape[0]) // self.block_size - start // self.block_size  # N
+        if count == 0:  # the step stays inside the open block (vLLM's RoPE takes no empty batch)
+            return start // self.block_size, key[:0], value[:0]
+        summary_of_key = torch.arange(count * self.block_size, device=key.device) // self.block_size
+        summary_of_key = summary_of_key[None]  # (1, N * b)
+        mean_key = block_means(batched(pooled_key[: count * self.block_size]), summary_of_key, count)[0]  # (KV, N, D)
+        mean_value = block_means(batched(pooled_value[: count * self.block_size]), summary_of_key, count)[0]
+        blocks = start // self.block_size + torch.arange(count, device=key.device)  # (N,)
+        summary_key = self.rotate(blocks * self.block_size, mean_key.transpose(0, 1))
+        return start // self.block_size, summary_key, mean_value.transpose(0, 1)
+
+    def attend(
+        self, query: torch.Tensor, summary_key: torch.Tensor, summary_value: torch.Tensor, first: int, scaling: float
+    ) -> torch.Tensor:
+        """Rotated queries (T, H, D) at positions [F, F + T) over the stored summaries (G, KV, D) -> (T, H, D); a query
+        at t sees summary j iff (j + 1) * b - 1 <= t; rows without one hold finite garbage (`has_global`)."""
+        positions = first + torch.arange(query.shape[0], device=query.device)  # (T,)
+        summaries = torch.arange(summary_key.shape[0], device=query.device)  # (G,)
+        visible = (summaries[None] + 1) * self.block_size - 1 <= positions[:, None]  # (T, G)
+        layout = SummaryVisibility(visible[None])
+        out, _ = dense_summary_attention(batched(query), batched(summary_key), batched(summary_value), layout, scaling)
         return out[0]
 
 

@@ -64,8 +64,9 @@ from vllm.model_executor.models.utils import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
-from llama_hybrid.serving.global_branches import CompressedGlobalBranch, SelectedGlobalBranch
+from llama_hybrid.serving.global_branches import CompressedGlobalBranch, CompressedSummaryBranch, SelectedGlobalBranch
 from llama_hybrid.serving.raw_kv_backend import RawKVBackend
+from llama_hybrid.serving.summary_kv_backend import OpenBlockRing, SummaryAttention, SummaryKVBackend
 from llama_hybrid.serving.support import check_supported
 from modeling_llama_hybrid.mixers import layer_spec
 
@@ -191,14 +192,18 @@ class LlamaHybridAttention(nn.Module):
             rope_parameters=config.rope_parameters,
             is_neox_style=True,
         )
-        self.attn = self.make_attention(cache_config, quant_config, f"{prefix}.attn", **self.attn_options(config))
+        self.attn = self.make_global_attention(config, cache_config, quant_config, f"{prefix}.attn")
+
+    def make_global_attention(self, config, cache_config, quant_config, prefix: str) -> Attention:
+        """`self.attn`: the layer's attention, or a sparse layer's global branch."""
+        return self.make_attention(cache_config, quant_config, prefix, **self.attn_options(config))
 
     def attn_options(self, config) -> dict:
         """Extra arguments of `self.attn` (the layer's attention, or a sparse layer's global branch)."""
         return {}
 
-    def make_attention(self, cache_config, quant_config, prefix: str, **kwargs) -> Attention:
-        return Attention(
+    def make_attention(self, cache_config, quant_config, prefix: str, attention_class=Attention, **kwargs) -> Attention:
+        return attention_class(
             self.num_heads,
             self.head_dim,
             self.scaling,
@@ -299,6 +304,33 @@ class LlamaHybridCompressedSparseAttention(LlamaHybridGatheredSparseAttention):
         return CompressedGlobalBranch(config.compress_block_size, self.rotate)
 
 
+class LlamaHybridNativeCompressedSparseAttention(LlamaHybridGatheredSparseAttention):
+    """A compressed layer with the native cache (`summary_kv_backend`): O(W + n/b) per request instead of O(n).
+
+    The global branch (`attn`, a `SummaryAttention`) keeps the block summaries, one state per b tokens, and the open
+    block's raw keys in a ring of its own (`open_block`, an `OpenBlockRing`); the local branch is vLLM's
+    sliding-window attention, as in the gathering layer.
+    """
+
+    def make_global_attention(self, config, cache_config, quant_config, prefix: str) -> Attention:
+        block_size = config.compress_block_size
+        self.global_branch = CompressedSummaryBranch(block_size, self.rotate)
+        layer_prefix = prefix.rsplit(".", 1)[0]
+        self.open_block = self.make_attention(
+            cache_config, quant_config, f"{layer_prefix}.open_block", OpenBlockRing, block_size=block_size
+        )
+        return self.make_attention(
+            cache_config,
+            quant_config,
+            prefix,
+            SummaryAttention,
+            attn_backend=SummaryKVBackend,
+            block_size=block_size,
+            branch=self.global_branch,
+            ring_layer_name=self.open_block.layer_name,
+        )
+
+
 class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
     def make_global_branch(self, config) -> SelectedGlobalBranch:
         return SelectedGlobalBranch(
@@ -335,13 +367,41 @@ def sparse_attention_builder(layer_class: type[LlamaHybridSparseAttention]):
     return build
 
 
+COMPRESSED_CACHE_OPTION = "llama_hybrid_compressed_cache"  # key of vLLM's `additional_config`
+COMPRESSED_CACHES = {  # the compressed layer's cache on vLLM: native (the default), or the raw-key reference
+    "native": LlamaHybridNativeCompressedSparseAttention,
+    "raw": LlamaHybridCompressedSparseAttention,
+}
+
+
+def compressed_layer_class(vllm_config: VllmConfig) -> type[LlamaHybridGatheredSparseAttention]:
+    """The compressed layer `additional_config={"llama_hybrid_compressed_cache": "native" | "raw"}` asks for."""
+    extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    choice = extra.get(COMPRESSED_CACHE_OPTION, "native")
+    if choice not in COMPRESSED_CACHES:
+        raise ValueError(
+            f"additional_config[{COMPRESSED_CACHE_OPTION!r}]={choice!r}: must be one of {list(COMPRESSED_CACHES)}"
+        )
+    if choice == "native" and vllm_config.speculative_config is not None:
+        raise ValueError(
+            "speculative decoding is not supported with the native compressed cache (a rejected draft may have "
+            f"completed a block summary); serve with additional_config={{{COMPRESSED_CACHE_OPTION!r}: 'raw'}}"
+        )
+    return COMPRESSED_CACHES[choice]
+
+
+def build_compressed(config, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> LlamaHybridAttention:
+    layer_class = compressed_layer_class(vllm_config)
+    return layer_class(config, vllm_config.cache_config, vllm_config.quant_config, prefix)
+
+
 # vLLM's module for each registry entry that does not refuse vLLM (`support.served_mixers()`, keyed by the entry's
 # `name`; a test keeps the two equal); the entry's `attribute` names the layer attribute, so the checkpoint's
 # parameter names load unchanged.
 MIXER_BUILDERS = {
     "attention": build_attention,
     "sparse_attention/full": sparse_attention_builder(LlamaHybridSparseAttention),
-    "sparse_attention/compressed": sparse_attention_builder(LlamaHybridCompressedSparseAttention),
+    "sparse_attention/compressed": build_compressed,
     "sparse_attention/selected": sparse_attention_builder(LlamaHybridSelectedSparseAttention),
     "conv": build_short_conv,
 }

@@ -42,6 +42,13 @@ def tiny_gathered_dir(tmp_path_factory, tiny_hybrid_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_compressed_dir(tmp_path_factory, tiny_hybrid_dir):
+    """The tiny hybrid with both sparse layers (1 and 3) compressed: window 8, blocks of 4."""
+    folder = tmp_path_factory.mktemp("tiny-compressed")
+    return with_global_branches(tiny_hybrid_dir, folder, ("compressed",), compress_block_size=4)
+
+
+@pytest.fixture(scope="session")
 def upcycled_dir(tmp_path_factory, smollm2_dir):
     return save_upcycled(tmp_path_factory.mktemp("upcycled"), default_gguf_path(), smollm2_dir)
 

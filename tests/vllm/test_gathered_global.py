@@ -3,9 +3,10 @@
 Their global branch runs on our own attention backend (llama_hybrid/serving/raw_kv_backend.py), which gathers each
 request's cached keys every step. Prompts run far beyond the window (8) and beyond W + (k + 1) * b = 20 tokens, where
 the selected branch stops being full attention, with many more blocks than the k + 1 = 3 it reads, so compression
-and selection both matter. Two engines, the same checks on each: vLLM's defaults without prefix caching, and prefix
-caching on with chunked prefill forced (a 64-token step budget, so the long prompts are split into several steps);
-both must give the reference's tokens, so they agree with each other.
+and selection both matter. Two engines, the same checks on each: vLLM's defaults without prefix caching and the compressed layer on the
+raw-key reference design (`additional_config`), and prefix caching on with chunked prefill forced (a 64-token step
+budget, so the long prompts are split into several steps) and the compressed layer on its native cache (the
+default, summary_kv_backend.py); both must give the reference's tokens, so they agree with each other.
 """
 
 from __future__ import annotations
@@ -35,10 +36,16 @@ PROMPTS = [  # different lengths in one batch: ~10, ~60, ~180 and ~420 tokens
 SHARED = [CONTEXT + " The cat sat", CONTEXT + " Then the dog ran"]  # one long prefix, two endings
 QUESTIONS = [CONTEXT + " Which number did line 5 hold?", CONTEXT + " Which number did line 8 hold?"]
 MAX_TOKENS = 16
+RAW_COMPRESSED = {"llama_hybrid_compressed_cache": "raw"}
 STEP_BUDGET = 64  # max_num_batched_tokens of the chunked engine: the longer prompts take several prefill steps
 ENGINES = {
-    "preempting": dict(enable_prefix_caching=False, num_gpu_blocks_override=17),
-    "cached-chunked": dict(enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=STEP_BUDGET),
+    # the raw-key reference design of compressed layers (the native cache's tests: test_native_compressed.py)
+    "preempting": dict(enable_prefix_caching=False, num_gpu_blocks_override=17, additional_config=RAW_COMPRESSED),
+    # pages of 32 tokens: the native cache's summary pages then span 4 x 32 = 128 tokens, and the shared prefix of
+    # ~440 tokens fills whole pages (with the default 128, one page spans 512 tokens, more than any prompt here)
+    "cached-chunked": dict(
+        enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=STEP_BUDGET, block_size=32
+    ),
 }
 
 
@@ -109,4 +116,7 @@ def test_each_branch_has_its_own_cache_and_backend(llm):
     for i in (1, 3):  # the global branch on our backend, the window on vLLM's, each with a cache of its own
         expected[f"model.layers.{i}.self_attn.attn"] = ("LLAMA_HYBRID_RAW_KV", None, None)
         expected[f"model.layers.{i}.self_attn.local_attn"] = ("CPU_ATTN", WINDOW, None)
+    if not llm.llm_engine.vllm_config.additional_config:  # compressed layer 1 with the native cache (the default)
+        expected["model.layers.1.self_attn.attn"] = ("LLAMA_HYBRID_SUMMARY_KV", None, None)
+        expected["model.layers.1.self_attn.open_block"] = ("LLAMA_HYBRID_SUMMARY_KV", None, None)
     assert found == expected
