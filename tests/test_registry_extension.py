@@ -244,3 +244,13 @@ def test_importing_the_package_leaves_transformers_cache_mappings_alone():
         "assert before == after, (before, after)\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_vllm_support_check_refuses_the_fixed_distance_scheme_naming_its_layers():
+    from modeling_llama_hybrid import LlamaHybridConfig
+
+    fields = dict(num_hidden_layers=3, mixer_types=["attention", "sparse_attention", "sparse_attention"])
+    config = LlamaHybridConfig(**fields, global_attention=[None, "selected", "compressed"], select_positions="fixed")
+    with pytest.raises(UnsupportedForVllm, match=r"layers \[1\]: select_positions='fixed'"):
+        check_supported(config)
+    check_supported(LlamaHybridConfig(**fields, global_attention=[None, "selected", "compressed"]))
