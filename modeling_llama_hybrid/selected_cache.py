@@ -1,4 +1,8 @@
-"""The cache of a selected sparse attention layer: every token's rotated key and value, and its position id.
+"""The cache of a selected sparse attention layer: every token's key and value, and its position id.
+
+The keys are stored as the layer hands them over: rotated under `select_positions="true"`, unrotated under "fixed"
+(where the sink and the selected blocks are attended at one fixed distance: the query is rotated to it once, and
+the layer rotates only the slots its windows read). The rest of this docstring describes the default.
 
 A selected layer reads, per step, the scoring data of every candidate block and the exact keys and values of the
 sink, its k chosen blocks and its window, so it keeps every token. What it keeps, and why:
