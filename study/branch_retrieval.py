@@ -185,6 +185,20 @@ def markdown(state: dict, window: int, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def open_run(folder: str) -> tuple[Path, dict]:
+    """The run folder (created) and its state: what an earlier, interrupted run saved, or an empty one."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    return out, state
+
+
+def save_run(out: Path, state: dict, table: str) -> None:
+    write_json(out / "results.json", state)
+    (out / "results.md").write_text(table, encoding="utf-8")
+
+
 def merge_runs(state: dict, folder: Path) -> None:
     """Add to `state` the cells of the run in `folder` that it lacks (two processes ran disjoint cells)."""
     path = folder / "results.json"
@@ -212,15 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    out, state = open_run(args.out)
     done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
 
     def save() -> None:
-        write_json(path, state)
-        (out / "results.md").write_text(markdown(state, state["window"], MODELS), encoding="utf-8")
+        save_run(out, state, markdown(state, state["window"], MODELS))
 
     if args.merge:  # two processes ran disjoint cells (one per core): one results.json
         merge_runs(state, Path(args.merge))

@@ -31,7 +31,6 @@ cell; an interrupted run resumes (cells already in results.json are skipped).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -40,7 +39,6 @@ import passkey_probe as probe
 import torch
 
 from llama_hybrid.pydoc_corpus import pydoc_topics
-from llama_hybrid.training.io import write_json
 from llama_hybrid.upcycle import recipe_for, rope_scaled_source, upcycle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,15 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    out, state = retrieval.open_run(args.out)
     done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
 
     def save() -> None:
-        write_json(path, state)
-        (out / "results.md").write_text(markdown(state), encoding="utf-8")
+        retrieval.save_run(out, state, markdown(state))
 
     if args.merge:
         retrieval.merge_runs(state, Path(args.merge))
