@@ -17,12 +17,14 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
 eager / sdpa path: queries in chunks; a chunk scores and selects, then attends with one softmax over two parts, its
-window band (Q + W - 1 slots shared by its queries) and, per query, the (k + 1) * b slots of its sink and selected
-blocks gathered on their own (minus those inside its window: each token once). So its memory and its attention cost
-are linear in the chunk (O(Q * (W + (k + 1) * b)) scores per head); only the scorer reads every earlier key. The
-kernel returns its selection (the reference takes one) and how many key slots a query read. flex_attention falls
-back to the chunked kernel (no block-mask kernel yet). A decode step gathers sink + k*b + W slots, plus the scoring
-data (the r key dims under "sparq"; block bounds computed from every key under "quest").
+window band (Q + W - 1 slots shared by its queries) and its memory: the sink and selected blocks, minus the slots
+inside each query's window (each token once). The memory is gathered once for the chunk as the union of its queries'
+blocks, each query masked to its own, while that union is at most SHARED_BLOCKS_PER_QUERY times one query's (nearby
+queries of real text choose alike); else each query gathers its own (k + 1) * b slots. Either way the attention is
+linear in the chunk, never (T x S); only the scorer reads every earlier key. The kernel returns its selection (the
+reference takes one) and how many key slots a query read. flex_attention falls back to the chunked kernel (no
+block-mask kernel yet). A decode step gathers sink + k*b + W slots, plus the scoring data (the r key dims under
+"sparq"; block bounds computed from every key under "quest").
 
 Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
 at one fixed distance, the window at true distances (`Memory`: what the memory part is scored and attended with).
@@ -293,14 +295,73 @@ class SelectedOutput(NamedTuple):
     read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
 
 
-def memory_slots(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
-    """(B, KV, Q, (K + 1) * b) the key slots of each query's sink block and selected blocks; S where none."""
-    sinks = layout.query_sinks[:, None, queries, None].expand(*selection.shape[:-1], 1)  # (B, KV, Q, 1)
-    blocks = torch.cat([sinks, selection], -1)  # (B, KV, Q, K + 1), G: "no block"
+SHARED_BLOCKS_PER_QUERY = 8  # a chunk reads the union of its queries' blocks while it is at most 8 x one query's
+
+
+def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
+    """(B, KV, Q, K + 1) the blocks each query attends outside its window: its document's sink, then its selection
+    (G: "no block")."""
+    sinks = layout.query_sinks[:, None, queries, None].expand(*selection.shape[:-1], 1)
+    return torch.cat([sinks, selection], -1)
+
+
+def union_size(blocks: torch.Tensor, layout: SelectionLayout) -> int:
+    """The number of distinct blocks the chunk's queries read per KV head (the largest over heads), or 0 when that
+    is more than SHARED_BLOCKS_PER_QUERY times what one query reads (each query then gathers its own)."""
+    present = blocks.new_zeros(*blocks.shape[:2], layout.num_blocks + 1, dtype=torch.bool)
+    present = present.scatter(-1, blocks.flatten(2), True)[..., :-1]  # the spare block G is "none"
+    count = int(present.sum(-1).max())  # one host sync per chunk
+    return count if count <= SHARED_BLOCKS_PER_QUERY * blocks.shape[-1] else 0
+
+
+def memory_mask_of(layout: SelectionLayout, queries: slice, slots: torch.Tensor) -> torch.Tensor:
+    """(B, KV, Q, M) of memory `slots` (B, KV, Q or 1, M; S: none): a valid key outside the query's window (a
+    selected block's tokens inside the window are the window's: each token once)."""
+    positions = F.pad(layout.key_positions, (0, 1), value=-1)  # slot S: none
+    flat = slots.flatten(2)
+    slot_positions = positions[:, None].expand(-1, slots.shape[1], -1).gather(2, flat).view(slots.shape)
+    distance = layout.query_positions[:, None, queries, None] - slot_positions
+    return (slot_positions >= 0) & (distance >= layout.window)
+
+
+def block_table(layout: SelectionLayout, blocks: torch.Tensor) -> torch.Tensor:
+    """(B, KV, N, b) the slots of `blocks` (B, KV, N); the spare block G (and a block's missing slots): S."""
     table = F.pad(layout.block_slots, (0, 0, 0, 1), value=layout.key_positions.shape[1])  # (B, G + 1, b)
-    batch, kv_heads, length, count = blocks.shape
-    slots = table.gather(1, blocks.view(batch, -1, 1).expand(-1, -1, table.shape[-1]))  # (B, KV*Q*(K+1), b)
-    return slots.view(batch, kv_heads, length, -1)
+    batch, kv_heads, count = blocks.shape
+    slots = table.gather(1, blocks.reshape(batch, -1, 1).expand(-1, -1, table.shape[-1]))
+    return slots.view(batch, kv_heads, count, -1)
+
+
+def gathered_memory(layout, queries: slice, blocks, memory_query, memory_key, value):
+    """The memory part with each query's own (k + 1) * b slots gathered (B, KV, Q, M, D): memory O(Q * M * D).
+    Returns scores (B, KV, R, Q, M), mask (B, KV, 1, Q, M) and values (B, KV, Q, M, D)."""
+    batch, kv_heads, width, _ = blocks.shape
+    slots = block_table(layout, blocks.flatten(2)).view(batch, kv_heads, width, -1)  # (B, KV, Q, M)
+    keys = gather_slots(memory_key, slots)  # (B, KV, Q, M, D)
+    grouped_query = memory_query.reshape(batch, kv_heads, -1, width, keys.shape[-1]).transpose(2, 3)  # (B,KV,Q,R,D)
+    scores = (grouped_query @ keys.transpose(-1, -2)).transpose(2, 3)  # (B, KV, R, Q, M)
+    return scores, memory_mask_of(layout, queries, slots)[:, :, None], gather_slots(value, slots)
+
+
+def shared_memory(layout, queries: slice, blocks, memory_query, memory_key, value, count: int):
+    """The memory part over the union of the chunk's blocks (`count` = U, `union_size`), gathered once per KV head,
+    each query masked to its own: memory O(Q * U * b) scores. Returns as `gathered_memory`, values (B, KV, 1, M, D).
+    """
+    batch, kv_heads, width, _ = blocks.shape
+    spare = layout.num_blocks
+    present = blocks.new_zeros(batch, kv_heads, spare + 1, dtype=torch.bool).scatter(-1, blocks.flatten(2), True)
+    present[..., spare] = False
+    union = torch.sort((~present).to(torch.uint8), dim=-1, stable=True).indices[..., :count]  # present ones first
+    slots = block_table(layout, union).flatten(2)[:, :, None]  # (B, KV, 1, U * b)
+    keys = gather_slots(memory_key, slots)[:, :, 0]  # (B, KV, U * b, D)
+    scores = (memory_query.reshape(batch, kv_heads, -1, keys.shape[-1]) @ keys.transpose(-1, -2)).view(
+        batch, kv_heads, -1, width, keys.shape[2]
+    )  # (B, KV, R, Q, U * b)
+    own_blocks = torch.where(blocks == spare, -1, blocks)  # "no block" is nobody's
+    own = (own_blocks[..., :, None] == union[:, :, None, None, :]).any(-2)  # (B, KV, Q, U)
+    own = own.repeat_interleave(layout.block_slots.shape[-1], -1)  # (B, KV, Q, U * b)
+    mask = own & memory_mask_of(layout, queries, slots)
+    return scores, mask[:, :, None], gather_slots(value, slots)
 
 
 def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -370,32 +431,36 @@ def chunked_selected_attention(
         else:
             chosen = selection[:, :, queries]
         band_key, band_value, band_mask = window_band(layout, queries, key, value, num_slots)  # (B, KV, L, D)
-        slots = memory_slots(layout, queries, chosen)  # (B, KV, Q, M)
-        positions = F.pad(layout.key_positions, (0, 1), value=-1)
-        slot_positions = positions[:, None].expand(-1, kv_heads, -1).gather(2, slots.flatten(2)).view(slots.shape)
-        distance = layout.query_positions[:, None, queries, None] - slot_positions
-        memory_mask = (slot_positions >= 0) & (distance >= layout.window)  # (B, KV, Q, M): not in the window
         grouped_part = part.reshape(batch, kv_heads, groups * width, dim)  # (B, KV, R*Q, D)
         band_scores = (grouped_part @ band_key.transpose(-1, -2)).view(batch, kv_heads, groups, width, -1)
-        memory_key = gather_slots(memory.key, slots)  # (B, KV, Q, M, D)
-        memory_query = memory_part.reshape(batch, kv_heads, groups, width, dim).transpose(2, 3)  # (B, KV, Q, R, D)
-        memory_scores = (memory_query @ memory_key.transpose(-1, -2)).transpose(2, 3)  # (B, KV, R, Q, M)
+        blocks = memory_blocks(layout, queries, chosen)  # (B, KV, Q, K + 1)
+        union = union_size(blocks, layout)
+        if union:
+            memory_scores, memory_mask, memory_value = shared_memory(
+                layout, queries, blocks, memory_part, memory.key, value, union
+            )
+        else:
+            memory_scores, memory_mask, memory_value = gathered_memory(
+                layout, queries, blocks, memory_part, memory.key, value
+            )
         scores = torch.cat(
             [
                 band_scores.to(score_type).masked_fill(~band_mask[:, :, None], -torch.inf),
-                memory_scores.to(score_type).masked_fill(~memory_mask[:, :, None], -torch.inf),
+                memory_scores.to(score_type).masked_fill(~memory_mask, -torch.inf),
             ],
             -1,
         )
         weights = (scores * scaling).softmax(-1).to(value.dtype)  # (B, KV, R, Q, L + M)
-        band_weights, memory_weights = weights.split([band_key.shape[2], slots.shape[-1]], -1)
+        band_weights, memory_weights = weights.split([band_key.shape[2], memory_scores.shape[-1]], -1)
         out = band_weights.reshape(batch, kv_heads, groups * width, -1) @ band_value  # (B, KV, R*Q, D)
-        memory_value = gather_slots(value, slots)  # (B, KV, Q, M, D)
-        memory_out = (memory_weights.transpose(2, 3) @ memory_value).transpose(2, 3)  # (B, KV, R, Q, D)
+        if memory_value.shape[2] == 1:  # one set shared by the chunk: (B, KV, R, Q, M) @ (B, KV, 1, M, D)
+            memory_out = memory_weights @ memory_value
+        else:  # each query's own: (B, KV, Q, R, M) @ (B, KV, Q, M, D)
+            memory_out = (memory_weights.transpose(2, 3) @ memory_value).transpose(2, 3)  # (B, KV, R, Q, D)
         out = out.view(batch, kv_heads, groups, width, dim) + memory_out
         outs.append(out.reshape(batch, heads, width, dim).transpose(1, 2))  # (B, Q, H, D)
         selections.append(chosen)
-        read = max(read, band_key.shape[2] - width + 1 + slots.shape[-1])
+        read = max(read, band_key.shape[2] - width + 1 + memory_scores.shape[-1])
     return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)
 
 

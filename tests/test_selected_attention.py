@@ -126,6 +126,20 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("shared_limit", [0, 1000])  # each query gathers its own blocks / the chunk's union
+def test_both_memory_paths_match_the_reference(monkeypatch, shared_limit):
+    monkeypatch.setattr(selected, "SHARED_BLOCKS_PER_QUERY", shared_limit)
+    length = 70
+    positions = packed_and_padded_rows(length)
+    query, key, value = qkv(3, length, seed=11)
+    layout = layout_of(positions)
+    kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=9)
+    under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
+    real = positions >= 0
+    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+    assert kernel.out.isfinite().all()
+
+
 def test_layout_blocks_match_a_plain_walk_over_the_slots():
     positions = packed_and_padded_rows(70)
     layout = layout_of(positions)
