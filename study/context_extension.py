@@ -62,6 +62,7 @@ BUDGET = {
         (32768, LLAMA_YARN, 1),
         (32768, LLAMA, 1),
         (8192, FIXED, 2),
+        (8192, LLAMA, 2),
         (16384, FIXED_ENDS, 1),
         (16384, TRUE, 1),
         (16384, TRUE_YARN, 1),
