@@ -399,6 +399,16 @@ def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: 
     return key.index_select(2, picked), band_value, mask[:, None]
 
 
+def token_major(key: torch.Tensor, memory: Memory | None) -> tuple[torch.Tensor, Memory | None]:
+    """`key` (and `memory.key`) copied token-major once: a prefill reads them in b-token rows, which a
+    dimension-major cache (selected_cache.py) would serve element by element."""
+    copied = key.contiguous()
+    if memory is None:
+        return copied, None
+    memory_key = copied if memory.key is key else memory.key.contiguous()
+    return copied, Memory(memory.query, memory_key)
+
+
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
@@ -415,6 +425,8 @@ def chunked_selected_attention(
     batch, heads, length, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
     groups = heads // kv_heads
+    if length >= chunk and key.stride(-2) == 1:  # a prefill over a dimension-major cache: one token-major copy
+        key, memory = token_major(key, memory)  # (the window band and the memory gathers read whole rows)
     memory = memory if memory is not None else Memory(query, key)
     bounds = None
     if scorer == "quest" and selection is None:

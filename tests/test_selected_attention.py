@@ -140,6 +140,22 @@ def test_both_memory_paths_match_the_reference(monkeypatch, shared_limit):
     assert kernel.out.isfinite().all()
 
 
+def test_a_dimension_major_key_gives_the_same_output():
+    """The cache stores keys dimension-major; a prefill copies them token-major once, a decode step gathers rows."""
+    length = 70
+    positions = packed_and_padded_rows(length)
+    query, key, value = qkv(3, length, seed=12)
+    layout = layout_of(positions)
+    columns = key.transpose(-1, -2).contiguous().transpose(-1, -2)  # (B, KV, S, D) view of a (B, KV, D, S) tensor
+    assert columns.stride(-2) == 1
+    expected = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=9)
+    prefill = chunked_selected_attention(query, columns, value, layout, K, "sparq", 4, SCALE, chunk=9)
+    torch.testing.assert_close(prefill.out, expected.out, atol=1e-12, rtol=0)
+    decode_layout = layout_of(positions, num_queries=1)
+    one = chunked_selected_attention(query[:, :, -1:], columns, value, decode_layout, K, "sparq", 4, SCALE)
+    torch.testing.assert_close(one.out, expected.out[:, -1:], atol=1e-12, rtol=0)
+
+
 def test_layout_blocks_match_a_plain_walk_over_the_slots():
     positions = packed_and_padded_rows(70)
     layout = layout_of(positions)
