@@ -305,13 +305,16 @@ def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tens
     return torch.cat([sinks, selection], -1)
 
 
-def union_size(blocks: torch.Tensor, layout: SelectionLayout) -> int:
-    """The number of distinct blocks the chunk's queries read per KV head (the largest over heads), or 0 when that
-    is more than SHARED_BLOCKS_PER_QUERY times what one query reads (each query then gathers its own)."""
+def chunk_union(blocks: torch.Tensor, layout: SelectionLayout) -> torch.Tensor | None:
+    """(B, KV, U) the distinct blocks the chunk's queries read per KV head, in block order (heads that read fewer are
+    padded with blocks nobody reads), or None when U is more than SHARED_BLOCKS_PER_QUERY times what one query reads
+    (each query then gathers its own)."""
     present = blocks.new_zeros(*blocks.shape[:2], layout.num_blocks + 1, dtype=torch.bool)
     present = present.scatter(-1, blocks.flatten(2), True)[..., :-1]  # the spare block G is "none"
     count = int(present.sum(-1).max())  # one host sync per chunk
-    return count if count <= SHARED_BLOCKS_PER_QUERY * blocks.shape[-1] else 0
+    if count > SHARED_BLOCKS_PER_QUERY * blocks.shape[-1]:
+        return None
+    return torch.sort((~present).to(torch.uint8), dim=-1, stable=True).indices[..., :count]  # present ones first
 
 
 def memory_mask_of(layout: SelectionLayout, queries: slice, slots: torch.Tensor) -> torch.Tensor:
@@ -343,15 +346,12 @@ def gathered_memory(layout, queries: slice, blocks, memory_query, memory_key, va
     return scores, memory_mask_of(layout, queries, slots)[:, :, None], gather_slots(value, slots)
 
 
-def shared_memory(layout, queries: slice, blocks, memory_query, memory_key, value, count: int):
-    """The memory part over the union of the chunk's blocks (`count` = U, `union_size`), gathered once per KV head,
+def shared_memory(layout, queries: slice, blocks, memory_query, memory_key, value, union: torch.Tensor):
+    """The memory part over the union of the chunk's blocks (`union` (B, KV, U): `chunk_union`), gathered once per KV head,
     each query masked to its own: memory O(Q * U * b) scores. Returns as `gathered_memory`, values (B, KV, 1, M, D).
     """
     batch, kv_heads, width, _ = blocks.shape
     spare = layout.num_blocks
-    present = blocks.new_zeros(batch, kv_heads, spare + 1, dtype=torch.bool).scatter(-1, blocks.flatten(2), True)
-    present[..., spare] = False
-    union = torch.sort((~present).to(torch.uint8), dim=-1, stable=True).indices[..., :count]  # present ones first
     slots = block_table(layout, union).flatten(2)[:, :, None]  # (B, KV, 1, U * b)
     keys = gather_slots(memory_key, slots)[:, :, 0]  # (B, KV, U * b, D)
     scores = (memory_query.reshape(batch, kv_heads, -1, keys.shape[-1]) @ keys.transpose(-1, -2)).view(
@@ -446,8 +446,8 @@ def chunked_selected_attention(
         grouped_part = part.reshape(batch, kv_heads, groups * width, dim)  # (B, KV, R*Q, D)
         band_scores = (grouped_part @ band_key.transpose(-1, -2)).view(batch, kv_heads, groups, width, -1)
         blocks = memory_blocks(layout, queries, chosen)  # (B, KV, Q, K + 1)
-        union = union_size(blocks, layout)
-        if union:
+        union = chunk_union(blocks, layout)
+        if union is not None:
             memory_scores, memory_mask, memory_value = shared_memory(
                 layout, queries, blocks, memory_part, memory.key, value, union
             )
