@@ -16,21 +16,22 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   of the true max q.k over the block).
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
-eager / sdpa path: queries in chunks; a chunk scores and selects, then attends with one softmax over two parts, its
-window band (Q + W - 1 slots shared by its queries) and its memory: the sink and selected blocks, minus the slots
-inside each query's window (each token once). The memory is gathered once for the chunk as the union of its queries'
-blocks, each query masked to its own, while that union is at most SHARED_BLOCKS_PER_QUERY times one query's (nearby
-queries of real text choose alike); else each query gathers its own (k + 1) * b slots. Either way the attention is
-linear in the chunk, never (T x S); only the scorer reads every earlier key. The kernel returns its selection (the
-reference takes one) and how many key slots a query read. flex_attention falls back to the chunked kernel (no
-block-mask kernel yet). A decode step gathers sink + k*b + W slots, plus the scoring data (the r key dims under
-"sparq"; block bounds computed from every key under "quest").
+eager / sdpa path: queries in chunks; a chunk scores and selects, then the softmax over sink | selected | window is
+computed in two parts and merged (`PartialSoftmax`): the chunk's window band (Q + W - 1 slots shared by its queries)
+and the memory: the sink and selected blocks, minus the slots inside each query's window (each token once). The
+memory is a block-sparse product (`tiled_memory`): the (query, block) pairs of `MEMORY_QUERIES` queries are grouped
+by KV head and block into tiles (`pair_tiles`), and a tile reads its block's b keys and values once for all its
+queries, so a block chosen by many queries is read once, and a query never copies its blocks (a prefill's random
+selections cost what its reads cost). Either part is linear in the queries, never (T x S); only the scorer reads
+every earlier key. The kernel returns its selection (the reference takes one) and how many key slots a query read.
+flex_attention falls back to the chunked kernel (no block-mask kernel yet). A decode step reads sink + k*b + W
+slots, plus the scoring data (the r key dims under "sparq"; block bounds computed from every key under "quest").
 
 Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
 at one fixed distance, the window at true distances (`Memory`: what the memory part is scored and attended with).
 
 Shape legend: B batch, H query heads, KV key/value heads, R = H / KV heads per group, T queries, Q chunk length,
-S key slots, U gathered slots of a chunk, G blocks, K selected blocks, D head dim.
+S key slots, G blocks, K selected blocks, N tiles of P pairs, D head dim.
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ class SelectedOutput(NamedTuple):
     read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
 
 
-SHARED_BLOCKS_PER_QUERY = 8  # a chunk reads the union of its queries' blocks while it is at most 8 x one query's
+MEMORY_QUERIES = 2048  # queries whose memory parts are computed together: their (query, block) pairs share tiles
+PAIR_TILE = 64  # at most this many (query, block) pairs of one KV head and block per tile
 
 
 def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
@@ -305,81 +307,100 @@ def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tens
     return torch.cat([sinks, selection], -1)
 
 
-def chunk_union(blocks: torch.Tensor, layout: SelectionLayout) -> torch.Tensor | None:
-    """(B, KV, U) the distinct blocks the chunk's queries read per KV head, in block order (heads that read fewer are
-    padded with blocks nobody reads), or None when U is more than SHARED_BLOCKS_PER_QUERY times what one query reads
-    (each query then gathers its own)."""
-    present = blocks.new_zeros(*blocks.shape[:2], layout.num_blocks + 1, dtype=torch.bool)
-    present = present.scatter(-1, blocks.flatten(2), True)[..., :-1]  # the spare block G is "none"
-    count = int(present.sum(-1).max())  # one host sync per chunk
-    if count > SHARED_BLOCKS_PER_QUERY * blocks.shape[-1]:
-        return None
-    return torch.sort((~present).to(torch.uint8), dim=-1, stable=True).indices[..., :count]  # present ones first
+class PairTiles(NamedTuple):
+    """(query, block) pairs grouped by KV head and block, at most P per tile: a tile reads its block's b keys and
+    values once for all its queries (a block-sparse product: no query gathers a block of its own)."""
+
+    pairs: torch.Tensor  # (N, P) flat index into the (B, KV, Q, M) blocks of each tile row; `count` pads a tile
+    heads: torch.Tensor  # (N,) batch * KV + KV head of each tile
+    blocks: torch.Tensor  # (N,) its block number
+    count: int  # B * KV * Q * M: the padding index
 
 
-def memory_mask_of(layout: SelectionLayout, queries: slice, slots: torch.Tensor) -> torch.Tensor:
-    """(B, KV, Q, M) of memory `slots` (B, KV, Q or 1, M; S: none): a valid key outside the query's window (a
-    selected block's tokens inside the window are the window's: each token once)."""
-    positions = F.pad(layout.key_positions, (0, 1), value=-1)  # slot S: none
-    flat = slots.flatten(2)
-    slot_positions = positions[:, None].expand(-1, slots.shape[1], -1).gather(2, flat).view(slots.shape)
-    distance = layout.query_positions[:, None, queries, None] - slot_positions
-    return (slot_positions >= 0) & (distance >= layout.window)
+def pair_tiles(blocks: torch.Tensor, num_blocks: int, tile: int = PAIR_TILE) -> PairTiles:
+    """Tiles of the pairs of `blocks` (B, KV, Q, M) that name a block (`num_blocks`: "no block"); a tile holds
+    min(`tile`, the largest group) rows, so a decode step (one query) makes one row per block."""
+    batch, kv_heads, length, width = blocks.shape
+    flat = blocks.flatten()
+    count = flat.numel()
+    pairs = (flat < num_blocks).nonzero().squeeze(1)  # one host sync
+    if pairs.numel() == 0:
+        empty = flat.new_zeros(0)
+        return PairTiles(flat.new_zeros(0, 1), empty, empty, count)
+    groups = pairs.div(length * width, rounding_mode="floor") * num_blocks + flat[pairs]  # (head, block)
+    groups, order = torch.sort(groups, stable=True)
+    pairs = pairs[order]
+    index = torch.arange(pairs.numel(), device=flat.device)
+    opens = F.pad(groups[1:] != groups[:-1], (1, 0), value=True)
+    rank = index - torch.where(opens, index, 0).cummax(0).values  # place of each pair in its group
+    tile = min(tile, int(rank.max()) + 1)  # one host sync
+    first = rank % tile == 0
+    tile_of = first.long().cumsum(0) - 1
+    rows = flat.new_full((int(tile_of[-1]) + 1, tile), count)
+    rows[tile_of, rank % tile] = pairs
+    return PairTiles(rows, groups[first].div(num_blocks, rounding_mode="floor"), groups[first] % num_blocks, count)
 
 
-def block_table(layout: SelectionLayout, blocks: torch.Tensor) -> torch.Tensor:
-    """(B, KV, N, b) the slots of `blocks` (B, KV, N); the spare block G (and a block's missing slots): S."""
-    table = F.pad(layout.block_slots, (0, 0, 0, 1), value=layout.key_positions.shape[1])  # (B, G + 1, b)
-    batch, kv_heads, count = blocks.shape
-    slots = table.gather(1, blocks.reshape(batch, -1, 1).expand(-1, -1, table.shape[-1]))
-    return slots.view(batch, kv_heads, count, -1)
-
-
-def gathered_memory(layout, queries: slice, blocks, memory_query, memory_key, value):
-    """The memory part with each query's own (k + 1) * b slots gathered (B, KV, Q, M, D): memory O(Q * M * D).
-    Returns scores (B, KV, R, Q, M), mask (B, KV, 1, Q, M) and values (B, KV, Q, M, D)."""
-    batch, kv_heads, width, _ = blocks.shape
-    slots = block_table(layout, blocks.flatten(2)).view(batch, kv_heads, width, -1)  # (B, KV, Q, M)
-    keys = gather_slots(memory_key, slots)  # (B, KV, Q, M, D)
-    grouped_query = memory_query.reshape(batch, kv_heads, -1, width, keys.shape[-1]).transpose(2, 3)  # (B,KV,Q,R,D)
-    scores = (grouped_query @ keys.transpose(-1, -2)).transpose(2, 3)  # (B, KV, R, Q, M)
-    return scores, memory_mask_of(layout, queries, slots)[:, :, None], gather_slots(value, slots)
-
-
-def shared_memory(layout, queries: slice, blocks, memory_query, memory_key, value, union: torch.Tensor):
-    """The memory part over the union of the chunk's blocks (`union` (B, KV, U): `chunk_union`), gathered once per KV head,
-    each query masked to its own: memory O(Q * U * b) scores. Returns as `gathered_memory`, values (B, KV, 1, M, D).
-    """
-    batch, kv_heads, width, _ = blocks.shape
-    spare = layout.num_blocks
-    slots = block_table(layout, union).flatten(2)[:, :, None]  # (B, KV, 1, U * b)
-    keys = gather_slots(memory_key, slots)[:, :, 0]  # (B, KV, U * b, D)
-    scores = (memory_query.reshape(batch, kv_heads, -1, keys.shape[-1]) @ keys.transpose(-1, -2)).view(
-        batch, kv_heads, -1, width, keys.shape[2]
-    )  # (B, KV, R, Q, U * b)
-    own_blocks = torch.where(blocks == spare, -1, blocks)  # "no block" is nobody's
-    own = (own_blocks[..., :, None] == union[:, :, None, None, :]).any(-2)  # (B, KV, Q, U)
-    own = own.repeat_interleave(layout.block_slots.shape[-1], -1)  # (B, KV, Q, U * b)
-    mask = own & memory_mask_of(layout, queries, slots)
-    return scores, mask[:, :, None], gather_slots(value, slots)
-
-
-def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """(B, KV, Q, M, D): the slots `slots` (B, KV, Q, M) of keys or values (B, KV, S, D); slot S ("none") reads
-    slot S - 1 (the caller masks it).
-
-    Rows of D numbers are copied whole (`index_select` on a token-major table). A dimension-major tensor (the
-    cache's keys: each dimension one contiguous row) is gathered along its rows when it reads fewer slots than it
-    holds (a decode step: (k + 1) * b slots, not the prefix), else copied token-major once (a prefill chunk)."""
-    batch, kv_heads, length, count = slots.shape
+def tile_states(states: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """(N, b, D): the key slots `slots` (N, b) of each tile's KV head `heads` (N,) of keys or values (B, KV, S, D);
+    slot S ("none") reads slot S - 1 (the caller masks it). Rows of D numbers are copied whole from a token-major
+    tensor; a dimension-major one (the cache's keys) is read element-wise, which suits a decode step's few slots
+    (a prefill copies it token-major once first: `token_major`)."""
     num_slots, dim = states.shape[2], states.shape[3]
-    flat = slots.reshape(batch, kv_heads, -1).clamp(max=num_slots - 1)
-    if states.stride(-2) == 1 and flat.shape[-1] < num_slots:
-        gathered = states.transpose(-1, -2).gather(3, flat[:, :, None].expand(-1, -1, dim, -1)).transpose(-1, -2)
-        return gathered.reshape(batch, kv_heads, length, count, dim)
-    table = states.reshape(-1, dim)  # (B * KV * S, D) token-major (a copy when `states` is not)
-    base = torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1) * num_slots
-    return table.index_select(0, (flat + base).flatten()).view(batch, kv_heads, length, count, dim)
+    slots = slots.clamp(max=num_slots - 1)
+    if states.stride(-2) == 1 and dim > 1:  # dimension-major: (B * KV, D, S) rows
+        return states.transpose(-1, -2).reshape(-1, dim, num_slots)[heads[:, None], :, slots]
+    table = states.reshape(-1, dim)
+    return table.index_select(0, (heads[:, None] * num_slots + slots).flatten()).view(*slots.shape, dim)
+
+
+class PartialSoftmax(NamedTuple):
+    """One part of a softmax over key sets, per query row (B * KV * Q, R): its max score, the sum of exp(score -
+    max) and the exp-weighted values (..., D). `merged` adds two parts: the full softmax, normalised at the end."""
+
+    top: torch.Tensor
+    total: torch.Tensor
+    weighted: torch.Tensor
+
+    def merged(self, other: PartialSoftmax) -> torch.Tensor:
+        top = torch.maximum(self.top, other.top)
+        mine, theirs = (self.top - top).exp(), (other.top - top).exp()
+        total = self.total * mine + other.total * theirs
+        weighted = self.weighted * mine[..., None] + other.weighted * theirs[..., None]
+        return weighted / total[..., None]
+
+
+def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value, scaling: float) -> PartialSoftmax:
+    """The memory part (sink and selected blocks, minus each query's window) of the queries `queries`, blocks
+    (B, KV, Q, M), queries (B, H, Q, D): the block-sparse product over `pair_tiles`. Rows (B * KV * Q, R)."""
+    batch, kv_heads, width, count = blocks.shape
+    groups, dim = memory_query.shape[1] // kv_heads, memory_query.shape[-1]
+    score_type = torch.promote_types(memory_query.dtype, torch.float32)
+    tiles = pair_tiles(blocks, layout.num_blocks)
+    rows = batch * kv_heads * width
+    query_rows = memory_query.view(batch, kv_heads, groups, width, dim).transpose(2, 3).reshape(rows, groups, dim)
+    pair_row = torch.where(tiles.pairs < tiles.count, tiles.pairs.div(count, rounding_mode="floor"), 0)  # (N, P)
+    batch_of = tiles.heads.div(kv_heads, rounding_mode="floor")
+    slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b); S: none
+    key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]  # (N, b)
+    query_positions = layout.query_positions[:, queries].reshape(-1)[
+        pair_row.div(kv_heads * width, rounding_mode="floor") * width + pair_row % width
+    ]  # (N, P)
+    visible = (key_positions[:, None] >= 0) & (query_positions[..., None] - key_positions[:, None] >= layout.window)
+    visible = visible & (tiles.pairs < tiles.count)[..., None]  # (N, P, b)
+    tile_queries = query_rows[pair_row].flatten(1, 2)  # (N, P * R, D)
+    scores = (tile_queries @ tile_states(memory_key, slots, tiles.heads).transpose(-1, -2)).to(score_type)
+    scores = (scores.view(*pair_row.shape, groups, -1) * scaling).masked_fill(~visible[:, :, None], -torch.inf)
+    flat_rows = pair_row.flatten()
+    with torch.no_grad():  # the max only keeps exp() in range: no gradient through it
+        top = scores.new_full((rows, groups), -torch.inf)
+        top = top.scatter_reduce(0, flat_rows[:, None].expand(-1, groups), scores.amax(-1).flatten(0, 1), "amax")
+    finite_top = torch.where(top.isfinite(), top, 0.0)  # a query with no memory: every exp() below is 0
+    weights = (scores - finite_top[pair_row][..., None]).exp()  # (N, P, R, b)
+    total = scores.new_zeros(rows, groups).index_add(0, flat_rows, weights.sum(-1).flatten(0, 1))
+    tile_values = tile_states(value, slots, tiles.heads).to(score_type)  # (N, b, D)
+    weighted = (weights.flatten(1, 2) @ tile_values).view(-1, groups, dim)  # (N * P, R, D)
+    return PartialSoftmax(top, total, scores.new_zeros(rows, groups, dim).index_add(0, flat_rows, weighted))
 
 
 def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
@@ -409,6 +430,27 @@ def token_major(key: torch.Tensor, memory: Memory | None) -> tuple[torch.Tensor,
     return copied, Memory(memory.query, memory_key)
 
 
+def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_slots: int, scaling: float):
+    """The window band part of the queries `queries` (query (B, H, Q, D) holds just those): `PartialSoftmax` rows
+    (B * KV * Q, R), and the band's length L."""
+    batch, heads, width, dim = query.shape
+    kv_heads = value.shape[1]
+    groups = heads // kv_heads
+    score_type = torch.promote_types(query.dtype, torch.float32)
+    band_key, band_value, band_mask = window_band(layout, queries, key, value, num_slots)  # (B, KV, L, D)
+    scores = (query.reshape(batch, kv_heads, groups * width, dim) @ band_key.transpose(-1, -2)).to(score_type)
+    scores = (scores.view(batch, kv_heads, groups, width, -1) * scaling).masked_fill(~band_mask[:, :, None], -torch.inf)
+    with torch.no_grad():
+        top = scores.amax(-1)  # (B, KV, R, Q): finite, a query always sees its own slot
+    weights = (scores - top[..., None]).exp()
+    weighted = weights @ band_value[:, :, None].to(score_type)  # (B, KV, R, Q, D)
+
+    def rows(values: torch.Tensor) -> torch.Tensor:  # (B, KV, R, Q, ...) -> (B * KV * Q, R, ...)
+        return values.transpose(2, 3).reshape(batch * kv_heads * width, groups, *values.shape[4:])
+
+    return PartialSoftmax(rows(top), rows(weights.sum(-1)), rows(weighted)), band_key.shape[2]
+
+
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
@@ -417,63 +459,48 @@ def chunked_selected_attention(
 
     `value` holds every slot (B, KV, S, D); `key` the rotated keys of the last slots, at least every query's window
     band (a cache that stores unrotated keys rotates only those). Each chunk of Q queries scores the blocks
-    (`memory`'s queries and keys, default `query` and `key`), selects (or takes `selection`), and attends with one
-    softmax over two parts: its window band (L = Q + W - 1 slots shared by the chunk, true positions) and, per
-    query, the (k + 1) * b slots of its sink and selected blocks minus those inside its window (each token once).
-    Memory per chunk: (Q x L) + (Q x (k + 1) * b) scores per head, never (T x S).
+    (`memory`'s queries and keys, default `query` and `key`) and selects (or takes `selection`); the softmax over
+    sink | selected | window is computed in two parts and merged: the window band (L = Q + W - 1 slots shared by
+    the chunk, true positions) and the memory, the (k + 1) * b slots of each query's sink and selected blocks minus
+    those inside its window (each token once), as a block-sparse product over `MEMORY_QUERIES` queries at a time.
+    Memory: (Q x L) band scores per head and (k + 1) * b scores per query, never (T x S).
     """
     batch, heads, length, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
-    groups = heads // kv_heads
     if length >= chunk and key.stride(-2) == 1:  # a prefill over a dimension-major cache: one token-major copy
-        key, memory = token_major(key, memory)  # (the window band and the memory gathers read whole rows)
+        key, memory = token_major(key, memory)  # (the window band and the memory tiles read whole rows)
     memory = memory if memory is not None else Memory(query, key)
     bounds = None
     if scorer == "quest" and selection is None:
         with torch.no_grad():
             bounds = block_bounds(memory.key, layout)
-    score_type = torch.promote_types(query.dtype, torch.float32)
     outs, selections, read = [], [], 0
-    for start in range(0, length, chunk):
-        queries = slice(start, min(start + chunk, length))
-        width = queries.stop - queries.start
-        part, memory_part = query[:, :, queries], memory.query[:, :, queries]
-        if selection is None:
-            chosen = select_blocks(memory_part, memory.key, layout, queries, k, scorer, dims, bounds)
-        else:
-            chosen = selection[:, :, queries]
-        band_key, band_value, band_mask = window_band(layout, queries, key, value, num_slots)  # (B, KV, L, D)
-        grouped_part = part.reshape(batch, kv_heads, groups * width, dim)  # (B, KV, R*Q, D)
-        band_scores = (grouped_part @ band_key.transpose(-1, -2)).view(batch, kv_heads, groups, width, -1)
-        blocks = memory_blocks(layout, queries, chosen)  # (B, KV, Q, K + 1)
-        union = chunk_union(blocks, layout)
-        if union is not None:
-            memory_scores, memory_mask, memory_value = shared_memory(
-                layout, queries, blocks, memory_part, memory.key, value, union
+    for outer in range(0, length, MEMORY_QUERIES):
+        span = slice(outer, min(outer + MEMORY_QUERIES, length))
+        chosen = []
+        for start in range(span.start, span.stop, chunk):
+            queries = slice(start, min(start + chunk, span.stop))
+            if selection is None:
+                part = memory.query[:, :, queries]
+                chosen.append(select_blocks(part, memory.key, layout, queries, k, scorer, dims, bounds))
+            else:
+                chosen.append(selection[:, :, queries])
+        chosen = torch.cat(chosen, 2)  # (B, KV, Q', K)
+        blocks = memory_blocks(layout, span, chosen)
+        far = tiled_memory(layout, span, blocks, memory.query[:, :, span], memory.key, value, scaling)
+        far_rows = [values.view(batch, kv_heads, span.stop - span.start, *values.shape[1:]) for values in far]
+        for start in range(span.start, span.stop, chunk):
+            queries = slice(start, min(start + chunk, span.stop))
+            near, band = band_part(layout, queries, query[:, :, queries], key, value, num_slots, scaling)
+            inner = slice(queries.start - span.start, queries.stop - span.start)
+            mine = PartialSoftmax(*(values[:, :, inner].flatten(0, 2) for values in far_rows))
+            outs.append(near.merged(mine).view(batch, kv_heads, -1, heads // kv_heads, dim).to(value.dtype))
+            read = max(
+                read, band - (queries.stop - queries.start) + 1 + blocks.shape[-1] * layout.block_slots.shape[-1]
             )
-        else:
-            memory_scores, memory_mask, memory_value = gathered_memory(
-                layout, queries, blocks, memory_part, memory.key, value
-            )
-        scores = torch.cat(
-            [
-                band_scores.to(score_type).masked_fill(~band_mask[:, :, None], -torch.inf),
-                memory_scores.to(score_type).masked_fill(~memory_mask, -torch.inf),
-            ],
-            -1,
-        )
-        weights = (scores * scaling).softmax(-1).to(value.dtype)  # (B, KV, R, Q, L + M)
-        band_weights, memory_weights = weights.split([band_key.shape[2], memory_scores.shape[-1]], -1)
-        out = band_weights.reshape(batch, kv_heads, groups * width, -1) @ band_value  # (B, KV, R*Q, D)
-        if memory_value.shape[2] == 1:  # one set shared by the chunk: (B, KV, R, Q, M) @ (B, KV, 1, M, D)
-            memory_out = memory_weights @ memory_value
-        else:  # each query's own: (B, KV, Q, R, M) @ (B, KV, Q, M, D)
-            memory_out = (memory_weights.transpose(2, 3) @ memory_value).transpose(2, 3)  # (B, KV, R, Q, D)
-        out = out.view(batch, kv_heads, groups, width, dim) + memory_out
-        outs.append(out.reshape(batch, heads, width, dim).transpose(1, 2))  # (B, Q, H, D)
         selections.append(chosen)
-        read = max(read, band_key.shape[2] - width + 1 + memory_scores.shape[-1])
-    return SelectedOutput(torch.cat(outs, 1), torch.cat(selections, 2), read)
+    out = torch.cat(outs, 2)  # (B, KV, T, R, D)
+    return SelectedOutput(out.transpose(1, 2).reshape(batch, length, heads, dim), torch.cat(selections, 2), read)
 
 
 class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):

@@ -126,18 +126,37 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("shared_limit", [0, 1000])  # each query gathers its own blocks / the chunk's union
-def test_both_memory_paths_match_the_reference(monkeypatch, shared_limit):
-    monkeypatch.setattr(selected, "SHARED_BLOCKS_PER_QUERY", shared_limit)
+@pytest.mark.parametrize(("tile", "memory_queries"), [(1, 16), (2, 9), (64, 2048)])
+def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile, memory_queries):
+    """One pair per tile (a query's own gather), partial tiles, and every pair of a block in one tile; memory parts
+    of 16 or 9 queries (merged with bands of chunks that straddle them) or all at once."""
+    monkeypatch.setattr(selected, "PAIR_TILE", tile)
+    monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
     length = 70
     positions = packed_and_padded_rows(length)
     query, key, value = qkv(3, length, seed=11)
     layout = layout_of(positions)
-    kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=9)
+    kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=4)
     under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
     real = positions >= 0
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
     assert kernel.out.isfinite().all()
+
+
+def test_pair_tiles_hold_each_pair_once_grouped_by_head_and_block():
+    generator = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 7, (2, 3, 10, 4), generator=generator)  # block 6: "no block"
+    tiles = selected.pair_tiles(blocks, 6, tile=3)
+    real = tiles.pairs < tiles.count
+    assert sorted(tiles.pairs[real].tolist()) == (blocks.flatten() < 6).nonzero().squeeze(1).tolist()
+    assert tiles.pairs.shape[1] == 3 and real[:, 0].all()  # every tile holds at least one pair
+    heads = torch.arange(6).repeat_interleave(40)  # batch * KV + head of each flat pair
+    row_heads, row_blocks = tiles.heads[:, None].expand_as(tiles.pairs), tiles.blocks[:, None].expand_as(tiles.pairs)
+    assert torch.equal(heads[tiles.pairs[real]], row_heads[real])
+    assert torch.equal(blocks.flatten()[tiles.pairs[real]], row_blocks[real])
+    distinct = torch.stack([torch.randperm(7, generator=generator)[:4] for _ in range(6)]).view(2, 3, 1, 4)
+    one_query = selected.pair_tiles(distinct, 6)  # a decode step: one row per (head, block), no padding
+    assert one_query.pairs.shape[1] == 1
 
 
 def test_a_dimension_major_key_gives_the_same_output():
