@@ -19,7 +19,12 @@ from .mixers import GLOBAL_BRANCHES, MIXERS, layer_specs, variant_of
 # 2: `global_attention` may be a per-layer list (format 1: one string for every sparse-attention layer)
 CONFIG_FORMAT_VERSION = 2
 MLP_LAYER_TYPES = ("dense", "sparse")
-SELECT_SCORERS = ("sparq", "sparq-group", "quest")  # the selected global branch's block scorers (selected_attention.py)
+SELECT_SCORERS = (
+    "sparq",
+    "sparq-group",
+    "quest",
+    "two-stage",
+)  # the selected global branch's block scorers (selected_attention.py)
 SELECT_POSITIONS = ("true", "fixed")  # the distances the selected branch attends its sink and selected blocks at
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
@@ -90,9 +95,10 @@ class LlamaHybridConfig(PreTrainedConfig):
             each `"sparse_attention"` layer and None for the others (a model may mix variants). `"selected"`: exact
             attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
             before the window (ranked by `select_scorer`: `"sparq"`, q.k over the query's `select_dims`
-            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or
-            `"quest"`, Quest's min/max bound) and the window; it needs
-            `sliding_window >= compress_block_size`.
+            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share;
+            `"quest"`, Quest's min/max bound; or `"two-stage"`, Quest's bound shortlists `select_candidates` blocks
+            (default 4 * `select_blocks`) and the exact max q.k over each one's keys ranks them) and the window; it
+            needs `sliding_window >= compress_block_size`.
         select_positions: the distances the selected branch attends its sink and selected blocks at: `"true"`
             (default; exact attention over the subset) or `"fixed"` (InfLLM's scheme: all of them `select_distance`
             before the query, default `sliding_window`, while the window keeps true distances: no query-key distance
@@ -151,6 +157,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_blocks: int = 8
     select_dims: int = 16
     select_scorer: str = "sparq"
+    select_candidates: int | None = None
     select_positions: str = "true"
     select_distance: int | None = None
     sparse_gate_init: float | int = 0.5
@@ -459,6 +466,15 @@ def _check_global_attention(config: "LlamaHybridConfig") -> None:
 def _check_selection(config: "LlamaHybridConfig") -> None:
     _positive_int(config, "select_blocks")
     _positive_int(config, "select_dims")
+    if config.select_candidates is not None:
+        _positive_int(config, "select_candidates")
+        if config.select_scorer != "two-stage":
+            raise ValueError(f"select_candidates={config.select_candidates} needs select_scorer='two-stage'")
+        if config.select_candidates < config.select_blocks:
+            raise ValueError(
+                f"select_candidates={config.select_candidates} must be at least select_blocks={config.select_blocks}"
+                " (the second stage ranks the shortlist and keeps select_blocks of it)"
+            )
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
     if config.select_positions not in SELECT_POSITIONS:

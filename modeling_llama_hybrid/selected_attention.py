@@ -13,7 +13,10 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
 - "sparq-group": the same over r dimensions shared by a KV group's query heads (largest in their summed |q|), so a
   decode step reads r rows of keys per KV head instead of up to R * r;
 - "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
-  of the true max q.k over the block).
+  of the true max q.k over the block);
+- "two-stage": Quest's bound shortlists C blocks (`config.select_candidates`, default 4k), and the exact block score,
+  the max over the block's keys of q.k on all D dimensions, ranks them: a decode step reads the bounds (2 D numbers
+  per block) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per query (block-sparse), not (Q x S).
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
 eager / sdpa path: queries in chunks; a chunk scores and selects, then the softmax over sink | selected | window is
@@ -221,17 +224,37 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: in
     return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
-def select_blocks(query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None):
+def select_blocks(
+    query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None,
+    shortlist: int | None = None, tiled: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
     the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
-    discrete choice: no gradient flows through it (only through the attention over the chosen keys)."""
+    discrete choice: no gradient flows through it (only through the attention over the chosen keys).
+
+    "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
+    the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
+    `shortlist_scores` in the kernel (`tiled`). Ties go to the earlier block either way."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
         blocks = int((seen * torch.arange(1, seen.numel() + 1, device=seen.device)).max())  # G': one host sync
         candidates = candidates[..., :blocks]
-        scores = score_blocks(query, key, layout, scorer, dims, bounds, blocks)
-        return top_blocks(scores, candidates, k, layout.num_blocks)
+        spare = layout.num_blocks
+        if scorer != "two-stage":
+            return top_blocks(score_blocks(query, key, layout, scorer, dims, bounds, blocks), candidates, k, spare)
+        first = score_blocks(query, key, layout, "quest", dims, bounds, blocks)
+        shortlisted = top_blocks(first, candidates, shortlist or 4 * k, spare).sort(-1).values  # in block order
+        if not tiled:
+            exact = score_blocks(query, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: exact q.k
+            kept = torch.zeros_like(exact, dtype=torch.bool)
+            kept = F.pad(kept, (0, 1)).scatter(-1, shortlisted.clamp(max=blocks), True)[..., :blocks]
+            return top_blocks(exact.masked_fill(~kept, -torch.inf), candidates, k, spare)
+        exact = shortlist_scores(layout, queries, shortlisted, query, key)  # (B, KV, Q, C), -inf for "none"
+        ranked = torch.sort(exact, dim=-1, descending=True, stable=True)  # ties: the earlier block
+        chosen = shortlisted.gather(-1, ranked.indices[..., :k])
+        chosen = torch.where(ranked.values[..., :k] > -torch.inf, chosen, spare)
+        return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -370,27 +393,47 @@ class PartialSoftmax(NamedTuple):
         return weighted / total[..., None]
 
 
-def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value, scaling: float) -> PartialSoftmax:
-    """The memory part (sink and selected blocks, minus each query's window) of the queries `queries`, blocks
-    (B, KV, Q, M), queries (B, H, Q, D): the block-sparse product over `pair_tiles`. Rows (B * KV * Q, R)."""
+class TileScores(NamedTuple):
+    """q.k of every tile row's query heads against its block's keys, and what the memory part needs with them."""
+
+    scores: torch.Tensor  # (N, P, R, b) in the score type; tile rows that pad a tile hold garbage
+    tiles: PairTiles
+    pair_row: torch.Tensor  # (N, P) the query row (B * KV * Q) of each tile row (0 for padding)
+    slots: torch.Tensor  # (N, b) key slots of each tile's block; S: none
+    key_positions: torch.Tensor  # (N, b), -1 for none
+
+
+def tile_scores(layout: SelectionLayout, queries: slice, blocks, query, key) -> TileScores:
+    """The block-sparse q.k of the pairs of `blocks` (B, KV, Q, M): queries (B, H, Q, D) (those of `queries`), keys
+    (B, KV, S, D) of every slot. A tile reads its block's b keys once for its P queries."""
     batch, kv_heads, width, count = blocks.shape
-    groups, dim = memory_query.shape[1] // kv_heads, memory_query.shape[-1]
-    score_type = torch.promote_types(memory_query.dtype, torch.float32)
+    groups, dim = query.shape[1] // kv_heads, query.shape[-1]
     tiles = pair_tiles(blocks, layout.num_blocks)
-    rows = batch * kv_heads * width
-    query_rows = memory_query.view(batch, kv_heads, groups, width, dim).transpose(2, 3).reshape(rows, groups, dim)
+    rows = query.view(batch, kv_heads, groups, width, dim).transpose(2, 3).reshape(-1, groups, dim)  # (BKVQ, R, D)
     pair_row = torch.where(tiles.pairs < tiles.count, tiles.pairs.div(count, rounding_mode="floor"), 0)  # (N, P)
     batch_of = tiles.heads.div(kv_heads, rounding_mode="floor")
-    slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b); S: none
-    key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]  # (N, b)
+    slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b)
+    key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]
+    scores = rows[pair_row].flatten(1, 2) @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
+    score_type = torch.promote_types(query.dtype, torch.float32)
+    scores = scores.to(score_type).view(*pair_row.shape, groups, slots.shape[-1])
+    return TileScores(scores, tiles, pair_row, slots, key_positions)
+
+
+def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value, scaling: float) -> PartialSoftmax:
+    """The memory part (sink and selected blocks, minus each query's window) of the queries `queries`, blocks
+    (B, KV, Q, M), queries (B, H, Q, D): the block-sparse product of `tile_scores`. Rows (B * KV * Q, R)."""
+    batch, kv_heads, width, _ = blocks.shape
+    groups, dim = memory_query.shape[1] // kv_heads, memory_query.shape[-1]
+    rows = batch * kv_heads * width
+    tiled = tile_scores(layout, queries, blocks, memory_query, memory_key)
+    pair_row, key_positions = tiled.pair_row, tiled.key_positions
     query_positions = layout.query_positions[:, queries].reshape(-1)[
         pair_row.div(kv_heads * width, rounding_mode="floor") * width + pair_row % width
     ]  # (N, P)
     visible = (key_positions[:, None] >= 0) & (query_positions[..., None] - key_positions[:, None] >= layout.window)
-    visible = visible & (tiles.pairs < tiles.count)[..., None]  # (N, P, b)
-    tile_queries = query_rows[pair_row].flatten(1, 2)  # (N, P * R, D)
-    scores = (tile_queries @ tile_states(memory_key, slots, tiles.heads).transpose(-1, -2)).to(score_type)
-    scores = (scores.view(*pair_row.shape, groups, -1) * scaling).masked_fill(~visible[:, :, None], -torch.inf)
+    visible = visible & (tiled.tiles.pairs < tiled.tiles.count)[..., None]  # (N, P, b)
+    scores = (tiled.scores * scaling).masked_fill(~visible[:, :, None], -torch.inf)
     flat_rows = pair_row.flatten()
     with torch.no_grad():  # the max only keeps exp() in range: no gradient through it
         top = scores.new_full((rows, groups), -torch.inf)
@@ -398,9 +441,19 @@ def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value
     finite_top = torch.where(top.isfinite(), top, 0.0)  # a query with no memory: every exp() below is 0
     weights = (scores - finite_top[pair_row][..., None]).exp()  # (N, P, R, b)
     total = scores.new_zeros(rows, groups).index_add(0, flat_rows, weights.sum(-1).flatten(0, 1))
-    tile_values = tile_states(value, slots, tiles.heads).to(score_type)  # (N, b, D)
+    tile_values = tile_states(value, tiled.slots, tiled.tiles.heads).to(scores.dtype)  # (N, b, D)
     weighted = (weights.flatten(1, 2) @ tile_values).view(-1, groups, dim)  # (N * P, R, D)
     return PartialSoftmax(top, total, scores.new_zeros(rows, groups, dim).index_add(0, flat_rows, weighted))
+
+
+def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, key) -> torch.Tensor:
+    """ "two-stage"'s second stage in the kernel: the exact block score (max over the block's keys of q.k, then over
+    a KV group's heads) of each block of `shortlist` (B, KV, Q, C) (G: none, scored -inf), as a block-sparse
+    product: (B, KV, Q, C)."""
+    tiled = tile_scores(layout, queries, shortlist, query, key)
+    scores = tiled.scores.masked_fill((tiled.key_positions < 0)[:, None, None], -torch.inf).amax(-1).amax(-1)
+    flat = scores.new_full((tiled.tiles.count + 1,), -torch.inf)  # index `count`: the padding rows
+    return flat.index_put_((tiled.tiles.pairs.flatten(),), scores.flatten())[:-1].view(shortlist.shape)
 
 
 def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
@@ -454,6 +507,7 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
+    shortlist: int | None = None,
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -471,18 +525,23 @@ def chunked_selected_attention(
         key, memory = token_major(key, memory)  # (the window band and the memory tiles read whole rows)
     memory = memory if memory is not None else Memory(query, key)
     bounds = None
-    if scorer == "quest" and selection is None:
+    if scorer in ("quest", "two-stage") and selection is None:
         with torch.no_grad():
             bounds = block_bounds(memory.key, layout)
+    # "two-stage" selects for a whole span at once (its first stage is (Q x G), its second is block-sparse and
+    # fills its tiles better the more queries share them); the others score (Q x S) per chunk
+    select_chunk = MEMORY_QUERIES if scorer == "two-stage" else chunk
     outs, selections, read = [], [], 0
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
         chosen = []
-        for start in range(span.start, span.stop, chunk):
-            queries = slice(start, min(start + chunk, span.stop))
+        for start in range(span.start, span.stop, select_chunk):
+            queries = slice(start, min(start + select_chunk, span.stop))
             if selection is None:
                 part = memory.query[:, :, queries]
-                chosen.append(select_blocks(part, memory.key, layout, queries, k, scorer, dims, bounds))
+                chosen.append(
+                    select_blocks(part, memory.key, layout, queries, k, scorer, dims, bounds, shortlist, tiled=True)
+                )
             else:
                 chosen.append(selection[:, :, queries])
         chosen = torch.cat(chosen, 2)  # (B, KV, Q', K)
@@ -526,6 +585,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_blocks = config.select_blocks
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
+        self.select_candidates = config.select_candidates
         self.fixed_distance = None
         if config.select_positions == "fixed":
             self.fixed_distance = config.select_distance or config.sliding_window
@@ -573,7 +633,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
         result = chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
-            memory=memory,
+            memory=memory, shortlist=self.select_candidates,
         )  # fmt: skip
         return result.out, None
 

@@ -71,7 +71,7 @@ def reference(query, key, value, layout, scorer="sparq", dims=4):
 # --- exactness: full causal attention up to W + (k + 1) * b ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 def test_equals_full_causal_attention_up_to_the_bound_and_not_one_past(scorer):
     assert (BOUND - W + 1) % BLOCK != 0  # the last query one past the bound: its window does not end on a block
     for length in (BOUND, BOUND + 1):
@@ -109,7 +109,7 @@ def packed_and_padded_rows(length: int) -> torch.Tensor:
     return torch.stack([plain, padded, packed])
 
 
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer):
     length = 70  # >> W + k * b = 11
     positions = packed_and_padded_rows(length)
@@ -308,6 +308,39 @@ def test_quest_bound_is_at_least_the_true_block_max():
     assert (scores - true)[used[:, None, None].expand_as(scores)].min() >= -1e-12
 
 
+@pytest.mark.parametrize("memory_queries", [7, 2048])  # the kernel's shortlist spans several chunks / one
+def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, memory_queries):
+    """A shortlist of every candidate is the exact block max (sparq on all D dims); a shortlist of k is Quest's
+    choice; in between, the kernel's block-sparse second stage == the dense reference, and each choice lies in
+    Quest's shortlist and beats every shortlisted block it left out."""
+    monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
+    length = 70
+    positions = packed_and_padded_rows(length)
+    query, key, value = qkv(3, length, seed=13)
+    layout = layout_of(positions)
+
+    def choice(scorer, dims=4, shortlist=None):
+        return select_blocks(query, key, layout, slice(None), K, scorer, dims, shortlist=shortlist).sort(-1).values
+
+    everything = layout.num_blocks
+    assert torch.equal(choice("two-stage", shortlist=everything), choice("sparq", DIM))
+    assert torch.equal(choice("two-stage", shortlist=K), choice("quest"))
+    shortlist = 5
+    kernel = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, chunk=4, shortlist=5)
+    assert torch.equal(kernel.selection, select_blocks(query, key, layout, slice(None), K, "two-stage", 4, None, 5))
+    quest = select_blocks(query, key, layout, slice(None), shortlist, "quest", 4)  # Quest's top 5, (B, KV, T, 5)
+    exact = F.pad(score_blocks(query, key, layout, "sparq", DIM), (0, 1), value=-torch.inf)  # G: none
+    chosen = kernel.selection
+    taken = chosen < everything
+    assert (quest[..., :, None] == chosen[..., None, :]).any(-2)[taken].all()  # chosen from the shortlist
+    left_out = quest.masked_fill((quest[..., :, None] == chosen[..., None, :]).any(-1), everything)
+    worst_chosen = exact.gather(-1, chosen).masked_fill(~taken, torch.inf).amin(-1)
+    assert (exact.gather(-1, left_out).amax(-1) <= worst_chosen).all()
+    real = positions >= 0
+    under_kernel = dense_selected_attention(query, key, value, layout, chosen, SCALE)
+    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+
+
 def test_an_unknown_scorer_is_refused():
     query, key, _ = qkv(1, 6)
     with pytest.raises(ValueError, match="select_scorer"):
@@ -330,7 +363,7 @@ def selected_model(scorer: str = "sparq"):
     return model.double()
 
 
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 @torch.no_grad()
 def test_cached_decode_matches_full_forward_after_multi_token_updates_and_a_crop(scorer):
     model = selected_model(scorer)
@@ -417,6 +450,9 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_blocks": 0}, "select_blocks"),
         ({"select_dims": 0}, "select_dims"),
         ({"select_scorer": "oracle"}, "select_scorer"),
+        ({"select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
+        ({"select_scorer": "two-stage", "select_candidates": 4}, "must be at least select_blocks=8"),
+        ({"select_scorer": "two-stage", "select_candidates": 0}, "select_candidates"),
     ],
 )
 def test_config_refuses_a_bad_selection(fields, named):

@@ -152,7 +152,7 @@ def test_the_layer_attends_memory_at_the_fixed_distance(monkeypatch):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)  # fp32 RoPE tables
 
 
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 @torch.no_grad()
 def test_fixed_scheme_cached_decode_matches_full_forward_with_updates_crop_and_beam(scorer):
     model = fixed_model(select_scorer=scorer)

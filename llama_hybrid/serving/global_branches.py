@@ -143,6 +143,7 @@ class SelectedGlobalBranch:
     select_blocks: int
     select_scorer: str
     select_dims: int
+    select_candidates: int | None = None  # "two-stage"'s shortlist
     caches_rotated_keys = True
 
     def has_global(self, positions: torch.Tensor) -> None:
@@ -163,5 +164,6 @@ class SelectedGlobalBranch:
             self.select_scorer,
             self.select_dims,
             scaling,
+            shortlist=self.select_candidates,
         )
         return result.out[0]  # (T, H, D)

@@ -339,6 +339,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
             config.select_blocks,
             config.select_scorer,
             config.select_dims,
+            config.select_candidates,
         )
 
 
