@@ -6,7 +6,8 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 - decode: the next `--decode-steps` tokens, one forward each through that cache (median over the steps).
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
-+ window, exact), `selected-fixed` (the same at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
++ window, exact; default scorer), `selected-two-stage` (the same with the "two-stage" scorer: Quest's bound shortlists
+4k blocks, the exact block max ranks them), `selected-fixed` (the default scorer at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
 Weights:
 - random (default): a one-layer model, hidden 256, 4 heads of 64 (4 KV heads), W 256, b 64, k 8, random tokens.
@@ -32,10 +33,13 @@ from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
-VARIANTS = ("attention", "full", "compressed", "selected", "selected-fixed")
+VARIANTS = ("attention", "full", "compressed", "selected", "selected-two-stage", "selected-fixed")
 # variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
 # position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's)
-VARIANT_FIELDS = {"selected-fixed": dict(global_attention="selected", select_positions="fixed")}
+VARIANT_FIELDS = {
+    "selected-two-stage": dict(global_attention="selected", select_scorer="two-stage"),
+    "selected-fixed": dict(global_attention="selected", select_positions="fixed"),
+}
 
 
 class LayerTimer:

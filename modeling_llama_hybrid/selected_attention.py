@@ -171,14 +171,33 @@ def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int, sharing: int
     return scores.view(batch, kv_heads, rows_of_query, key.shape[2])
 
 
-def block_bounds(key: torch.Tensor, layout: SelectionLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise min and max of each block's rotated keys: (B, KV, S, D) -> two (B, KV, G, D)."""
+def block_bounds(key: torch.Tensor, layout: SelectionLayout, first_block: int = 0, first_slot: int = 0):
+    """Element-wise min and max of each block's keys: (B, KV, S, D) -> two (B, KV, G, D). From `first_block` on
+    (then G - `first_block` blocks), reading the keys from slot `first_slot` (where that block starts, in every row)."""
     batch, heads, _, dim = key.shape
-    index = layout.block_of_key[:, None, :, None].expand_as(key)
-    shape = (batch, heads, layout.num_blocks + 1, dim)
+    key = key[:, :, first_slot:]
+    count = layout.num_blocks - first_block
+    blocks = layout.block_of_key[:, first_slot:] - first_block
+    index = torch.where(blocks >= 0, blocks, count)[:, None, :, None].expand_as(key)  # earlier blocks: the spare
+    shape = (batch, heads, count + 1, dim)
     low = key.new_full(shape, torch.inf).scatter_reduce(2, index, key, "amin")[:, :, :-1]
     high = key.new_full(shape, -torch.inf).scatter_reduce(2, index, key, "amax")[:, :, :-1]
     return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
+
+
+def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: SelectionLayout):
+    """`block_bounds` of every block, through the cache: the bounds it keeps (blocks no new token can join) and those
+    of the rest, computed from where they start; the cache then keeps every block that is now final (a block is
+    final once every row holds a later block)."""
+    kept = 0 if cache.bounds is None else min(cache.bounds[0].shape[2], layout.num_blocks)
+    first_slot = int(layout.block_slots[:, kept, 0].min()) if kept < layout.num_blocks else key.shape[2]
+    fresh = block_bounds(key, layout, kept, first_slot)
+    if kept:
+        fresh = tuple(torch.cat([old[:, :, :kept], new], 2) for old, new in zip(cache.bounds, fresh, strict=True))
+    final = max(int((layout.block_documents >= 0).sum(1).min()) - 1, 0)  # blocks every row has moved past
+    cache.bounds = (fresh[0][:, :, :final], fresh[1][:, :, :final])
+    cache.bound_ends = layout.block_ends[:, :final].amax(0)
+    return fresh
 
 
 def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None):
@@ -234,7 +253,8 @@ def select_blocks(
 
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
     the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
-    `shortlist_scores` in the kernel (`tiled`). Ties go to the earlier block either way."""
+    `shortlist_scores` in the kernel (`tiled`). The shortlist is a set (topk: a tie at its edge may go either way);
+    the final choice goes to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
@@ -244,7 +264,9 @@ def select_blocks(
         if scorer != "two-stage":
             return top_blocks(score_blocks(query, key, layout, scorer, dims, bounds, blocks), candidates, k, spare)
         first = score_blocks(query, key, layout, "quest", dims, bounds, blocks)
-        shortlisted = top_blocks(first, candidates, shortlist or 4 * k, spare).sort(-1).values  # in block order
+        first = first.masked_fill(~candidates[:, None], -torch.inf)  # a set: topk, no stable sort of every block
+        best = first.topk(min(shortlist or 4 * k, blocks), dim=-1)
+        shortlisted = torch.where(best.values > -torch.inf, best.indices, spare).sort(-1).values  # in block order
         if not tiled:
             exact = score_blocks(query, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: exact q.k
             kept = torch.zeros_like(exact, dtype=torch.bool)
@@ -319,8 +341,9 @@ class SelectedOutput(NamedTuple):
     read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
 
 
-MEMORY_QUERIES = 2048  # queries whose memory parts are computed together: their (query, block) pairs share tiles
-PAIR_TILE = 64  # at most this many (query, block) pairs of one KV head and block per tile
+MEMORY_QUERIES = 4096  # queries whose memory parts are computed together: their (query, block) pairs share tiles
+SHORTLIST_QUERIES = 2048  # queries "two-stage" selects for at once (its (Q x C x b) second-stage scores bound it)
+PAIR_TILE = 256  # at most this many (query, block) pairs of one KV head and block per tile
 
 
 def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
@@ -451,7 +474,7 @@ def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, 
     a KV group's heads) of each block of `shortlist` (B, KV, Q, C) (G: none, scored -inf), as a block-sparse
     product: (B, KV, Q, C)."""
     tiled = tile_scores(layout, queries, shortlist, query, key)
-    scores = tiled.scores.masked_fill((tiled.key_positions < 0)[:, None, None], -torch.inf).amax(-1).amax(-1)
+    scores = tiled.scores.amax(-1).amax(-1)  # no mask: a candidate block is complete, every key valid
     flat = scores.new_full((tiled.tiles.count + 1,), -torch.inf)  # index `count`: the padding rows
     return flat.index_put_((tiled.tiles.pairs.flatten(),), scores.flatten())[:-1].view(shortlist.shape)
 
@@ -507,7 +530,7 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
-    shortlist: int | None = None,
+    shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -524,13 +547,12 @@ def chunked_selected_attention(
     if length >= chunk and key.stride(-2) == 1:  # a prefill over a dimension-major cache: one token-major copy
         key, memory = token_major(key, memory)  # (the window band and the memory tiles read whole rows)
     memory = memory if memory is not None else Memory(query, key)
-    bounds = None
-    if scorer in ("quest", "two-stage") and selection is None:
+    if scorer in ("quest", "two-stage") and selection is None and bounds is None:
         with torch.no_grad():
             bounds = block_bounds(memory.key, layout)
-    # "two-stage" selects for a whole span at once (its first stage is (Q x G), its second is block-sparse and
-    # fills its tiles better the more queries share them); the others score (Q x S) per chunk
-    select_chunk = MEMORY_QUERIES if scorer == "two-stage" else chunk
+    # "two-stage" selects for many queries at once (its first stage is (Q x G), its second is block-sparse and fills
+    # its tiles better the more queries share them); the others score (Q x S) per chunk
+    select_chunk = SHORTLIST_QUERIES if scorer == "two-stage" else chunk
     outs, selections, read = [], [], 0
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
@@ -609,7 +631,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
             cos, sin = self.memory_rotary(value, positions.clamp(min=0))
             key = rotate_keys(key[:, :, held:], cos, sin)
         local_out = self.local_branch(query, key, value[:, :, held:], tail_masks(attention_mask, held), kwargs)
-        global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out, memory)
+        global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out, memory, layer_cache)
         return self.mix(hidden_states, global_out, local_out), None
 
     def project_fixed(self, hidden_states, position_embeddings, cache, kwargs):
@@ -627,13 +649,17 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         return query, key, value, Memory(memory_query, key)
 
-    def global_branch(self, query, key, value, masks: SparseMasks, kwargs, local_out, memory: Memory | None = None):
+    def global_branch(self, query, key, value, masks: SparseMasks, kwargs, local_out, memory=None, cache=None):
         """The selected branch (B, T, H, D) over every key (`masks.global_`: a WindowLayout over them); `key` holds
-        the rotated keys of the last slots (all of them, or at least every query's window band)."""
+        the rotated keys of the last slots (all of them, or at least every query's window band); `cache`: this
+        layer's cache layer, whose kept block bounds "quest" and "two-stage" read."""
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
+        bounds = None
+        if isinstance(cache, SelectedSparseLayer) and self.select_scorer in ("quest", "two-stage"):
+            bounds = cached_bounds(cache, memory.key if memory is not None else key, layout)
         result = chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
-            memory=memory, shortlist=self.select_candidates,
+            memory=memory, shortlist=self.select_candidates, bounds=bounds,
         )  # fmt: skip
         return result.out, None
 

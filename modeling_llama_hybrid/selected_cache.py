@@ -13,14 +13,17 @@ sink, its k chosen blocks and its window, so it keeps every token. What it keeps
   Keys are stored dimension-major, (B, KV, D, C): one dimension of every token is one contiguous row, so a decode
   step's scorer reads its r rows (r / D of the keys) instead of every key's cache lines; `keys` is a transposed
   (B, KV, S, D) view of it, and the gathers of sink, blocks and window read b-token runs of each row.
-- the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); "quest" computes each
-  block's min / max from the keys per step (not stored: a quest decode step reads every key once).
+- the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); for "quest" and
+  "two-stage" each block's element-wise min / max of its keys (`bounds`, 2 D numbers per block, 2 / b of the keys),
+  kept for the blocks no new token can join (every row has moved past them) and computed by the layer
+  (`selected_attention.cached_bounds`) for the rest: a decode step reads the last block's keys, not every key.
 - the position id of every slot (-1 for left padding), from the step the model opens per forward (`open_step`), so
   the layer needs no mask: blocks follow position ids as the compressed branch's do.
 
 Buffers grow by capacity doubling (amortised O(1) per token, no whole-prefix copy per step); `keys` / `values` are
 views of the filled part. Every token stays, so `crop(-n)` removes any n recorded tokens (a length change) and
-blocks no longer complete are simply no longer candidates (candidacy is recomputed from the positions each step).
+blocks no longer complete are simply no longer candidates (candidacy is recomputed from the positions each step);
+the bounds of a block that lost keys are dropped.
 
 `selected_cache_layer` is the registry's factory: it replaces a fresh stock `DynamicLayer`; a static cache keeps its
 stock `StaticLayer` (the layer then reads its keys and the mask's key layout, exactly, but without this layer's
@@ -52,6 +55,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.sliding_window = sliding_window
         self.length = 0  # S: filled slots
         self.new_positions: torch.Tensor | None = None  # (B, T) of the open step, -1 for padding
+        self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, KV, G', D) min / max of final blocks
+        self.bound_ends: torch.Tensor | None = None  # (G',) one past each one's last slot, the largest over rows
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -133,6 +138,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             return
         self.key_buffer, self.value_buffer = fn(self.key_buffer), fn(self.value_buffer)
         self.position_buffer = fn(self.position_buffer)
+        if self.bounds is not None:
+            self.bounds = (fn(self.bounds[0]), fn(self.bounds[1]))
         self.refresh()
 
     def activate_past_recording(self, *args, **kwargs) -> None:
@@ -148,6 +155,12 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         if removed and self.is_initialized:
             self.length -= removed
             self.position_buffer[:, self.length :] = -1
+            if self.bounds is not None:  # keep the blocks whose keys all stay
+                kept = int((self.bound_ends <= self.length).sum())
+                self.bounds, self.bound_ends = (
+                    (self.bounds[0][:, :, :kept], self.bounds[1][:, :, :kept]),
+                    self.bound_ends[:kept],
+                )
             self.refresh()
 
     def reset(self, *args, **kwargs) -> None:
@@ -155,6 +168,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.keys = self.values = None
         self.length = 0
         self.new_positions = None
+        self.bounds = self.bound_ends = None
 
 
 def selected_cache_layer(cache, config, layer_idx: int):

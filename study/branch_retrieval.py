@@ -11,6 +11,8 @@ The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none train
 - `mix (1 in 4 selected)`: the same with sparse layers 4, 8, ..., 28 selected and the rest `compressed` (a cache
   about a quarter of the selected one's beyond the window).
 - `compressed`: every sparse layer compressed (the smallest cache).
+- `selected, sparq-group r 32` and `selected, two-stage`: the selected upcycle with another scorer (a KV group's
+  shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the exact block max ranks).
 
 Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
 at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
@@ -50,7 +52,9 @@ SEED = 25
 HAYSTACKS = ("filler", "prose")
 LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 selected)", "compressed"
 GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decode step reads a quarter of the cache
-MODELS = [LLAMA, SELECTED, GROUP, MIX, COMPRESSED]  # the tables' order
+TWO_STAGE = "selected, two-stage"  # Quest's bound shortlists 4k = 32 blocks, the exact block max ranks them
+MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, MIX, COMPRESSED]  # the tables' order
+PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE)
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -68,6 +72,9 @@ BUDGET = {
         (2048, MIX, 10),
         (2048, GROUP, 10, ("prose",)),
         (4096, GROUP, 10, ("prose",)),
+        (2048, TWO_STAGE, 20),
+        (4096, TWO_STAGE, 10),
+        (8192, TWO_STAGE, 4),
     ],
     "quick": [
         (640, LLAMA, 2),
@@ -76,6 +83,7 @@ BUDGET = {
         (640, COMPRESSED, 2),
         (640, MIX, 2),
         (640, GROUP, 2, ("prose",)),
+        (640, TWO_STAGE, 2, ("prose",)),
     ],
 }
 PERPLEXITY_WINDOWS = {"full": (2048, 8192), "quick": (640,)}
@@ -138,6 +146,7 @@ def models(llama) -> dict:
         GROUP: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
         ),
+        TWO_STAGE: mixed(selected, compressed, selected.config.global_attention, select_scorer="two-stage"),
     }
 
 
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", help="run only the pass-key cells of these lengths")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity step")
     parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="run only the cells (and perplexity) of these")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     out, state = open_run(args.out)
@@ -254,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_perplexity:
                 continue
             measured = {(e["model"], e["window"]) for e in state["perplexity"]}
-            for window_tokens, name in itertools.product(PERPLEXITY_WINDOWS[size], (LLAMA, SELECTED)):
-                if (name, window_tokens) not in measured:
+            for window_tokens, name in itertools.product(PERPLEXITY_WINDOWS[size], PERPLEXITY_MODELS):
+                if (name, window_tokens) not in measured and (not args.models or name in args.models):
                     ppl, windows, tokens = perplexity(built[name], prose, window_tokens)
                     print(f"{name:<24} ppl {ppl:.3f} over {windows} x {window_tokens} tokens", flush=True)
                     entry = {"model": name, "window": window_tokens, "windows": windows, "tokens": tokens, "ppl": ppl}
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     save()
             continue
         length, name, samples, *only = step
-        if args.lengths and length not in args.lengths:
+        if (args.lengths and length not in args.lengths) or (args.models and name not in args.models):
             continue
         for haystack in only[0] if only else HAYSTACKS:
             if (haystack, length, name) in done:

@@ -308,12 +308,13 @@ def test_quest_bound_is_at_least_the_true_block_max():
     assert (scores - true)[used[:, None, None].expand_as(scores)].min() >= -1e-12
 
 
-@pytest.mark.parametrize("memory_queries", [7, 2048])  # the kernel's shortlist spans several chunks / one
-def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, memory_queries):
+@pytest.mark.parametrize(("memory_queries", "shortlist_queries"), [(7, 3), (2048, 2048)])  # many pieces / one
+def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, memory_queries, shortlist_queries):
     """A shortlist of every candidate is the exact block max (sparq on all D dims); a shortlist of k is Quest's
     choice; in between, the kernel's block-sparse second stage == the dense reference, and each choice lies in
     Quest's shortlist and beats every shortlisted block it left out."""
     monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
+    monkeypatch.setattr(selected, "SHORTLIST_QUERIES", shortlist_queries)
     length = 70
     positions = packed_and_padded_rows(length)
     query, key, value = qkv(3, length, seed=13)
@@ -416,6 +417,42 @@ def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monke
     monkeypatch.setattr(selected, "chunked_selected_attention", counting)
     model(ids[:, 60:], cache=cache)
     assert reads == [BLOCK + K * BLOCK + W]  # one selected layer: 14 of the 61 cached slots
+
+
+@torch.no_grad()
+def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_reorder():
+    """Under "two-stage" the cache keeps each block's min / max once every row has moved past it: they equal the
+    bounds of every key (block_bounds), after decode steps, a crop inside a kept block and a beam reorder, and a
+    decode step reads only the keys of the blocks not yet kept."""
+    model = selected_model("two-stage")
+    ids = tokens(2, 60, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    cache = DynamicCache(config=model.config)
+
+    def check():
+        layer = cache.layers[0]  # installed by the model's first forward
+        positions = layer.position_buffer[:, : layer.length]
+        layout = selection_layout(window_layout(positions, 0, W), layer.length, BLOCK)
+        low, high = block_bounds(layer.keys, layout)
+        kept = layer.bounds[0].shape[2]
+        assert kept >= layout.num_blocks - 3  # all but the rows' last blocks (row 1 is 4 slots behind)
+        torch.testing.assert_close(layer.bounds[0], low[:, :, :kept], atol=0, rtol=0)
+        torch.testing.assert_close(layer.bounds[1], high[:, :, :kept], atol=0, rtol=0)
+        return kept
+
+    model(ids[:, :40], attention_mask=mask[:, :40], cache=cache)
+    check()
+    for t in range(40, 50):
+        model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+    before = check()
+    cache.crop(-5)  # 45 slots: the kept blocks that held slots 45..49 are dropped
+    layer = cache.layers[0]
+    assert layer.bounds[0].shape[2] < before and (layer.bound_ends <= 45).all()
+    cache.reorder_cache(torch.tensor([1, 1]))
+    model(ids[[1, 1], 45:46], attention_mask=mask[[1, 1], :46], cache=cache)
+    check()
+    assert layer.bounds[0][0].equal(layer.bounds[0][1])
 
 
 def test_the_cache_grows_by_doubling_and_keeps_every_token():
