@@ -342,6 +342,33 @@ def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, mem
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
+def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys():
+    """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist, sink and window
+    and the values of its choice, sink and window: poisoning every other key and value with NaN changes nothing."""
+    length, shortlist = 200, 5
+    query, key, value = qkv(1, length, queries=1, seed=14)
+    layout = layout_of(torch.arange(length)[None], num_queries=1)
+    bounds = block_bounds(key, layout)
+    clean = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, shortlist=shortlist)
+    first = score_blocks(query, key, layout, "quest", DIM, bounds)  # (1, KV, 1, G)
+    first = first.masked_fill(~candidate_blocks(layout, slice(None))[:, None], -torch.inf)
+    listed = first.topk(shortlist, dim=-1).indices[0, :, 0]  # (KV, C)
+    blocks = layout.block_of_key[0]  # (S,)
+    window = torch.arange(length) > length - 1 - W
+    sink = blocks == 0
+    read_keys = (blocks[None, :, None] == listed[:, None, :]).any(-1) | sink | window  # (KV, S)
+    read_values = (blocks[None, :, None] == clean.selection[0, :, 0][:, None, :]).any(-1) | sink | window
+    assert read_keys.sum() < KV_HEADS * length / 2  # the poison below covers most of the cache
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    poisoned_key[0][~read_keys] = torch.nan
+    poisoned_value[0][~read_values] = torch.nan
+    result = chunked_selected_attention(
+        query, poisoned_key, poisoned_value, layout, K, "two-stage", 4, SCALE, shortlist=shortlist, bounds=bounds
+    )
+    assert torch.equal(result.selection, clean.selection)
+    torch.testing.assert_close(result.out, clean.out, atol=1e-12, rtol=0)
+
+
 def test_an_unknown_scorer_is_refused():
     query, key, _ = qkv(1, 6)
     with pytest.raises(ValueError, match="select_scorer"):
