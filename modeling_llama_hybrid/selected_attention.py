@@ -343,7 +343,7 @@ class SelectedOutput(NamedTuple):
 
 MEMORY_QUERIES = 4096  # queries whose memory parts are computed together: their (query, block) pairs share tiles
 SHORTLIST_QUERIES = 2048  # queries "two-stage" selects for at once (its (Q x C x b) second-stage scores bound it)
-PAIR_TILE = 256  # at most this many (query, block) pairs of one KV head and block per tile
+PAIR_TILE = 64  # at most this many (query, block) pairs of one KV head and block per tile
 
 
 def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
@@ -437,7 +437,8 @@ def tile_scores(layout: SelectionLayout, queries: slice, blocks, query, key) -> 
     batch_of = tiles.heads.div(kv_heads, rounding_mode="floor")
     slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b)
     key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]
-    scores = rows[pair_row].flatten(1, 2) @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
+    tile_queries = rows.flatten(1).index_select(0, pair_row.flatten()).view(-1, pair_row.shape[1] * groups, dim)
+    scores = tile_queries @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
     score_type = torch.promote_types(query.dtype, torch.float32)
     scores = scores.to(score_type).view(*pair_row.shape, groups, slots.shape[-1])
     return TileScores(scores, tiles, pair_row, slots, key_positions)
@@ -462,7 +463,7 @@ def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value
         top = scores.new_full((rows, groups), -torch.inf)
         top = top.scatter_reduce(0, flat_rows[:, None].expand(-1, groups), scores.amax(-1).flatten(0, 1), "amax")
     finite_top = torch.where(top.isfinite(), top, 0.0)  # a query with no memory: every exp() below is 0
-    weights = (scores - finite_top[pair_row][..., None]).exp()  # (N, P, R, b)
+    weights = (scores - finite_top.index_select(0, flat_rows).view(*pair_row.shape, groups, 1)).exp()  # (N,P,R,b)
     total = scores.new_zeros(rows, groups).index_add(0, flat_rows, weights.sum(-1).flatten(0, 1))
     tile_values = tile_states(value, tiled.slots, tiled.tiles.heads).to(scores.dtype)  # (N, b, D)
     weighted = (weights.flatten(1, 2) @ tile_values).view(-1, groups, dim)  # (N * P, R, D)
