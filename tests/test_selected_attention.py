@@ -143,6 +143,24 @@ def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile
     assert kernel.out.isfinite().all()
 
 
+@pytest.mark.parametrize("scorer", ["sparq", "two-stage"])
+def test_kernel_gradients_match_the_reference_under_the_same_selection(scorer):
+    """Training reads the kernel's backward: the merged partial softmaxes and the tiles' scatters give the dense
+    reference's gradients for queries, keys and values (float64, padding and packed documents)."""
+    length = 40
+    positions = packed_and_padded_rows(length)
+    tensors = [t.requires_grad_() for t in qkv(3, length, seed=15)]
+    layout = layout_of(positions)
+    kernel = chunked_selected_attention(*tensors, layout, K, scorer, 4, SCALE, chunk=6)
+    reference_out = dense_selected_attention(*tensors, layout, kernel.selection, SCALE)
+    real = (positions >= 0)[..., None, None].double()  # padding queries' outputs are garbage nobody reads
+    weights = torch.randn(kernel.out.shape, generator=torch.Generator().manual_seed(16), dtype=torch.float64) * real
+    got = torch.autograd.grad((kernel.out * weights).sum(), tensors)
+    expected = torch.autograd.grad((reference_out * weights).sum(), tensors)
+    for name, a, b in zip(("query", "key", "value"), got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=name)
+
+
 def test_pair_tiles_hold_each_pair_once_grouped_by_head_and_block():
     generator = torch.Generator().manual_seed(5)
     blocks = torch.randint(0, 7, (2, 3, 10, 4), generator=generator)  # block 6: "no block"
