@@ -71,7 +71,7 @@ def per_query_reference(query, key, value, positions, selection, rotary, distanc
 
 
 @pytest.mark.parametrize("rope", [{}, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
-@pytest.mark.parametrize("scorer", ["sparq", "quest"])
+@pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 def test_fixed_distance_kernel_equals_rotating_every_key_to_t_minus_l(scorer, rope):
     """The kernel's memory part (queries rotated to L, unrotated keys, RoPE's attention scaling once more) equals
     attending each memory key rotated to t - L, with padding and packed documents, far beyond the window; under
