@@ -136,6 +136,7 @@ def mixed(selected, compressed, branches: str | list[str | None], **settings):
 
 def models(llama) -> dict:
     selected, compressed = upcycled(llama, "selected"), upcycled(llama, "compressed")
+    selected = mixed(selected, compressed, selected.config.global_attention, select_scorer="sparq")  # the run's
     sparse = [kind == "sparse_attention" for kind in selected.config.mixer_types]
     branches = [("selected" if i % 4 == 0 else "compressed") if s else None for i, s in enumerate(sparse)]
     return {

@@ -73,12 +73,14 @@ BUDGET = {
 PERPLEXITY = {"full": [(16384, m) for m in (LLAMA, LLAMA_YARN, FIXED)], "quick": [(640, LLAMA), (640, FIXED)]}
 
 
+SCORER = "sparq"  # the selected layers' scorer in the published run (pinned: the library's default may change)
+
+
 def upcycled(llama, context: int, **choices):
     """The `long-context-selected` upcycle of `llama` for `context` tokens, with the recipe's context `choices`."""
     recipe = recipe_for("long-context-selected", llama.config.num_hidden_layers, context_length=context, **choices)
     model = upcycle(llama, recipe)
-    model.config._attn_implementation = "sdpa"
-    return model
+    return retrieval.mixed(model, model, model.config.global_attention, select_scorer=SCORER)  # sdpa, SCORER
 
 
 def builders(llama, context: int) -> dict:
