@@ -98,7 +98,8 @@ class LlamaHybridConfig(PreTrainedConfig):
             largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share;
             `"quest"`, Quest's min/max bound; or `"two-stage"`, Quest's bound shortlists `select_candidates` blocks
             (default 4 * `select_blocks`) and the exact max q.k over each one's keys ranks them) and the window; it
-            needs `sliding_window >= compress_block_size`.
+            needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound (a
+            divisor of `compress_block_size`; default the whole block): a block's bound is the largest of its parts'.
         select_positions: the distances the selected branch attends its sink and selected blocks at: `"true"`
             (default; exact attention over the subset) or `"fixed"` (InfLLM's scheme: all of them `select_distance`
             before the query, default `sliding_window`, while the window keeps true distances: no query-key distance
@@ -158,6 +159,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_dims: int = 16
     select_scorer: str = "sparq"
     select_candidates: int | None = None
+    select_bound_size: int | None = None
     select_positions: str = "true"
     select_distance: int | None = None
     sparse_gate_init: float | int = 0.5
@@ -477,6 +479,15 @@ def _check_selection(config: "LlamaHybridConfig") -> None:
             )
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
+    if config.select_bound_size is not None:
+        _positive_int(config, "select_bound_size")
+        if config.select_scorer not in ("quest", "two-stage"):
+            raise ValueError(f"select_bound_size={config.select_bound_size} needs select_scorer 'quest' or 'two-stage'")
+        if config.compress_block_size % config.select_bound_size:
+            raise ValueError(
+                f"select_bound_size={config.select_bound_size} must divide compress_block_size="
+                f"{config.compress_block_size} (each block's keys are bounded in equal parts)"
+            )
     if config.select_positions not in SELECT_POSITIONS:
         raise ValueError(f"select_positions={config.select_positions!r}; choose one of {list(SELECT_POSITIONS)}")
     if config.select_distance is not None:

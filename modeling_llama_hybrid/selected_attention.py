@@ -171,31 +171,38 @@ def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: int, sharing: int
     return scores.view(batch, kv_heads, rows_of_query, key.shape[2])
 
 
-def block_bounds(key: torch.Tensor, layout: SelectionLayout, first_block: int = 0, first_slot: int = 0):
-    """Element-wise min and max of each block's keys: (B, KV, S, D) -> two (B, KV, G, D). From `first_block` on
-    (then G - `first_block` blocks), reading the keys from slot `first_slot` (where that block starts, in every row)."""
+def block_bounds(key: torch.Tensor, layout: SelectionLayout, first_block: int = 0, first_slot: int = 0, split: int = 1):
+    """Element-wise min and max of the keys of each block, or of each of its `split` equal parts (positions
+    [j*b + i*b/split, j*b + (i+1)*b/split)): (B, KV, S, D) -> two (B, KV, G * split, D). From `first_block` on
+    (then (G - `first_block`) * split bounds), reading the keys from slot `first_slot` (where that block starts, in
+    every row)."""
     batch, heads, _, dim = key.shape
     key = key[:, :, first_slot:]
-    count = layout.num_blocks - first_block
+    count = (layout.num_blocks - first_block) * split
+    positions = layout.key_positions[:, first_slot:]
+    part = positions.remainder(layout.block_slots.shape[-1]) * split // layout.block_slots.shape[-1]
     blocks = layout.block_of_key[:, first_slot:] - first_block
-    index = torch.where(blocks >= 0, blocks, count)[:, None, :, None].expand_as(key)  # earlier blocks: the spare
+    index = torch.where((blocks >= 0) & (positions >= 0), blocks * split + part, count)  # the rest: the spare
+    index = index[:, None, :, None].expand_as(key)
     shape = (batch, heads, count + 1, dim)
     low = key.new_full(shape, torch.inf).scatter_reduce(2, index, key, "amin")[:, :, :-1]
     high = key.new_full(shape, -torch.inf).scatter_reduce(2, index, key, "amax")[:, :, :-1]
     return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
 
 
-def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: SelectionLayout):
+def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: SelectionLayout, split: int = 1):
     """`block_bounds` of every block, through the cache: the bounds it keeps (blocks no new token can join) and those
     of the rest, computed from where they start; the cache then keeps every block that is now final (a block is
     final once every row holds a later block)."""
-    kept = 0 if cache.bounds is None else min(cache.bounds[0].shape[2], layout.num_blocks)
+    kept = 0 if cache.bounds is None else min(cache.bounds[0].shape[2] // split, layout.num_blocks)
     first_slot = int(layout.block_slots[:, kept, 0].min()) if kept < layout.num_blocks else key.shape[2]
-    fresh = block_bounds(key, layout, kept, first_slot)
+    fresh = block_bounds(key, layout, kept, first_slot, split)
     if kept:
-        fresh = tuple(torch.cat([old[:, :, :kept], new], 2) for old, new in zip(cache.bounds, fresh, strict=True))
+        fresh = tuple(
+            torch.cat([old[:, :, : kept * split], new], 2) for old, new in zip(cache.bounds, fresh, strict=True)
+        )
     final = max(int((layout.block_documents >= 0).sum(1).min()) - 1, 0)  # blocks every row has moved past
-    cache.bounds = (fresh[0][:, :, :final], fresh[1][:, :, :final])
+    cache.bounds = (fresh[0][:, :, : final * split], fresh[1][:, :, : final * split])
     cache.bound_ends = layout.block_ends[:, :final].amax(0)
     return fresh
 
@@ -223,12 +230,14 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
             table = layout.block_slots[:, :blocks].clamp(max=read - 1).flatten(1)  # (B, G' * b)
             scores = scores.gather(-1, table[:, None, None].expand(*scores.shape[:-1], -1))
         scores = scores.reshape(*scores.shape[:-1], blocks, size).amax(-1)  # (B, KV, RQ, G')
-    elif scorer == "quest":
+    elif scorer == "quest":  # bounds of whole blocks, or of `split` parts of each (the block: their max)
         low, high = bounds if bounds is not None else block_bounds(key, layout)
-        low, high, grouped_query = low[:, :, :blocks], high[:, :, :blocks], grouped(query, kv_heads)
+        split = low.shape[2] // layout.num_blocks
+        low, high, grouped_query = low[:, :, : blocks * split], high[:, :, : blocks * split], grouped(query, kv_heads)
         scores = grouped_query.clamp(min=0) @ high.transpose(-1, -2) - (-grouped_query).clamp(min=0) @ low.transpose(
             -1, -2
         )
+        scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
     else:
         raise ValueError(f"select_scorer={scorer!r}; choose 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
@@ -531,7 +540,7 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
-    shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None, bound_split: int = 1,
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -550,7 +559,7 @@ def chunked_selected_attention(
     memory = memory if memory is not None else Memory(query, key)
     if scorer in ("quest", "two-stage") and selection is None and bounds is None:
         with torch.no_grad():
-            bounds = block_bounds(memory.key, layout)
+            bounds = block_bounds(memory.key, layout, split=bound_split)
     # "two-stage" selects for many queries at once (its first stage is (Q x G), its second is block-sparse and fills
     # its tiles better the more queries share them); the others score (Q x S) per chunk
     select_chunk = SHORTLIST_QUERIES if scorer == "two-stage" else chunk
@@ -609,6 +618,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
         self.select_candidates = config.select_candidates
+        self.bound_split = config.compress_block_size // (config.select_bound_size or config.compress_block_size)
         self.fixed_distance = None
         if config.select_positions == "fixed":
             self.fixed_distance = config.select_distance or config.sliding_window
@@ -657,10 +667,10 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
         bounds = None
         if isinstance(cache, SelectedSparseLayer) and self.select_scorer in ("quest", "two-stage"):
-            bounds = cached_bounds(cache, memory.key if memory is not None else key, layout)
+            bounds = cached_bounds(cache, memory.key if memory is not None else key, layout, self.bound_split)
         result = chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
-            memory=memory, shortlist=self.select_candidates, bounds=bounds,
+            memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,
         )  # fmt: skip
         return result.out, None
 

@@ -155,12 +155,11 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         if removed and self.is_initialized:
             self.length -= removed
             self.position_buffer[:, self.length :] = -1
-            if self.bounds is not None:  # keep the blocks whose keys all stay
+            if self.bounds is not None and len(self.bound_ends):  # keep the blocks whose keys all stay
+                per_block = self.bounds[0].shape[2] // len(self.bound_ends)  # bounds of parts of each block
                 kept = int((self.bound_ends <= self.length).sum())
-                self.bounds, self.bound_ends = (
-                    (self.bounds[0][:, :, :kept], self.bounds[1][:, :, :kept]),
-                    self.bound_ends[:kept],
-                )
+                self.bounds = (self.bounds[0][:, :, : kept * per_block], self.bounds[1][:, :, : kept * per_block])
+                self.bound_ends = self.bound_ends[:kept]
             self.refresh()
 
     def reset(self, *args, **kwargs) -> None:
