@@ -1,7 +1,9 @@
 """Generation throughput of vLLM vs transformers generate() on the same model and the same 32 prompts (CPU, one run);
-with `--capacity`, vLLM's own maximum concurrency for the source SmolLM2 vs its `long-context` upcycle.
+with `--kinds`, the same comparison per layer kind served; with `--capacity`, vLLM's own maximum concurrency for the
+source SmolLM2 vs its `long-context` upcycle.
 
     .venv-vllm/bin/python benchmarks/serving.py [--model FOLDER] [--max-tokens 64]
+    .venv-vllm/bin/python benchmarks/serving.py --kinds [--prompts 8] [--prompt-tokens 640] [--max-tokens 32]
     .venv-vllm/bin/python benchmarks/serving.py --capacity [--kv-space 4] [--lengths 8192 32768]
 
 Both sides decode greedily exactly `--max-tokens` tokens per prompt (EOS ignored), in fp32. vLLM gets all prompts at
@@ -9,6 +11,15 @@ once and batches them as its scheduler decides (continuous batching, paged KV ca
 gets them as one left-padded batch, the way a user batches it. Timed: generation only (engine start and model load
 are printed apart). Default model: the embedded SmolLM2-135M-Instruct converted to LlamaHybrid. Needs the vLLM
 environment (docs/serving.md); not part of CI.
+
+`--kinds` runs, in one process and on the same prompts, three models: the embedded SmolLM2 converted (llama layout,
+full attention), its `long-context` upcycle (28 of 30 layers compressed sparse attention, window 512, blocks of 64;
+vLLM serves them on the native cache) and the same upcycle with selected global branches
+(`recipe_for("long-context", 30, global_attention="selected")`: top 8 blocks of 64 + sink + window). Prompts are
+consecutive `--prompt-tokens`-token slices of the pydoc corpus (default 640: past the 512-token window, so the
+global branches read blocks), given as token ids to both sides, so generate() batches them without padding. vLLM runs
+with its defaults (prefix caching on, chunked prefill), `enforce_eager`, fp32; the script also counts the prompts on
+which both sides chose the same tokens (fp32 kernels sum in different orders: a near-tie may part them).
 
 `--capacity` builds engines only (no generation, random weights: `load_format="dummy"`; the cache depends on the
 config alone) and prints the figure vLLM logs as "Maximum concurrency for N tokens per request": how many requests
@@ -42,12 +53,22 @@ TOPICS = [
 PROMPTS = [f"Write a short paragraph about {topic}." for topic in TOPICS]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def machine() -> str:
     import torch
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load}, "
+        f"{cpu_model()}, {os.cpu_count()} cores, load average {load}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
 
@@ -82,6 +103,115 @@ def time_generate(folder: str, max_tokens: int) -> tuple[float, int]:
         out = model.generate(**batch, **options, pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
     return seconds, out[:, batch.input_ids.shape[1] :].numel()
+
+
+KIND_MODELS = {  # label -> overrides of the `long-context` upcycle recipe, or None: the converted source itself
+    "llama layout (converted SmolLM2, full attention)": None,
+    "long-context upcycle, compressed (native cache)": {},
+    "long-context upcycle, selected": {"global_attention": "selected"},
+}
+
+
+def kind_folders(source: str, target: str) -> dict[str, str]:
+    """The folders of KIND_MODELS: the source, and each upcycle of the embedded GGUF saved under `target` in fp32."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from llama_hybrid.default_model import default_gguf_path
+    from llama_hybrid.upcycle import recipe_for, upcycle_llama
+    from modeling_llama_hybrid import LlamaHybridConfig
+
+    folders = {}
+    for index, (label, overrides) in enumerate(KIND_MODELS.items()):
+        if overrides is None:
+            folders[label] = source
+            continue
+        folder = Path(target) / f"kind-{index}"
+        layers = LlamaHybridConfig.from_pretrained(source).num_hidden_layers
+        recipe = recipe_for("long-context", layers, **overrides)
+        upcycle_llama(str(default_gguf_path()), folder, recipe, dtype=torch.float32, overwrite=True, report=False)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, folder / name)
+        folders[label] = str(folder)
+    return folders
+
+
+def corpus_prompts(folder: str, count: int, length: int) -> list[list[int]]:
+    """`count` consecutive `length`-token slices of the pydoc corpus, as token ids."""
+    from transformers import AutoTokenizer
+
+    from llama_hybrid.pydoc_corpus import pydoc_prose
+
+    ids = AutoTokenizer.from_pretrained(folder)(pydoc_prose(count * length * 8)).input_ids
+    if len(ids) < count * length:
+        raise ValueError(f"the corpus holds {len(ids)} tokens, fewer than {count} x {length}")
+    return [ids[i * length : (i + 1) * length] for i in range(count)]
+
+
+def vllm_on_ids(folder: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """(engine start s, generation s, tokens per prompt) of vLLM on token-id prompts, greedy, after a warm-up."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(folder, dtype="float32", enforce_eager=True, max_model_len=len(prompts[0]) + max_tokens, seed=0)
+    started = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": ids} for ids in prompts]
+    llm.generate(requests[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return started, seconds, [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def generate_on_ids(folder: str, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """(seconds, tokens per prompt) of transformers generate() on the prompts as one batch (equal lengths: no pad)."""
+    import torch
+
+    from modeling_llama_hybrid import LlamaHybridForCausalLM
+
+    model = LlamaHybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)  # (prompts, length)
+    options = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids[:1], **{**options, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, **options)
+        seconds = time.perf_counter() - start
+    return seconds, out[:, ids.shape[1] :].tolist()
+
+
+def kinds(source: str, count: int, length: int, max_tokens: int) -> None:
+    import tempfile
+
+    print(f"{count} prompts x {length} tokens (pydoc corpus), {max_tokens} greedy tokens each, fp32")
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as target:
+        folders = kind_folders(source, target)
+        prompts = corpus_prompts(source, count, length)
+        rows = []
+        for label, folder in folders.items():
+            hf_s, hf_tokens = generate_on_ids(folder, prompts, max_tokens)
+            started, vllm_s, vllm_tokens = vllm_on_ids(folder, prompts, max_tokens)
+            same = sum(a == b for a, b in zip(vllm_tokens, hf_tokens, strict=True))
+            total = count * max_tokens
+            rows.append((label, total / vllm_s, total / hf_s, started, same))
+            print(f"  {label}: vLLM {total / vllm_s:.1f} tokens/s ({vllm_s:.1f} s, engine start {started:.0f} s), "
+                  f"generate() {total / hf_s:.1f} tokens/s ({hf_s:.1f} s), same tokens on {same} of {count} prompts",
+                  flush=True)  # fmt: skip
+    print(f"machine after: {machine()}")
+    print("| layer kind | vLLM tokens/s | generate() tokens/s | vLLM / generate() | same tokens |")
+    print("|---|---:|---:|---:|---:|")
+    for label, vllm_rate, hf_rate, _, same in rows:
+        print(f"| {label} | {vllm_rate:.1f} | {hf_rate:.1f} | {vllm_rate / hf_rate:.2f}x | {same} of {count} |")
 
 
 STEP_TOKENS = 2048  # max_num_batched_tokens of the capacity engines
@@ -159,7 +289,10 @@ def capacity(source: str, kv_space: str, lengths: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a LlamaHybrid folder (default: the embedded SmolLM2, converted)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, help="greedy tokens per prompt (default 64; --kinds: 32)")
+    parser.add_argument("--kinds", action="store_true", help="vLLM vs generate() per layer kind served instead")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts for --kinds")
+    parser.add_argument("--prompt-tokens", type=int, default=640, help="tokens per prompt for --kinds")
     parser.add_argument("--capacity", action="store_true", help="print vLLM's maximum concurrency instead")
     parser.add_argument("--kv-space", default="4", help="VLLM_CPU_KVCACHE_SPACE in GiB for --capacity")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768], help="tokens per request")
@@ -169,10 +302,16 @@ def main() -> None:
 
         capacity(args.model or str(default_model_dir()), args.kv_space, args.lengths)
         return
+    if args.kinds and args.model:
+        parser.error("--kinds runs the embedded SmolLM2 and its upcycles of the embedded GGUF; drop --model")
     if args.model is None:
         from llama_hybrid.default_model import default_model_dir
 
         args.model = str(default_model_dir())
+    if args.kinds:
+        kinds(args.model, args.prompts, args.prompt_tokens, args.max_tokens or 32)
+        return
+    args.max_tokens = args.max_tokens or 64
     print(f"model {args.model}\n{len(PROMPTS)} prompts x {args.max_tokens} greedy tokens, fp32\nmachine: {machine()}")
     started, vllm_s, vllm_tokens = time_vllm(args.model, args.max_tokens)
     hf_s, hf_tokens = time_generate(args.model, args.max_tokens)
