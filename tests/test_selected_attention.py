@@ -387,6 +387,26 @@ def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_ke
     torch.testing.assert_close(result.out, clean.out, atol=1e-12, rtol=0)
 
 
+def test_quest_bounds_over_parts_are_tighter_and_one_token_parts_are_exact():
+    """A block's bound is the largest of its parts' (each part's min / max of its own keys): between the true block
+    max and the whole block's bound; with one-token parts, Quest's bound of a key is q.k itself."""
+    length = 30
+    query, key, _ = qkv(2, length, seed=17)
+    layout = layout_of(packed_and_padded_rows(length)[:2])
+    complete = (layout.block_slots < length).all(-1)  # (B, G): every part holds its keys (candidates are complete)
+    used = complete[:, None, None].expand(-1, KV_HEADS, length, -1)
+    whole = score_blocks(query, key, layout, "quest", DIM)
+    true = score_blocks(query, key, layout, "sparq", DIM)
+    per_token = score_blocks(query, key, layout, "quest", DIM, block_bounds(key, layout, split=BLOCK))
+    torch.testing.assert_close(per_token[used], true[used], atol=1e-12, rtol=0)
+    low, high = block_bounds(key, layout, split=BLOCK)  # (B, KV, G * b, D): part i of block j is its i-th position
+    row_positions = layout.key_positions[0].tolist()
+    for slot, position in enumerate(row_positions):  # row 0: one document, block j = positions [j*b, (j+1)*b)
+        part = position // BLOCK * BLOCK + position % BLOCK
+        assert torch.equal(low[0, :, part], key[0, :, slot]) and torch.equal(high[0, :, part], key[0, :, slot])
+    assert (whole[used] >= per_token[used] - 1e-12).all()
+
+
 def test_an_unknown_scorer_is_refused():
     query, key, _ = qkv(1, 6)
     with pytest.raises(ValueError, match="select_scorer"):
@@ -396,7 +416,7 @@ def test_an_unknown_scorer_is_refused():
 # --- the model: cached decode == full forward, far beyond the window ---------------------------------------------------
 
 
-def selected_model(scorer: str = "sparq"):
+def selected_model(scorer: str = "sparq", **fields):
     model = tiny_model(
         "sparse_selected",
         "sdpa",
@@ -405,6 +425,7 @@ def selected_model(scorer: str = "sparq"):
         compress_block_size=BLOCK,
         select_blocks=K,
         select_scorer=scorer,
+        **fields,
     )
     return model.double()
 
@@ -464,12 +485,14 @@ def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monke
     assert reads == [BLOCK + K * BLOCK + W]  # one selected layer: 14 of the 61 cached slots
 
 
+@pytest.mark.parametrize("bound_size", [None, 1])  # whole blocks, one bound per token
 @torch.no_grad()
-def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_reorder():
+def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_reorder(bound_size):
     """Under "two-stage" the cache keeps each block's min / max once every row has moved past it: they equal the
     bounds of every key (block_bounds), after decode steps, a crop inside a kept block and a beam reorder, and a
     decode step reads only the keys of the blocks not yet kept."""
-    model = selected_model("two-stage")
+    model = selected_model("two-stage", select_bound_size=bound_size)
+    split = BLOCK // (bound_size or BLOCK)
     ids = tokens(2, 60, seed=9)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -479,9 +502,9 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
         layer = cache.layers[0]  # installed by the model's first forward
         positions = layer.position_buffer[:, : layer.length]
         layout = selection_layout(window_layout(positions, 0, W), layer.length, BLOCK)
-        low, high = block_bounds(layer.keys, layout)
+        low, high = block_bounds(layer.keys, layout, split=split)
         kept = layer.bounds[0].shape[2]
-        assert kept >= layout.num_blocks - 3  # all but the rows' last blocks (row 1 is 4 slots behind)
+        assert kept >= (layout.num_blocks - 3) * split  # all but the rows' last blocks (row 1 is 4 slots behind)
         torch.testing.assert_close(layer.bounds[0], low[:, :, :kept], atol=0, rtol=0)
         torch.testing.assert_close(layer.bounds[1], high[:, :, :kept], atol=0, rtol=0)
         return kept
@@ -494,6 +517,7 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
     cache.crop(-5)  # 45 slots: the kept blocks that held slots 45..49 are dropped
     layer = cache.layers[0]
     assert layer.bounds[0].shape[2] < before and (layer.bound_ends <= 45).all()
+    assert layer.bounds[0].shape[2] == len(layer.bound_ends) * split
     cache.reorder_cache(torch.tensor([1, 1]))
     model(ids[[1, 1], 45:46], attention_mask=mask[[1, 1], :46], cache=cache)
     check()
@@ -535,6 +559,8 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
         ({"select_scorer": "two-stage", "select_candidates": 4}, "must be at least select_blocks=8"),
         ({"select_scorer": "two-stage", "select_candidates": 0}, "select_candidates"),
+        ({"select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or 'two-stage'"),
+        ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],
 )
 def test_config_refuses_a_bad_selection(fields, named):

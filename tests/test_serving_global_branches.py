@@ -115,13 +115,15 @@ def test_the_summary_cache_branch_matches_the_gathering_reference_in_every_split
         torch.testing.assert_close(got[has_global], expected[has_global], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("scorer", list(SELECT_SCORERS))
-def test_selected_branch_matches_the_transformers_layer_in_every_split(scorer):
+@pytest.mark.parametrize(("scorer", "bound_split"), [(s, 1) for s in SELECT_SCORERS] + [("two-stage", 2)])
+def test_selected_branch_matches_the_transformers_layer_in_every_split(scorer, bound_split):
     query, key, value = qkv(seed=1)
     layout = selection_layout(window_layout(torch.arange(LENGTH)[None], 0, W), LENGTH, BLOCK)
-    expected = chunked_selected_attention(batched(query), batched(key), batched(value), layout, K, scorer, 3, SCALE)
+    expected = chunked_selected_attention(
+        batched(query), batched(key), batched(value), layout, K, scorer, 3, SCALE, bound_split=bound_split
+    )
     assert (expected.selection < layout.num_blocks).any(), "no query selected a block: the test shows nothing"
-    branch = SelectedGlobalBranch(BLOCK, W, K, scorer, 3)
+    branch = SelectedGlobalBranch(BLOCK, W, K, scorer, 3, bound_split=bound_split)
     assert branch.has_global(torch.arange(LENGTH)) is None
     for got in stepwise(branch, query, key, value):
         torch.testing.assert_close(got, expected.out[0])

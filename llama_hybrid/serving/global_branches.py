@@ -144,6 +144,7 @@ class SelectedGlobalBranch:
     select_scorer: str
     select_dims: int
     select_candidates: int | None = None  # "two-stage"'s shortlist
+    bound_split: int = 1  # Quest bounds per block ("quest", "two-stage"): compress_block_size // select_bound_size
     caches_rotated_keys = True
 
     def has_global(self, positions: torch.Tensor) -> None:
@@ -165,5 +166,6 @@ class SelectedGlobalBranch:
             self.select_dims,
             scaling,
             shortlist=self.select_candidates,
+            bound_split=self.bound_split,
         )
         return result.out[0]  # (T, H, D)
