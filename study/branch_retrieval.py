@@ -11,8 +11,9 @@ The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none train
 - `mix (1 in 4 selected)`: the same with sparse layers 4, 8, ..., 28 selected and the rest `compressed` (a cache
   about a quarter of the selected one's beyond the window).
 - `compressed`: every sparse layer compressed (the smallest cache).
-- `selected, sparq-group r 32` and `selected, two-stage`: the selected upcycle with another scorer (a KV group's
-  shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the exact block max ranks).
+- `selected, sparq-group r 32`, `selected, two-stage` and `selected, two-stage, bounds of 16`: the selected upcycle
+  with another scorer (a KV group's shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the exact
+  block max ranks, the bound taken over whole blocks or as the largest of a block's 16-token parts).
 
 Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
 at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
@@ -53,8 +54,9 @@ HAYSTACKS = ("filler", "prose")
 LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 selected)", "compressed"
 GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decode step reads a quarter of the cache
 TWO_STAGE = "selected, two-stage"  # Quest's bound shortlists 4k = 32 blocks, the exact block max ranks them
-MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, MIX, COMPRESSED]  # the tables' order
-PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE)
+TWO_STAGE_16 = "selected, two-stage, bounds of 16"  # the same with a bound per 16 tokens (a block's: their max)
+MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, TWO_STAGE_16, MIX, COMPRESSED]  # the tables' order
+PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16)
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -75,6 +77,9 @@ BUDGET = {
         (2048, TWO_STAGE, 20),
         (4096, TWO_STAGE, 10),
         (8192, TWO_STAGE, 4),
+        (2048, TWO_STAGE_16, 20),
+        (4096, TWO_STAGE_16, 10),
+        (8192, TWO_STAGE_16, 4),
     ],
     "quick": [
         (640, LLAMA, 2),
@@ -148,6 +153,9 @@ def models(llama) -> dict:
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
         ),
         TWO_STAGE: mixed(selected, compressed, selected.config.global_attention, select_scorer="two-stage"),
+        TWO_STAGE_16: mixed(
+            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=16
+        ),
     }
 
 
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity step")
     parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="run only the cells (and perplexity) of these")
+    parser.add_argument("--haystacks", nargs="+", choices=HAYSTACKS, help="run only the pass-key cells of these")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     out, state = open_run(args.out)
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.lengths and length not in args.lengths) or (args.models and name not in args.models):
             continue
         for haystack in only[0] if only else HAYSTACKS:
-            if (haystack, length, name) in done:
+            if (haystack, length, name) in done or (args.haystacks and haystack not in args.haystacks):
                 continue
             began = time.perf_counter()
             batch = {length: prompts(tokenizer, haystack, length, samples, prose)}
