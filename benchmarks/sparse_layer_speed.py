@@ -6,8 +6,8 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 - decode: the next `--decode-steps` tokens, one forward each through that cache (median over the steps).
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
-+ window, exact; default scorer), `selected-two-stage` (the same with the "two-stage" scorer: Quest's bound shortlists
-4k blocks, the exact block max ranks them), `selected-fixed` (the default scorer at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
++ window, exact; default scorer), `selected-two-stage` (the same with the "two-stage" scorer: Quest's bound, a block's
+largest over its 16-token parts, shortlists 4k blocks, the exact block max ranks them), `selected-fixed` (the default scorer at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
 Weights:
 - random (default): a one-layer model, hidden 256, 4 heads of 64 (4 KV heads), W 256, b 64, k 8, random tokens.
@@ -24,6 +24,8 @@ Weights:
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import platform
 import statistics
 import time
@@ -37,7 +39,7 @@ VARIANTS = ("attention", "full", "compressed", "selected", "selected-two-stage",
 # variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
 # position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's)
 VARIANT_FIELDS = {
-    "selected-two-stage": dict(global_attention="selected", select_scorer="two-stage"),
+    "selected-two-stage": dict(global_attention="selected", select_scorer="two-stage", select_bound_size=16),
     "selected-fixed": dict(global_attention="selected", select_positions="fixed"),
 }
 
@@ -83,17 +85,29 @@ def smollm2_models(attn: str) -> tuple[dict, list[int]]:
     from llama_hybrid.convert import export_llama, load_llama
     from llama_hybrid.default_model import default_model_dir
     from llama_hybrid.pydoc_corpus import pydoc_prose
-    from llama_hybrid.upcycle import recipe_for, upcycle
+    from llama_hybrid.upcycle import UpcycleRecipe, recipe_for, upcycle
 
     folder = Path(__file__).resolve().parents[1] / "out" / "passkey" / "smollm2-llama"
     if not (folder / "config.json").is_file():
         export_llama(default_model_dir(), folder, overwrite=True)
     llama, tokenizer, _ = load_llama(str(folder))
     models = {"attention": llama}
+    recipe_fields = {f.name for f in dataclasses.fields(UpcycleRecipe)}
     for variant in VARIANTS[1:]:
         fields = VARIANT_FIELDS.get(variant, {"global_attention": variant})
-        recipe = recipe_for("long-context", llama.config.num_hidden_layers, **fields)
-        models[variant] = upcycle(llama, recipe)
+        recipe = recipe_for(
+            "long-context", llama.config.num_hidden_layers, **{k: v for k, v in fields.items() if k in recipe_fields}
+        )
+        model = upcycle(llama, recipe)
+        settings = {k: v for k, v in fields.items() if k not in recipe_fields}  # config fields (e.g. the scorer)
+        if settings:  # the same weights under those settings
+            config = copy.deepcopy(model.config)
+            for name, value in settings.items():
+                setattr(config, name, value)
+            rebuilt = LlamaHybridForCausalLM(config).eval()
+            rebuilt.load_state_dict(model.state_dict())
+            model = rebuilt
+        models[variant] = model
     for model in models.values():
         model.config._attn_implementation = attn
     return models, tokenizer(pydoc_prose(600_000), add_special_tokens=False).input_ids
