@@ -89,6 +89,7 @@ class MixerSpec:
     lora_targets: tuple[str, ...]  # leaf module names LoRA adapts (PEFT `target_modules`)
     upcycle: UpcycleRule | None  # None: upcycling cannot make this kind
     vllm_refusal: str | None  # None: the vLLM model builds it (serving.vllm_model.MIXER_BUILDERS[name])
+    vllm_refuses: Callable[[object], str | None] | None = None  # config -> a refusal of some of its settings, or None
     tp_plan: Mapping[str, str] = field(default_factory=dict)  # tensor-parallel style per module under `attribute`
     fp32_modules: tuple[str, ...] = ()  # modules under `attribute` kept in fp32 whatever the model's dtype
     variant: str | None = None  # the variant's name (a `global_attention` value) for an entry of a kind's variants
@@ -275,6 +276,17 @@ register_global_branch(
     upcycle=UpcycleRule(source="attention", init=_start_local, step0="window", sparse_gate_init=1.0),
 )
 
+
+def _selected_vllm_refusal(config) -> str | None:
+    if getattr(config, "select_positions", "true") == "true":
+        return None
+    return (
+        f"select_positions={config.select_positions!r} (the fixed-distance scheme) is not served by the vLLM model "
+        "yet (its selected layers attend at true positions); serve this model with transformers' generate(), or "
+        "convert it with select_positions='true'."
+    )
+
+
 register_global_branch(
     "selected",
     module_class=_selected_sparse_attention,
@@ -283,6 +295,7 @@ register_global_branch(
     cache_bytes=_selected_cache_bytes,
     display_name=lambda config: f"sparse attention (selected global: top {config.select_blocks} blocks + local)",
     upcycle=UpcycleRule(source="attention", init=_start_global, step0="selected", sparse_gate_init=0.0),
+    vllm_refuses=_selected_vllm_refusal,
 )
 
 

@@ -30,21 +30,15 @@ def check_supported(config, model_wide_window: int | None = None) -> None:
     refused: dict[str, list[int]] = {}
     for i in range(config.num_hidden_layers):
         try:
-            refusal = layer_spec(config, i).vllm_refusal
+            spec = layer_spec(config, i)
         except ValueError as err:  # a kind or variant this installation does not know
             raise UnsupportedForVllm(f"{err}; the vLLM model serves {served_mixers()}") from err
+        refusal = spec.vllm_refusal or (spec.vllm_refuses(config) if spec.vllm_refuses else None)
         if refusal is not None:
             refused.setdefault(refusal, []).append(i)
     if refused:  # the first refusal, with every layer it applies to
         refusal, layers = next(iter(refused.items()))
         raise UnsupportedForVllm(f"layers {layers}: {refusal}")
-    selected = [i for i in range(config.num_hidden_layers) if layer_spec(config, i).name == "sparse_attention/selected"]
-    if selected and getattr(config, "select_positions", "true") != "true":
-        raise UnsupportedForVllm(
-            f"layers {selected}: select_positions={config.select_positions!r} (the fixed-distance scheme) is not "
-            "served by the vLLM model yet (its selected layers attend at true positions); serve this model with "
-            "transformers' generate(), or convert it with select_positions='true'."
-        )
     if config.hidden_act != "silu":
         raise UnsupportedForVllm(
             f"hidden_act={config.hidden_act!r}: the vLLM model implements SwiGLU with 'silu' only "
