@@ -28,7 +28,8 @@ queries, so a block chosen by many queries is read once, and a query never copie
 selections cost what its reads cost). Either part is linear in the queries, never (T x S); only the scorer reads
 every earlier key. The kernel returns its selection (the reference takes one) and how many key slots a query read.
 flex_attention falls back to the chunked kernel (no block-mask kernel yet). A decode step reads sink + k*b + W
-slots, plus the scoring data (the r key dims under "sparq"; block bounds computed from every key under "quest").
+slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
+the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
 
 Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
 at one fixed distance, the window at true distances (`Memory`: what the memory part is scored and attended with).
@@ -239,7 +240,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
         )
         scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
     else:
-        raise ValueError(f"select_scorer={scorer!r}; choose 'sparq', 'sparq-group' or 'quest'")
+        raise ValueError(f"select_scorer={scorer!r}; score_blocks takes 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
 
 
