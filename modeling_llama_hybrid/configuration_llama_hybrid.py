@@ -247,6 +247,12 @@ class LlamaHybridConfig(PreTrainedConfig):
         return dict(EXPERT_PARALLEL_PLAN) if self.has_moe else None
 
     @property
+    def select_bound_parts(self) -> int:
+        """Quest min / max bounds per block of a selected layer: `compress_block_size / select_bound_size` (1: the
+        whole block)."""
+        return self.compress_block_size // (self.select_bound_size or self.compress_block_size)
+
+    @property
     def is_plain_llama(self) -> bool:
         """True when every layer is full attention + dense MLP: the model is exactly LLaMA."""
         return not self.non_llama_layers

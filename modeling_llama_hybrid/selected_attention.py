@@ -619,7 +619,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
         self.select_candidates = config.select_candidates
-        self.bound_split = config.compress_block_size // (config.select_bound_size or config.compress_block_size)
+        self.bound_split = config.select_bound_parts
         self.fixed_distance = None
         if config.select_positions == "fixed":
             self.fixed_distance = config.select_distance or config.sliding_window

@@ -144,7 +144,7 @@ class SelectedGlobalBranch:
     select_scorer: str
     select_dims: int
     select_candidates: int | None = None  # "two-stage"'s shortlist
-    bound_split: int = 1  # Quest bounds per block ("quest", "two-stage"): compress_block_size // select_bound_size
+    bound_split: int = 1  # Quest bounds per block ("quest", "two-stage"): config.select_bound_parts
     caches_rotated_keys = True
 
     def has_global(self, positions: torch.Tensor) -> None:

@@ -340,7 +340,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
             config.select_scorer,
             config.select_dims,
             config.select_candidates,
-            config.compress_block_size // (config.select_bound_size or config.compress_block_size),
+            config.select_bound_parts,
         )
 
 
