@@ -141,6 +141,9 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="layer 1 of SmolLM2 and its upcycles, real text")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    bound = VARIANT_FIELDS["selected-two-stage"]["select_bound_size"]
+    if "selected-two-stage" in args.variants and not args.smollm2 and args.block % bound:
+        parser.error(f"--block {args.block}: selected-two-stage bounds {bound}-token parts of a block; give a multiple")
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["attention", *[v for v in args.variants if v != "attention"]]
