@@ -109,12 +109,22 @@ def packed_and_padded_rows(length: int) -> torch.Tensor:
     return torch.stack([plain, padded, packed])
 
 
+def packed_case(seed: int, length: int = 70):
+    """Rows of `packed_and_padded_rows`, float64 q / k / v for them, and their selection layout."""
+    positions = packed_and_padded_rows(length)
+    return positions, qkv(3, length, seed=seed), layout_of(positions)
+
+
+def assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions):
+    """The kernel's output at real tokens == the dense reference's under the kernel's own selection."""
+    under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
+    real = positions >= 0
+    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
 def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer):
-    length = 70  # >> W + k * b = 11
-    positions = packed_and_padded_rows(length)
-    query, key, value = qkv(3, length, seed=1)
-    layout = layout_of(positions)
+    positions, (query, key, value), layout = packed_case(seed=1)  # 70 tokens >> W + k * b = 11
     kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=9)
     out, chosen = reference(query, key, value, layout, scorer)
     assert torch.equal(kernel.selection, chosen)  # float64: the same scores, the same stable choice
@@ -122,8 +132,7 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     torch.testing.assert_close(kernel.out[real], out[real], atol=1e-12, rtol=0)
     assert kernel.out.isfinite().all()
     # and under the kernel's selection the reference agrees, whatever it would choose itself
-    under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
-    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+    assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
 
 
 @pytest.mark.parametrize(("tile", "memory_queries"), [(1, 16), (2, 9), (64, 2048)])
@@ -132,14 +141,9 @@ def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile
     of 16 or 9 queries (merged with bands of chunks that straddle them) or all at once."""
     monkeypatch.setattr(selected, "PAIR_TILE", tile)
     monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
-    length = 70
-    positions = packed_and_padded_rows(length)
-    query, key, value = qkv(3, length, seed=11)
-    layout = layout_of(positions)
+    positions, (query, key, value), layout = packed_case(seed=11)
     kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=4)
-    under_kernel = dense_selected_attention(query, key, value, layout, kernel.selection, SCALE)
-    real = positions >= 0
-    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+    assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
     assert kernel.out.isfinite().all()
 
 
@@ -147,10 +151,8 @@ def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile
 def test_kernel_gradients_match_the_reference_under_the_same_selection(scorer):
     """Training reads the kernel's backward: the merged partial softmaxes and the tiles' scatters give the dense
     reference's gradients for queries, keys and values (float64, padding and packed documents)."""
-    length = 40
-    positions = packed_and_padded_rows(length)
-    tensors = [t.requires_grad_() for t in qkv(3, length, seed=15)]
-    layout = layout_of(positions)
+    positions, tensors, layout = packed_case(seed=15, length=40)
+    tensors = [t.requires_grad_() for t in tensors]
     kernel = chunked_selected_attention(*tensors, layout, K, scorer, 4, SCALE, chunk=6)
     reference_out = dense_selected_attention(*tensors, layout, kernel.selection, SCALE)
     real = (positions >= 0)[..., None, None].double()  # padding queries' outputs are garbage nobody reads
@@ -179,10 +181,7 @@ def test_pair_tiles_hold_each_pair_once_grouped_by_head_and_block():
 
 def test_a_dimension_major_key_gives_the_same_output():
     """The cache stores keys dimension-major; a prefill copies them token-major once, a decode step gathers rows."""
-    length = 70
-    positions = packed_and_padded_rows(length)
-    query, key, value = qkv(3, length, seed=12)
-    layout = layout_of(positions)
+    positions, (query, key, value), layout = packed_case(seed=12)
     columns = key.transpose(-1, -2).contiguous().transpose(-1, -2)  # (B, KV, S, D) view of a (B, KV, D, S) tensor
     assert columns.stride(-2) == 1
     expected = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=9)
@@ -222,10 +221,8 @@ def test_layout_blocks_match_a_plain_walk_over_the_slots():
 
 
 def test_selection_stays_in_the_query_document_and_before_its_window():
-    length = 70
-    positions = packed_and_padded_rows(length)
-    query, key, _ = qkv(3, length, seed=2)
-    layout = layout_of(positions)
+    positions, (query, key, _), layout = packed_case(seed=2)
+    length = positions.shape[1]
     chosen = select_blocks(query, key, layout, slice(None), K, "sparq", 4)
     padded = torch.nn.functional.pad(layout.block_documents, (0, 1), value=-7)
     starts = torch.nn.functional.pad(layout.block_positions, (0, 1), value=0)
@@ -333,10 +330,7 @@ def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, mem
     Quest's shortlist and beats every shortlisted block it left out."""
     monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
     monkeypatch.setattr(selected, "SHORTLIST_QUERIES", shortlist_queries)
-    length = 70
-    positions = packed_and_padded_rows(length)
-    query, key, value = qkv(3, length, seed=13)
-    layout = layout_of(positions)
+    positions, (query, key, value), layout = packed_case(seed=13)
 
     def choice(scorer, dims=4, shortlist=None):
         return select_blocks(query, key, layout, slice(None), K, scorer, dims, shortlist=shortlist).sort(-1).values
@@ -355,9 +349,7 @@ def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, mem
     left_out = quest.masked_fill((quest[..., :, None] == chosen[..., None, :]).any(-1), everything)
     worst_chosen = exact.gather(-1, chosen).masked_fill(~taken, torch.inf).amin(-1)
     assert (exact.gather(-1, left_out).amax(-1) <= worst_chosen).all()
-    real = positions >= 0
-    under_kernel = dense_selected_attention(query, key, value, layout, chosen, SCALE)
-    torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
+    assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
 
 
 def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys():
