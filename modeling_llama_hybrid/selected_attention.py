@@ -26,7 +26,10 @@ memory is a block-sparse product (`tiled_memory`): the (query, block) pairs of `
 by KV head and block into tiles (`pair_tiles`), and a tile reads its block's b keys and values once for all its
 queries, so a block chosen by many queries is read once, and a query never copies its blocks (a prefill's random
 selections cost what its reads cost). Either part is linear in the queries, never (T x S); only the scorer reads
-every earlier key. The kernel returns its selection (the reference takes one) and how many key slots a query read.
+every earlier key. Large steps run in parts of bounded size (`TILE_SCORES_PER_PART`, `QUERY_SCORES_PER_PART`; the
+memory part keeps one running softmax over its parts). The kernel returns its selection (the reference takes one),
+how many key slots a query read, and the window part's own softmax, which is the local branch: the layer reads it
+instead of running the banded kernel a second time over the same window.
 flex_attention falls back to the chunked kernel (no block-mask kernel yet). A decode step reads sink + k*b + W
 slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
 the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
@@ -191,6 +194,11 @@ def block_bounds(key: torch.Tensor, layout: SelectionLayout, first_block: int = 
     return low.nan_to_num(posinf=0.0), high.nan_to_num(neginf=0.0)  # empty block numbers: never candidates
 
 
+def bound_parts(layout: SelectionLayout, bounds) -> int:
+    """Bounds per block in `bounds` (the `split` of `block_bounds`; 1 when None: whole blocks)."""
+    return 1 if bounds is None else bounds[0].shape[2] // max(layout.num_blocks, 1)
+
+
 def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: SelectionLayout, split: int = 1):
     """`block_bounds` of every block, through the cache: the bounds it keeps (blocks no new token can join) and those
     of the rest, computed from where they start; the cache then keeps every block that is now final (a block is
@@ -234,11 +242,11 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     elif scorer == "quest":  # bounds of whole blocks, or of `split` parts of each (the block: their max)
         low, high = bounds if bounds is not None else block_bounds(key, layout)
         split = low.shape[2] // layout.num_blocks
-        low, high, grouped_query = low[:, :, : blocks * split], high[:, :, : blocks * split], grouped(query, kv_heads)
-        scores = grouped_query.clamp(min=0) @ high.transpose(-1, -2) - (-grouped_query).clamp(min=0) @ low.transpose(
-            -1, -2
-        )
-        scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
+        grouped_query = grouped(query, kv_heads)
+        # q+ . max - q- . min as one product over 2 D dimensions: [q+, q-] . [max, -min]
+        signed = torch.cat([grouped_query.clamp(min=0), grouped_query.clamp(max=0)], -1)  # (B, KV, RQ, 2 D)
+        corners = torch.cat([high[:, :, : blocks * split], low[:, :, : blocks * split]], -1)  # (B, KV, G' * split, 2 D)
+        scores = (signed @ corners.transpose(-1, -2)).view(*signed.shape[:-1], blocks, split).amax(-1)
     else:
         raise ValueError(f"select_scorer={scorer!r}; score_blocks takes 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
@@ -271,12 +279,35 @@ def select_blocks(
         blocks = int((seen * torch.arange(1, seen.numel() + 1, device=seen.device)).max())  # G': one host sync
         candidates = candidates[..., :blocks]
         spare = layout.num_blocks
+        parts = [slice(None)]
+        if tiled:  # the kernel scores its queries in parts whose (R Q x G' * b or G' * split) scores stay small
+            width = blocks * (
+                layout.block_slots.shape[-1] if scorer.startswith("sparq") else bound_parts(layout, bounds)
+            )
+            step = max(QUERY_SCORES_PER_PART // max(query.shape[0] * query.shape[1] * width, 1), 1)
+            step = max(step, SPARQ_GATHER_QUERIES + 1)  # a part of a prefill never takes the decode steps' gathers
+            parts = [slice(i, i + step) for i in range(0, query.shape[2], step)]
         if scorer != "two-stage":
-            return top_blocks(score_blocks(query, key, layout, scorer, dims, bounds, blocks), candidates, k, spare)
-        first = score_blocks(query, key, layout, "quest", dims, bounds, blocks)
-        first = first.masked_fill(~candidates[:, None], -torch.inf)  # a set: topk, no stable sort of every block
-        best = first.topk(min(shortlist or 4 * k, blocks), dim=-1)
-        shortlisted = torch.where(best.values > -torch.inf, best.indices, spare).sort(-1).values  # in block order
+            return torch.cat(
+                [
+                    top_blocks(
+                        score_blocks(query[:, :, p], key, layout, scorer, dims, bounds, blocks),
+                        candidates[:, p],
+                        k,
+                        spare,
+                    )
+                    for p in parts
+                ],
+                2,
+            )
+
+        def shortlisted_of(part: slice) -> torch.Tensor:  # Quest's C best candidates, a set in block order
+            first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks)
+            first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
+            best = first.topk(min(shortlist or 4 * k, blocks), dim=-1)
+            return torch.where(best.values > -torch.inf, best.indices, spare).sort(-1).values
+
+        shortlisted = torch.cat([shortlisted_of(p) for p in parts], 2)
         if not tiled:
             exact = score_blocks(query, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: exact q.k
             kept = torch.zeros_like(exact, dtype=torch.bool)
@@ -349,11 +380,20 @@ class SelectedOutput(NamedTuple):
     out: torch.Tensor  # (B, T, H, D)
     selection: torch.Tensor  # (B, KV, T, K) block numbers of `layout`, G where fewer than K were candidates
     read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
+    window_out: torch.Tensor  # (B, T, H, D) the window band's softmax alone: the local branch, computed on the way
 
 
 MEMORY_QUERIES = 4096  # queries whose memory parts are computed together: their (query, block) pairs share tiles
 SHORTLIST_QUERIES = 2048  # queries "two-stage" selects for at once (its (Q x C x b) second-stage scores bound it)
 PAIR_TILE = 64  # at most this many (query, block) pairs of one KV head and block per tile
+# The scores (and gathered query rows) of one step of the kernel stay below these many numbers: glibc maps a large
+# tensor fresh from the OS on every allocation and pays a page fault per 4 KB page when it is first written (a
+# quarter of a 32k prefill's time before these bounds), while smaller ones reuse the heap's memory and stay in cache.
+# Steps over more tiles or queries run in parts; the parts' results are exactly what one step would give. Measured
+# on a 32k prefill (sparse_layer_speed.py, one CPU thread): tiles best at 4 MB of scores (1 and 16 MB slower); the
+# scorers' dense (queries x blocks or keys) scores at 16 MB (their products want many queries per part).
+TILE_SCORES_PER_PART = 1 << 20
+QUERY_SCORES_PER_PART = 1 << 22
 
 
 def memory_blocks(layout: SelectionLayout, queries: slice, selection: torch.Tensor) -> torch.Tensor:
@@ -425,6 +465,10 @@ class PartialSoftmax(NamedTuple):
         weighted = self.weighted * mine[..., None] + other.weighted * theirs[..., None]
         return weighted / total[..., None]
 
+    def normalised(self) -> torch.Tensor:
+        """This part's own softmax (B * KV * Q, R, D)."""
+        return self.weighted / self.total[..., None]
+
 
 class TileScores(NamedTuple):
     """q.k of every tile row's query heads against its block's keys, and what the memory part needs with them."""
@@ -436,58 +480,100 @@ class TileScores(NamedTuple):
     key_positions: torch.Tensor  # (N, b), -1 for none
 
 
-def tile_scores(layout: SelectionLayout, queries: slice, blocks, query, key) -> TileScores:
-    """The block-sparse q.k of the pairs of `blocks` (B, KV, Q, M): queries (B, H, Q, D) (those of `queries`), keys
-    (B, KV, S, D) of every slot. A tile reads its block's b keys once for its P queries."""
-    batch, kv_heads, width, count = blocks.shape
-    groups, dim = query.shape[1] // kv_heads, query.shape[-1]
-    tiles = pair_tiles(blocks, layout.num_blocks)
-    rows = query.view(batch, kv_heads, groups, width, dim).transpose(2, 3).reshape(-1, groups, dim)  # (BKVQ, R, D)
-    pair_row = torch.where(tiles.pairs < tiles.count, tiles.pairs.div(count, rounding_mode="floor"), 0)  # (N, P)
+def query_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, Q, D) -> (B * KV * Q, R, D): each query's heads of one KV group, the rows `PairTiles` index."""
+    batch, heads, width, dim = query.shape
+    return (
+        query.view(batch, kv_heads, heads // kv_heads, width, dim).transpose(2, 3).reshape(-1, heads // kv_heads, dim)
+    )
+
+
+def tile_parts(tiles: PairTiles, numbers_per_tile: int) -> list[PairTiles]:
+    """`tiles` in consecutive parts whose scores hold at most `TILE_SCORES_PER_PART` numbers (one tile at least)."""
+    step = max(TILE_SCORES_PER_PART // max(numbers_per_tile, 1), 1)
+    return [
+        PairTiles(tiles.pairs[i : i + step], tiles.heads[i : i + step], tiles.blocks[i : i + step], tiles.count)
+        for i in range(0, tiles.pairs.shape[0], step)
+    ]
+
+
+def tile_scores(layout: SelectionLayout, tiles: PairTiles, rows: torch.Tensor, key, width: int) -> TileScores:
+    """The block-sparse q.k of `tiles` (of the pairs of a (B, KV, Q, M) block tensor, M = `width`): query rows
+    (B * KV * Q, R, D) (`query_rows`), keys (B, KV, S, D) of every slot. A tile reads its block's b keys once for
+    its P queries."""
+    kv_heads, groups, dim = key.shape[1], rows.shape[1], rows.shape[2]
+    pair_row = torch.where(tiles.pairs < tiles.count, tiles.pairs.div(width, rounding_mode="floor"), 0)  # (N, P)
     batch_of = tiles.heads.div(kv_heads, rounding_mode="floor")
     slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b)
     key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]
     tile_queries = rows.flatten(1).index_select(0, pair_row.flatten()).view(-1, pair_row.shape[1] * groups, dim)
     scores = tile_queries @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
-    score_type = torch.promote_types(query.dtype, torch.float32)
+    score_type = torch.promote_types(rows.dtype, torch.float32)
     scores = scores.to(score_type).view(*pair_row.shape, groups, slots.shape[-1])
     return TileScores(scores, tiles, pair_row, slots, key_positions)
 
 
 def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value, scaling: float) -> PartialSoftmax:
     """The memory part (sink and selected blocks, minus each query's window) of the queries `queries`, blocks
-    (B, KV, Q, M), queries (B, H, Q, D): the block-sparse product of `tile_scores`. Rows (B * KV * Q, R)."""
-    batch, kv_heads, width, _ = blocks.shape
+    (B, KV, Q, M), queries (B, H, Q, D): the block-sparse product of `tile_scores`, its tiles in parts
+    (`tile_parts`) whose partial softmaxes are combined. Rows (B * KV * Q, R)."""
+    batch, kv_heads, width, count = blocks.shape
     groups, dim = memory_query.shape[1] // kv_heads, memory_query.shape[-1]
-    rows = batch * kv_heads * width
-    tiled = tile_scores(layout, queries, blocks, memory_query, memory_key)
-    pair_row, key_positions = tiled.pair_row, tiled.key_positions
-    query_positions = layout.query_positions[:, queries].reshape(-1)[
-        pair_row.div(kv_heads * width, rounding_mode="floor") * width + pair_row % width
-    ]  # (N, P)
-    visible = (key_positions[:, None] >= 0) & (query_positions[..., None] - key_positions[:, None] >= layout.window)
-    visible = visible & (tiled.tiles.pairs < tiled.tiles.count)[..., None]  # (N, P, b)
-    scores = (tiled.scores * scaling).masked_fill(~visible[:, :, None], -torch.inf)
-    flat_rows = pair_row.flatten()
-    with torch.no_grad():  # the max only keeps exp() in range: no gradient through it
-        top = scores.new_full((rows, groups), -torch.inf)
-        top = top.scatter_reduce(0, flat_rows[:, None].expand(-1, groups), scores.amax(-1).flatten(0, 1), "amax")
-    finite_top = torch.where(top.isfinite(), top, 0.0)  # a query with no memory: every exp() below is 0
-    weights = (scores - finite_top.index_select(0, flat_rows).view(*pair_row.shape, groups, 1)).exp()  # (N,P,R,b)
-    total = scores.new_zeros(rows, groups).index_add(0, flat_rows, weights.sum(-1).flatten(0, 1))
-    tile_values = tile_states(value, tiled.slots, tiled.tiles.heads).to(scores.dtype)  # (N, b, D)
-    weighted = (weights.flatten(1, 2) @ tile_values).view(-1, groups, dim)  # (N * P, R, D)
-    return PartialSoftmax(top, total, scores.new_zeros(rows, groups, dim).index_add(0, flat_rows, weighted))
+    rows = query_rows(memory_query * scaling, kv_heads)  # scaled: (Q x D) numbers, not one per score
+    query_positions = layout.query_positions[:, queries].reshape(-1)
+    tiles = pair_tiles(blocks, layout.num_blocks)
+    size = layout.block_slots.shape[-1]
+    score_type = torch.promote_types(rows.dtype, torch.float32)
+    # one running softmax over the parts, accumulated in place: a part that raises a row's max rescales what that
+    # row holds (only rows that held something: a row's first part finds it empty)
+    top = rows.new_full((len(rows), groups), -torch.inf, dtype=score_type)
+    total = rows.new_zeros(len(rows), groups, dtype=score_type)
+    weighted = rows.new_zeros(len(rows), groups, dim, dtype=score_type)
+    for part in tile_parts(tiles, tiles.pairs.shape[1] * groups * size):
+        tiled = tile_scores(layout, part, rows, memory_key, count)
+        pair_row, key_positions = tiled.pair_row, tiled.key_positions
+        pair_position = query_positions[
+            pair_row.div(kv_heads * width, rounding_mode="floor") * width + pair_row % width
+        ]
+        # a key is hidden from a pair when it lies inside the query's window, is no key, or the row pads its
+        # tile: one comparison per score (no key sorts last; a padding row's bound is below every position)
+        last_seen = torch.where(part.pairs < part.count, pair_position - layout.window, -1)  # (N, P)
+        key_positions = torch.where(key_positions >= 0, key_positions, torch.iinfo(key_positions.dtype).max)
+        hidden = key_positions[:, None] > last_seen[..., None]  # (N, P, b)
+        # in place from here on: each (N, P, R, b) step is one pass over the scores, no copy (none of them is
+        # saved for autograd but exp's result, which nothing changes afterwards)
+        scores = tiled.scores.masked_fill_(hidden[:, :, None], -torch.inf)
+        flat_rows = pair_row.flatten()
+        with torch.no_grad():  # the max only keeps exp() in range: no gradient through it
+            raised = top.scatter_reduce(0, flat_rows[:, None].expand(-1, groups), scores.amax(-1).flatten(0, 1), "amax")
+            rescaled = ((raised > top) & top.isfinite()).any(-1).nonzero().squeeze(1)  # one host sync per part
+        if rescaled.numel():
+            factor = (top[rescaled] - raised[rescaled]).exp()  # (rows', R)
+            total.index_copy_(0, rescaled, total[rescaled] * factor)
+            weighted.index_copy_(0, rescaled, weighted[rescaled] * factor[..., None])
+        top = raised
+        finite_top = torch.where(top.isfinite(), top, 0.0)  # a row with no memory yet: every exp() below is 0
+        weights = scores.sub_(finite_top.index_select(0, flat_rows).view(*pair_row.shape, groups, 1)).exp_()
+        total.index_add_(0, flat_rows, weights.sum(-1).flatten(0, 1))
+        tile_values = tile_states(value, tiled.slots, part.heads).to(scores.dtype)  # (N, b, D)
+        weighted.index_add_(0, flat_rows, (weights.flatten(1, 2) @ tile_values).view(-1, groups, dim))  # (N * P, R, D)
+    return PartialSoftmax(top, total, weighted)
 
 
 def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, key) -> torch.Tensor:
     """ "two-stage"'s second stage in the kernel: the exact block score (max over the block's keys of q.k, then over
     a KV group's heads) of each block of `shortlist` (B, KV, Q, C) (G: none, scored -inf), as a block-sparse
-    product: (B, KV, Q, C)."""
-    tiled = tile_scores(layout, queries, shortlist, query, key)
-    scores = tiled.scores.amax(-1).amax(-1)  # no mask: a candidate block is complete, every key valid
-    flat = scores.new_full((tiled.tiles.count + 1,), -torch.inf)  # index `count`: the padding rows
-    return flat.index_put_((tiled.tiles.pairs.flatten(),), scores.flatten())[:-1].view(shortlist.shape)
+    product in parts (`tile_parts`): (B, KV, Q, C)."""
+    kv_heads, size = key.shape[1], layout.block_slots.shape[-1]
+    rows = query_rows(query, kv_heads)
+    tiles = pair_tiles(shortlist, layout.num_blocks)
+    score_type = torch.promote_types(rows.dtype, torch.float32)
+    flat = rows.new_full((tiles.count + 1,), -torch.inf, dtype=score_type)  # index `count`: the padding rows
+    for part in tile_parts(tiles, tiles.pairs.shape[1] * rows.shape[1] * size):
+        tiled = tile_scores(layout, part, rows, key, shortlist.shape[-1])
+        scores = tiled.scores.amax(-1).amax(-1)  # no mask: a candidate block is complete, every key valid
+        flat = flat.index_put_((part.pairs.flatten(),), scores.flatten())
+    return flat[:-1].view(shortlist.shape)
 
 
 def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
@@ -564,7 +650,7 @@ def chunked_selected_attention(
     # "two-stage" selects for many queries at once (its first stage is (Q x G), its second is block-sparse and fills
     # its tiles better the more queries share them); the others score (Q x S) per chunk
     select_chunk = SHORTLIST_QUERIES if scorer == "two-stage" else chunk
-    outs, selections, read = [], [], 0
+    outs, windows, selections, read = [], [], [], 0
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
         chosen = []
@@ -587,12 +673,16 @@ def chunked_selected_attention(
             inner = slice(queries.start - span.start, queries.stop - span.start)
             mine = PartialSoftmax(*(values[:, :, inner].flatten(0, 2) for values in far_rows))
             outs.append(near.merged(mine).view(batch, kv_heads, -1, heads // kv_heads, dim).to(value.dtype))
+            windows.append(near.normalised().view(batch, kv_heads, -1, heads // kv_heads, dim).to(value.dtype))
             read = max(
                 read, band - (queries.stop - queries.start) + 1 + blocks.shape[-1] * layout.block_slots.shape[-1]
             )
         selections.append(chosen)
-    out = torch.cat(outs, 2)  # (B, KV, T, R, D)
-    return SelectedOutput(out.transpose(1, 2).reshape(batch, length, heads, dim), torch.cat(selections, 2), read)
+
+    def heads_last(parts: list[torch.Tensor]) -> torch.Tensor:  # (B, KV, T, R, D) parts -> (B, T, H, D)
+        return torch.cat(parts, 2).transpose(1, 2).reshape(batch, length, heads, dim)
+
+    return SelectedOutput(heads_last(outs), torch.cat(selections, 2), read, heads_last(windows))
 
 
 class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
@@ -642,9 +732,19 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
             positions = attention_mask.global_.key_positions[:, held:]
             cos, sin = self.memory_rotary(value, positions.clamp(min=0))
             key = rotate_keys(key[:, :, held:], cos, sin)
+        if self.window_from_kernel(attention_mask):  # the kernel's window band is the local branch: computed once
+            result = self.selected(query, key, value, attention_mask, memory, layer_cache)
+            return self.mix(hidden_states, result.out, result.window_out), None
         local_out = self.local_branch(query, key, value[:, :, held:], tail_masks(attention_mask, held), kwargs)
         global_out, _ = self.global_branch(query, key, value, attention_mask, kwargs, local_out, memory, layer_cache)
         return self.mix(hidden_states, global_out, local_out), None
+
+    def window_from_kernel(self, masks: SparseMasks) -> bool:
+        """Whether the local branch is the chunked kernel's window part: the banded (eager / sdpa) layout is the
+        global branch's own (the kernel's band reads the same window over the same keys), and no attention dropout (the local branch applies it, the
+        kernel's band does not). Other backends run the local branch on their own mask."""
+        shared = isinstance(masks.local, WindowLayout) and masks.local is masks.global_
+        return shared and not (self.training and self.attention_dropout)
 
     def project_fixed(self, hidden_states, position_embeddings, cache, kwargs):
         """Rotated queries (B, H, T, D), unrotated cached keys and values (B, KV, S, D), and the `Memory`: the
@@ -665,15 +765,18 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         """The selected branch (B, T, H, D) over every key (`masks.global_`: a WindowLayout over them); `key` holds
         the rotated keys of the last slots (all of them, or at least every query's window band); `cache`: this
         layer's cache layer, whose kept block bounds "quest" and "two-stage" read."""
+        return self.selected(query, key, value, masks, memory, cache).out, None
+
+    def selected(self, query, key, value, masks: SparseMasks, memory=None, cache=None) -> SelectedOutput:
+        """The chunked kernel over `global_branch`'s inputs: the branch, its selection and its window part."""
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
         bounds = None
         if isinstance(cache, SelectedSparseLayer) and self.select_scorer in ("quest", "two-stage"):
             bounds = cached_bounds(cache, memory.key if memory is not None else key, layout, self.bound_split)
-        result = chunked_selected_attention(
+        return chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
             memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,
         )  # fmt: skip
-        return result.out, None
 
 
 def tail_masks(masks: SparseMasks, held: int) -> SparseMasks:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_pair  # at import time: tests/vllm/conftest.py later takes the module name "conftest"
 from hybrid_mixer_fixtures import tiny_model, tokens
-from reference_kernels import sparq_query
+from reference_kernels import dense_window_attention, sparq_query
 from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig
@@ -109,6 +109,12 @@ def packed_and_padded_rows(length: int) -> torch.Tensor:
     return torch.stack([plain, padded, packed])
 
 
+def small_parts(monkeypatch) -> None:
+    """The kernel's steps in the smallest parts: one tile per part, the scorers' fewest queries per part."""
+    monkeypatch.setattr(selected, "TILE_SCORES_PER_PART", 1)
+    monkeypatch.setattr(selected, "QUERY_SCORES_PER_PART", 1)
+
+
 def packed_case(seed: int, length: int = 70):
     """Rows of `packed_and_padded_rows`, float64 q / k / v for them, and their selection layout."""
     positions = packed_and_padded_rows(length)
@@ -122,10 +128,13 @@ def assert_equals_reference_under_its_selection(kernel, query, key, value, layou
     torch.testing.assert_close(kernel.out[real], under_kernel[real], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("parts", [False, True])  # chunks of 9 queries scored at once / chunks of 32 in parts
 @pytest.mark.parametrize("scorer", ["sparq", "quest", "two-stage"])
-def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scorer):
+def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(monkeypatch, scorer, parts):
     positions, (query, key, value), layout = packed_case(seed=1)  # 70 tokens >> W + k * b = 11
-    kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=9)
+    if parts:
+        small_parts(monkeypatch)
+    kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=32 if parts else 9)
     out, chosen = reference(query, key, value, layout, scorer)
     assert torch.equal(kernel.selection, chosen)  # float64: the same scores, the same stable choice
     real = positions >= 0
@@ -135,22 +144,40 @@ def test_chunked_kernel_matches_reference_with_padding_and_packed_documents(scor
     assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
 
 
-@pytest.mark.parametrize(("tile", "memory_queries"), [(1, 16), (2, 9), (64, 2048)])
-def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile, memory_queries):
+def test_the_kernel_window_part_is_the_window_branch():
+    """The kernel's band, normalised on its own, is the local branch (the layer reads it instead of running the
+    banded kernel again): the dense window reference, padding and packed documents, chunks straddling them."""
+    positions, (query, key, value), layout = packed_case(seed=3)
+    kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=9)
+    window = dense_window_attention(query, key, value, window_layout(positions, 0, W), SCALE)  # sdpa: float64
+    real = positions >= 0
+    torch.testing.assert_close(kernel.window_out[real], window[real], atol=1e-12, rtol=0)
+    assert kernel.window_out.isfinite().all()
+
+
+@pytest.mark.parametrize(("tile", "memory_queries", "parts"), [(1, 16, False), (2, 9, True), (64, 2048, False)])
+def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile, memory_queries, parts):
     """One pair per tile (a query's own gather), partial tiles, and every pair of a block in one tile; memory parts
-    of 16 or 9 queries (merged with bands of chunks that straddle them) or all at once."""
+    of 16 or 9 queries (merged with bands of chunks that straddle them) or all at once; and every tile a part of its
+    own (the running softmax over parts rescales a row whenever a later part raises its max)."""
     monkeypatch.setattr(selected, "PAIR_TILE", tile)
     monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
+    if parts:
+        small_parts(monkeypatch)
     positions, (query, key, value), layout = packed_case(seed=11)
     kernel = chunked_selected_attention(query, key, value, layout, K, "sparq", 4, SCALE, chunk=4)
     assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
     assert kernel.out.isfinite().all()
 
 
+@pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("scorer", ["sparq", "two-stage"])
-def test_kernel_gradients_match_the_reference_under_the_same_selection(scorer):
+def test_kernel_gradients_match_the_reference_under_the_same_selection(monkeypatch, scorer, parts):
     """Training reads the kernel's backward: the merged partial softmaxes and the tiles' scatters give the dense
-    reference's gradients for queries, keys and values (float64, padding and packed documents)."""
+    reference's gradients for queries, keys and values (float64, padding and packed documents), also through the
+    in-place running softmax over many parts."""
+    if parts:
+        small_parts(monkeypatch)
     positions, tensors, layout = packed_case(seed=15, length=40)
     tensors = [t.requires_grad_() for t in tensors]
     kernel = chunked_selected_attention(*tensors, layout, K, scorer, 4, SCALE, chunk=6)
@@ -323,13 +350,17 @@ def test_quest_bound_is_at_least_the_true_block_max():
     assert (scores - true)[used[:, None, None].expand_as(scores)].min() >= -1e-12
 
 
-@pytest.mark.parametrize(("memory_queries", "shortlist_queries"), [(7, 3), (2048, 2048)])  # many pieces / one
-def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, memory_queries, shortlist_queries):
+@pytest.mark.parametrize(
+    ("memory_queries", "shortlist_queries", "parts"), [(7, 3, False), (2048, 2048, True), (2048, 2048, False)]
+)  # many pieces; one piece in many parts; one
+def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, memory_queries, shortlist_queries, parts):
     """A shortlist of every candidate is the exact block max (sparq on all D dims); a shortlist of k is Quest's
     choice; in between, the kernel's block-sparse second stage == the dense reference, and each choice lies in
     Quest's shortlist and beats every shortlisted block it left out."""
     monkeypatch.setattr(selected, "MEMORY_QUERIES", memory_queries)
     monkeypatch.setattr(selected, "SHORTLIST_QUERIES", shortlist_queries)
+    if parts:
+        small_parts(monkeypatch)
     positions, (query, key, value), layout = packed_case(seed=13)
 
     def choice(scorer, dims=4, shortlist=None):
@@ -589,6 +620,31 @@ def test_upcycled_llama_with_selected_layers_equals_the_source_up_to_the_bound_o
     inside, past = hybrid(ids[:, :bound]).logits, hybrid(ids).logits
     torch.testing.assert_close(inside, llama(ids[:, :bound]).logits, atol=1e-4, rtol=0)
     assert (past[:, bound:] - llama(ids).logits[:, bound:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.no_grad()
+def test_the_layer_reads_its_local_branch_from_the_kernel_as_the_banded_kernel_computes_it(monkeypatch, attn):
+    """Under eager / sdpa the selected layer takes its local branch from the kernel's window part; with both
+    branches mixed (random gates), left padding and a cache, its logits equal those of the separate banded local
+    branch. With attention dropout in training the layer runs the separate branch (the kernel has no dropout)."""
+    model = tiny_model("sparse_selected", attn, sliding_window=W, compress_block_size=BLOCK, select_blocks=K)
+    ids, mask = tokens(2, 40), torch.ones(2, 40, dtype=torch.long)
+    mask[1, :6] = 0
+    layer = next(m for m in model.modules() if isinstance(m, selected.LlamaHybridSelectedSparseAttention))
+    shared = model(ids, attention_mask=mask).logits
+    cached = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+    monkeypatch.setattr(type(layer), "window_from_kernel", lambda self, masks: False)
+    separate = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(shared[real], separate[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached[real], separate[real], atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    masks = selected.SparseMasks(*(2 * [window_layout(torch.arange(4)[None], 0, W)]))
+    assert layer.window_from_kernel(masks)
+    layer.train()
+    layer.attention_dropout = 0.1
+    assert not layer.window_from_kernel(masks)
 
 
 @torch.no_grad()
