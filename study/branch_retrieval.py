@@ -11,9 +11,9 @@ The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none train
 - `mix (1 in 4 selected)`: the same with sparse layers 4, 8, ..., 28 selected and the rest `compressed` (a cache
   about a quarter of the selected one's beyond the window).
 - `compressed`: every sparse layer compressed (the smallest cache).
-- `selected, sparq-group r 32`, `selected, two-stage` and `selected, two-stage, bounds of 16`: the selected upcycle
-  with another scorer (a KV group's shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the exact
-  block max ranks, the bound taken over whole blocks or as the largest of a block's 16-token parts).
+- `selected, sparq-group r 32`, `selected, two-stage` and `selected, two-stage, bounds of 16` / `of 8`: the selected
+  upcycle with another scorer (a KV group's shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the
+  exact block max ranks, the bound taken over whole blocks or as the largest of a block's 16- or 8-token parts).
 
 Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
 at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
@@ -55,8 +55,9 @@ LLAMA, SELECTED, MIX, COMPRESSED = "smollm2 (llama)", "selected", "mix (1 in 4 s
 GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decode step reads a quarter of the cache
 TWO_STAGE = "selected, two-stage"  # Quest's bound shortlists 4k = 32 blocks, the exact block max ranks them
 TWO_STAGE_16 = "selected, two-stage, bounds of 16"  # the same with a bound per 16 tokens (a block's: their max)
-MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, TWO_STAGE_16, MIX, COMPRESSED]  # the tables' order
-PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16)
+TWO_STAGE_8 = "selected, two-stage, bounds of 8"  # ... per 8 tokens: the bounds are a quarter of the keys
+MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, MIX, COMPRESSED]  # the tables' order
+PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8)
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -80,6 +81,9 @@ BUDGET = {
         (2048, TWO_STAGE_16, 20),
         (4096, TWO_STAGE_16, 10),
         (8192, TWO_STAGE_16, 4),
+        (2048, TWO_STAGE_8, 20),
+        (4096, TWO_STAGE_8, 10),
+        (8192, TWO_STAGE_8, 4),
     ],
     "quick": [
         (640, LLAMA, 2),
@@ -155,6 +159,9 @@ def models(llama) -> dict:
         TWO_STAGE: mixed(selected, compressed, selected.config.global_attention, select_scorer="two-stage"),
         TWO_STAGE_16: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=16
+        ),
+        TWO_STAGE_8: mixed(
+            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=8
         ),
     }
 
