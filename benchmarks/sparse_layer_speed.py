@@ -6,8 +6,10 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 - decode: the next `--decode-steps` tokens, one forward each through that cache (median over the steps).
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
-+ window, exact; default scorer), `selected-two-stage` (the same with the "two-stage" scorer: Quest's bound, a block's
-largest over its 16-token parts, shortlists 4k blocks, the exact block max ranks them), `selected-fixed` (the default scorer at the fixed-distance position scheme). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
++ window, exact; the default scorer "two-stage": Quest's bound, a block's largest over its 8-token parts, shortlists
+4k blocks, the exact block max ranks them), `selected-sparq` (the same with the "sparq" scorer: q.k over the query's
+16 largest dimensions), `selected-fixed` (the fixed-distance position scheme with the scorer the long-context recipe
+gives it, "sparq"). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
 Weights:
 - random (default): a one-layer model, hidden 256, 4 heads of 64 (4 KV heads), W 256, b 64, k 8, random tokens.
@@ -35,12 +37,12 @@ from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
-VARIANTS = ("attention", "full", "compressed", "selected", "selected-two-stage", "selected-fixed")
+VARIANTS = ("attention", "full", "compressed", "selected", "selected-sparq", "selected-fixed")
 # variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
 # position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's)
 VARIANT_FIELDS = {
-    "selected-two-stage": dict(global_attention="selected", select_scorer="two-stage", select_bound_size=16),
-    "selected-fixed": dict(global_attention="selected", select_positions="fixed"),
+    "selected-sparq": dict(global_attention="selected", select_scorer="sparq"),
+    "selected-fixed": dict(global_attention="selected", select_positions="fixed", select_scorer="sparq"),
 }
 
 
@@ -141,9 +143,6 @@ def main() -> None:
     parser.add_argument("--smollm2", action="store_true", help="layer 1 of SmolLM2 and its upcycles, real text")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    bound = VARIANT_FIELDS["selected-two-stage"]["select_bound_size"]
-    if "selected-two-stage" in args.variants and not args.smollm2 and args.block % bound:
-        parser.error(f"--block {args.block}: selected-two-stage bounds {bound}-token parts of a block; give a multiple")
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["attention", *[v for v in args.variants if v != "attention"]]

@@ -65,6 +65,9 @@ ROUTER_STD = 0.01
 RECIPES = ("hybrid", "staged", "long-context", "long-context-selected")  # the named upcycle recipes of `recipe_for`
 ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
 SELECT_POSITIONS = ("true", "fixed")  # the selected layers' position scheme (the config's `select_positions`)
+FIXED_DISTANCE_SCORER = (
+    "sparq"  # the scorer of selected layers at fixed distances (the one study/context_extension.py measured)
+)
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
 
@@ -424,6 +427,8 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
         norm_topk_prob=True,
         select_positions=recipe.select_positions,
     )
+    if recipe.select_positions == "fixed":  # the scorer whose retrieval beyond the source's context was measured
+        base.update(select_scorer=FIXED_DISTANCE_SCORER)  # (docs/claims.md §4d); the default scorer's was not
     # what a fresh gate starts as; upcycling sets each sparse layer's gate by its own branch's rule anyway
     gate_init = GLOBAL_BRANCHES[recipe.global_attention].upcycle.sparse_gate_init
     if gate_init is not None:

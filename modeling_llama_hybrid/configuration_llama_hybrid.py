@@ -25,6 +25,9 @@ SELECT_SCORERS = (
     "quest",
     "two-stage",
 )  # the selected global branch's block scorers (selected_attention.py)
+# tokens per Quest bound when `select_bound_size` is None and 8 divides the block: the bounds are then a quarter of
+# the keys, and 8-token bounds kept the source's pass keys in every cell of docs/claims.md §4c (whole blocks did not)
+DEFAULT_SELECT_BOUND_SIZE = 8
 SELECT_POSITIONS = ("true", "fixed")  # the distances the selected branch attends its sink and selected blocks at
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
@@ -94,12 +97,13 @@ class LlamaHybridConfig(PreTrainedConfig):
             tokens). One string for every sparse-attention layer, or a list with one entry per layer: a variant for
             each `"sparse_attention"` layer and None for the others (a model may mix variants). `"selected"`: exact
             attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
-            before the window (ranked by `select_scorer`: `"sparq"`, q.k over the query's `select_dims`
-            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share;
-            `"quest"`, Quest's min/max bound; or `"two-stage"`, Quest's bound shortlists `select_candidates` blocks
-            (default 4 * `select_blocks`) and the exact max q.k over each one's keys ranks them) and the window; it
-            needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound (a
-            divisor of `compress_block_size`; default the whole block): a block's bound is the largest of its parts'.
+            before the window (ranked by `select_scorer`: `"two-stage"` (default), Quest's bound shortlists
+            `select_candidates` blocks (default 4 * `select_blocks`) and the exact max q.k over each one's keys ranks
+            them; `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
+            same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
+            it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
+            (a divisor of `compress_block_size`; default 8 where 8 divides the block, else the whole block): a
+            block's bound is the largest of its parts'.
         select_positions: the distances the selected branch attends its sink and selected blocks at: `"true"`
             (default; exact attention over the subset) or `"fixed"` (InfLLM's scheme: all of them `select_distance`
             before the query, default `sliding_window`, while the window keeps true distances: no query-key distance
@@ -157,7 +161,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     compress_block_size: int = 64
     select_blocks: int = 8
     select_dims: int = 16
-    select_scorer: str = "sparq"
+    select_scorer: str = "two-stage"
     select_candidates: int | None = None
     select_bound_size: int | None = None
     select_positions: str = "true"
@@ -248,9 +252,13 @@ class LlamaHybridConfig(PreTrainedConfig):
 
     @property
     def select_bound_parts(self) -> int:
-        """Quest min / max bounds per block of a selected layer: `compress_block_size / select_bound_size` (1: the
-        whole block)."""
-        return self.compress_block_size // (self.select_bound_size or self.compress_block_size)
+        """Quest min / max bounds per block of a selected layer ("quest", "two-stage"): `compress_block_size /
+        select_bound_size`, by default 8-token parts where 8 divides the block (1: the whole block)."""
+        size = self.select_bound_size
+        if size is None:
+            divides = self.compress_block_size % DEFAULT_SELECT_BOUND_SIZE == 0
+            size = DEFAULT_SELECT_BOUND_SIZE if divides else self.compress_block_size
+        return self.compress_block_size // size
 
     @property
     def is_plain_llama(self) -> bool:

@@ -156,7 +156,9 @@ def models(llama) -> dict:
         GROUP: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
         ),
-        TWO_STAGE: mixed(selected, compressed, selected.config.global_attention, select_scorer="two-stage"),
+        TWO_STAGE: mixed(  # bounds of whole blocks (the config's default bounds 8-token parts)
+            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=64
+        ),
         TWO_STAGE_16: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=16
         ),

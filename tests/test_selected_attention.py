@@ -579,16 +579,24 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_blocks": 0}, "select_blocks"),
         ({"select_dims": 0}, "select_dims"),
         ({"select_scorer": "oracle"}, "select_scorer"),
-        ({"select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
+        ({"select_scorer": "sparq", "select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
         ({"select_scorer": "two-stage", "select_candidates": 4}, "must be at least select_blocks=8"),
         ({"select_scorer": "two-stage", "select_candidates": 0}, "select_candidates"),
-        ({"select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or 'two-stage'"),
+        ({"select_scorer": "sparq", "select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or"),
         ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],
 )
 def test_config_refuses_a_bad_selection(fields, named):
     with pytest.raises(ValueError, match=named):
         LlamaHybridConfig(**SPARSE, **fields)
+
+
+def test_the_default_scorer_bounds_8_token_parts_where_8_divides_the_block():
+    config = LlamaHybridConfig(**SPARSE)
+    assert config.select_scorer == "two-stage" and config.compress_block_size == 64
+    assert config.select_bound_parts == 8
+    assert LlamaHybridConfig(**SPARSE, select_bound_size=16).select_bound_parts == 4
+    assert LlamaHybridConfig(**{**SPARSE, "compress_block_size": 12, "sliding_window": 12}).select_bound_parts == 1
 
 
 def test_a_window_shorter_than_a_block_is_fine_without_selected_layers():

@@ -392,6 +392,7 @@ def test_selected_recipe_beyond_the_source_context_picks_fixed_distances_on_ever
     hybrid = upcycle(llama, recipe)
     config = hybrid.config
     assert config.select_positions == "fixed" and config.max_position_embeddings == 4 * trained
+    assert config.select_scorer == "sparq"  # the scorer measured at fixed distances, not the library's default
     assert config.mixer_types == ["sparse_attention"] * 8 and config.global_attention == "selected"
     assert config.rope_parameters == llama.config.rope_parameters
     assert exact_context(config) == WINDOW
@@ -416,6 +417,7 @@ def test_context_choices_can_be_given_explicitly(llama):
     recipe = recipe_for("long-context-selected", 8, **common, context_length=4 * trained, select_positions="true")
     config = upcycled_config(llama.config, recipe)[0]
     assert config.select_positions == "true" and config.rope_parameters["rope_type"] == "yarn"
+    assert config.select_scorer == "two-stage"  # true positions: the default scorer
     # within the context nothing changes: true positions, the recipe's layers
     config = upcycled_config(llama.config, recipe_for("long-context-selected", 8, **common))[0]
     assert config.select_positions == "true" and config.mixer_types[0] == "attention"
