@@ -70,7 +70,10 @@ BUDGET = {
     ],
     "quick": [(640, LLAMA, 1), (640, LLAMA_YARN, 1), (640, FIXED, 1), (640, FIXED_ENDS, 1), "perplexity"],
 }
-PERPLEXITY = {"full": [(16384, m) for m in (LLAMA, LLAMA_YARN, FIXED)], "quick": [(640, LLAMA), (640, FIXED)]}
+PERPLEXITY = {
+    "full": [(n, m) for n in (16384, 32768) for m in (LLAMA, LLAMA_YARN, FIXED)],
+    "quick": [(640, LLAMA), (640, FIXED)],
+}
 
 
 SCORER = "sparq"  # the selected layers' scorer in the published run (pinned: the library's default may change)
