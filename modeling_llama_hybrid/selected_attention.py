@@ -202,18 +202,15 @@ def bound_parts(layout: SelectionLayout, bounds) -> int:
 def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: SelectionLayout, split: int = 1):
     """`block_bounds` of every block, through the cache: the bounds it keeps (blocks no new token can join) and those
     of the rest, computed from where they start; the cache then keeps every block that is now final (a block is
-    final once every row holds a later block)."""
-    kept = 0 if cache.bounds is None else min(cache.bounds[0].shape[2] // split, layout.num_blocks)
-    first_slot = int(layout.block_slots[:, kept, 0].min()) if kept < layout.num_blocks else key.shape[2]
-    fresh = block_bounds(key, layout, kept, first_slot, split)
-    if kept:
-        fresh = tuple(
-            torch.cat([old[:, :, : kept * split], new], 2) for old, new in zip(cache.bounds, fresh, strict=True)
-        )
-    final = max(int((layout.block_documents >= 0).sum(1).min()) - 1, 0)  # blocks every row has moved past
-    cache.bounds = (fresh[0][:, :, : final * split], fresh[1][:, :, : final * split])
-    cache.bound_ends = layout.block_ends[:, :final].amax(0)
-    return fresh
+    final once every row holds a later block). The cache appends them to growing buffers: a step copies only
+    the bounds it computes, not every block's (a decode step's cost would grow with the context)."""
+    with torch.no_grad():  # bounds only choose blocks
+        kept = 0 if cache.bounds is None else min(cache.bounds[0].shape[2] // split, layout.num_blocks)
+        first_slot = int(layout.block_slots[:, kept, 0].min()) if kept < layout.num_blocks else key.shape[2]
+        every = cache.bounds_after(kept * split, block_bounds(key, layout, kept, first_slot, split))
+        final = max(int((layout.block_documents >= 0).sum(1).min()) - 1, 0)  # blocks every row has moved past
+        cache.keep_bounds(final * split, layout.block_ends[:, :final].amax(0))
+        return every
 
 
 def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None):
@@ -242,11 +239,14 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     elif scorer == "quest":  # bounds of whole blocks, or of `split` parts of each (the block: their max)
         low, high = bounds if bounds is not None else block_bounds(key, layout)
         split = low.shape[2] // layout.num_blocks
-        grouped_query = grouped(query, kv_heads)
-        # q+ . max - q- . min as one product over 2 D dimensions: [q+, q-] . [max, -min]
-        signed = torch.cat([grouped_query.clamp(min=0), grouped_query.clamp(max=0)], -1)  # (B, KV, RQ, 2 D)
-        corners = torch.cat([high[:, :, : blocks * split], low[:, :, : blocks * split]], -1)  # (B, KV, G' * split, 2 D)
-        scores = (signed @ corners.transpose(-1, -2)).view(*signed.shape[:-1], blocks, split).amax(-1)
+        low, high, grouped_query = low[:, :, : blocks * split], high[:, :, : blocks * split], grouped(query, kv_heads)
+        positive, negative = grouped_query.clamp(min=0), grouped_query.clamp(max=0)  # q+ and -q-
+        if grouped_query.shape[2] > SPARQ_GATHER_QUERIES:  # a prefill: one product over 2 D dims, [q+, -q-].[max, min]
+            corners = torch.cat([high, low], -1)  # (B, KV, G' * split, 2 D): a copy, worth it for many queries
+            scores = torch.cat([positive, negative], -1) @ corners.transpose(-1, -2)
+        else:  # a decode step: two products over the bounds as they are (no copy of every bound per step)
+            scores = positive @ high.transpose(-1, -2) + negative @ low.transpose(-1, -2)
+        scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
     else:
         raise ValueError(f"select_scorer={scorer!r}; score_blocks takes 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)

@@ -57,6 +57,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.new_positions: torch.Tensor | None = None  # (B, T) of the open step, -1 for padding
         self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, KV, G', D) min / max of final blocks
         self.bound_ends: torch.Tensor | None = None  # (G',) one past each one's last slot, the largest over rows
+        self.bound_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # `bounds` are views of their start
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -133,13 +134,38 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         held = (self.keys, self.values, self.position_buffer[:, : self.length])
         return sum(t.numel() * t.element_size() for t in held)
 
+    def bounds_after(self, start: int, fresh: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `start` kept bounds followed by `fresh` (B, KV, N, D) min / max, as views of the bound buffers,
+        which grow by doubling (what follows the kept bounds is scratch: the next step writes its own)."""
+        needed = start + fresh[0].shape[2]
+        held = 0 if self.bound_buffers is None else self.bound_buffers[0].shape[2]
+        if needed > held:
+            capacity = max(needed, 2 * held)
+            grown = []
+            for i, new in enumerate(fresh):
+                buffer = new.new_zeros(*new.shape[:2], capacity, new.shape[3])
+                if start:
+                    buffer[:, :, :start] = self.bound_buffers[i][:, :, :start]
+                grown.append(buffer)
+            self.bound_buffers = tuple(grown)
+        for buffer, new in zip(self.bound_buffers, fresh, strict=True):
+            buffer[:, :, start:needed] = new
+        return tuple(buffer[:, :, :needed] for buffer in self.bound_buffers)
+
+    def keep_bounds(self, count: int, ends: torch.Tensor) -> None:
+        """Keep the first `count` bounds of the buffers (blocks no new token can join) and their blocks' ends."""
+        self.bounds = tuple(buffer[:, :, :count] for buffer in self.bound_buffers)
+        self.bound_ends = ends
+
     def map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.key_buffer, self.value_buffer = fn(self.key_buffer), fn(self.value_buffer)
         self.position_buffer = fn(self.position_buffer)
         if self.bounds is not None:
-            self.bounds = (fn(self.bounds[0]), fn(self.bounds[1]))
+            count = self.bounds[0].shape[2]
+            self.bound_buffers = (fn(self.bound_buffers[0]), fn(self.bound_buffers[1]))
+            self.bounds = tuple(buffer[:, :, :count] for buffer in self.bound_buffers)
         self.refresh()
 
     def activate_past_recording(self, *args, **kwargs) -> None:
@@ -158,7 +184,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             if self.bounds is not None and len(self.bound_ends):  # keep the blocks whose keys all stay
                 per_block = self.bounds[0].shape[2] // len(self.bound_ends)  # bounds of parts of each block
                 kept = int((self.bound_ends <= self.length).sum())
-                self.bounds = (self.bounds[0][:, :, : kept * per_block], self.bounds[1][:, :, : kept * per_block])
+                self.bounds = tuple(buffer[:, :, : kept * per_block] for buffer in self.bound_buffers)
                 self.bound_ends = self.bound_ends[:kept]
             self.refresh()
 
@@ -167,7 +193,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.keys = self.values = None
         self.length = 0
         self.new_positions = None
-        self.bounds = self.bound_ends = None
+        self.bounds = self.bound_ends = self.bound_buffers = None
 
 
 def selected_cache_layer(cache, config, layer_idx: int):
