@@ -213,12 +213,13 @@ def cached_bounds(cache: SelectedSparseLayer, key: torch.Tensor, layout: Selecti
         return every
 
 
-def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None):
+def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bounds=None, blocks=None, corners=None):
     """Block scores (B, KV, Q, G') of queries (B, H, Q, D) over rotated keys (B, KV, S, D), max over a group's heads,
     for the first `blocks` = G' blocks (default all G): only the key slots of those blocks are read.
 
     "sparq": the max over the block's keys of q.k on the query's `dims` largest-|q| dimensions; "quest": Quest's
-    bound q+ . max - q- . min (`bounds`: `block_bounds(key, layout)`, computed here when None).
+    bound q+ . max - q- . min (`bounds`: `block_bounds(key, layout)`, computed here when None; `corners`:
+    `quest_corners` of them, for a caller that scores many parts of queries against the same bounds).
     """
     batch, kv_heads = key.shape[:2]
     length = query.shape[2]
@@ -242,14 +243,26 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
         low, high, grouped_query = low[:, :, : blocks * split], high[:, :, : blocks * split], grouped(query, kv_heads)
         positive, negative = grouped_query.clamp(min=0), grouped_query.clamp(max=0)  # q+ and -q-
         if grouped_query.shape[2] > SPARQ_GATHER_QUERIES:  # a prefill: one product over 2 D dims, [q+, -q-].[max, min]
-            corners = torch.cat([high, low], -1)  # (B, KV, G' * split, 2 D): a copy, worth it for many queries
-            scores = torch.cat([positive, negative], -1) @ corners.transpose(-1, -2)
+            corners = quest_corners((low, high), blocks, split) if corners is None else corners
+            scores = torch.cat([positive, negative], -1) @ corners  # part-major: (B, KV, RQ, split * G')
+            scores = scores.view(*scores.shape[:-1], split, blocks).amax(-2)
         else:  # a decode step: two products over the bounds as they are (no copy of every bound per step)
             scores = positive @ high.transpose(-1, -2) + negative @ low.transpose(-1, -2)
-        scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
+            scores = scores.view(*scores.shape[:-1], blocks, split).amax(-1)
     else:
         raise ValueError(f"select_scorer={scorer!r}; score_blocks takes 'sparq', 'sparq-group' or 'quest'")
     return scores.reshape(batch, kv_heads, query.shape[1] // kv_heads, length, blocks).amax(2)
+
+
+def quest_corners(bounds, blocks: int, split: int) -> torch.Tensor:
+    """(B, KV, 2 D, split * G') the bounds of the first `blocks` blocks, max and min stacked along the dimensions,
+    transposed and part-major (column i * G' + j: part i of block j): what one product with [q+, -q-] turns into
+    Quest's bounds, whose max over a block's parts is then an element-wise max of `split` slabs (a copy of the
+    bounds: worth it for many queries)."""
+    low, high = bounds
+    stacked = torch.cat([high[:, :, : blocks * split], low[:, :, : blocks * split]], -1)  # (B, KV, G' * split, 2 D)
+    stacked = stacked.view(*stacked.shape[:2], blocks, split, -1).permute(0, 1, 4, 3, 2)  # (B, KV, 2 D, split, G')
+    return stacked.reshape(*stacked.shape[:3], split * blocks)
 
 
 def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: int) -> torch.Tensor:
@@ -301,10 +314,15 @@ def select_blocks(
                 2,
             )
 
+        corners = None
+        if tiled and len(parts) > 1:  # the parts share one copy of the bounds
+            bounds = bounds if bounds is not None else block_bounds(key, layout)
+            corners = quest_corners(bounds, blocks, bound_parts(layout, bounds))
+
         def shortlisted_of(part: slice) -> torch.Tensor:  # Quest's C best candidates, a set in block order
-            first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks)
+            first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks, corners)
             first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
-            best = first.topk(min(shortlist or 4 * k, blocks), dim=-1)
+            best = first.topk(min(shortlist or 4 * k, blocks), dim=-1, sorted=False)  # a set: sorted by block below
             return torch.where(best.values > -torch.inf, best.indices, spare).sort(-1).values
 
         shortlisted = torch.cat([shortlisted_of(p) for p in parts], 2)
@@ -413,9 +431,11 @@ class PairTiles(NamedTuple):
     count: int  # B * KV * Q * M: the padding index
 
 
-def pair_tiles(blocks: torch.Tensor, num_blocks: int, tile: int = PAIR_TILE) -> PairTiles:
+def pair_tiles(blocks: torch.Tensor, num_blocks: int, tile: int | None = None) -> PairTiles:
     """Tiles of the pairs of `blocks` (B, KV, Q, M) that name a block (`num_blocks`: "no block"); a tile holds
-    min(`tile`, the largest group) rows, so a decode step (one query) makes one row per block."""
+    min(`tile` (default `PAIR_TILE`, read at the call), the largest group) rows, so a decode step (one query) makes
+    one row per block."""
+    tile = PAIR_TILE if tile is None else tile
     batch, kv_heads, length, width = blocks.shape
     flat = blocks.flatten()
     count = flat.numel()
@@ -442,12 +462,17 @@ def tile_states(states: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) 
     slot S ("none") reads slot S - 1 (the caller masks it). Rows of D numbers are copied whole from a token-major
     tensor; a dimension-major one (the cache's keys) is read element-wise, which suits a decode step's few slots
     (a prefill copies it token-major once first: `token_major`)."""
-    num_slots, dim = states.shape[2], states.shape[3]
+    kv_heads, num_slots, dim = states.shape[1:]
     slots = slots.clamp(max=num_slots - 1)
-    if states.stride(-2) == 1 and dim > 1:  # dimension-major: (B * KV, D, S) rows
-        return states.transpose(-1, -2).reshape(-1, dim, num_slots)[heads[:, None], :, slots]
-    table = states.reshape(-1, dim)
-    return table.index_select(0, (heads[:, None] * num_slots + slots).flatten()).view(*slots.shape, dim)
+    if states.is_contiguous():  # one table of rows (a prefill's keys and values)
+        table = states.view(-1, dim)
+        return table.index_select(0, (heads[:, None] * num_slots + slots).flatten()).view(*slots.shape, dim)
+    # a view of a cache's buffers (filled slots of a larger capacity): indexed in place, since a reshape would copy
+    # every cached key or value at every step
+    batch_of, head_of = heads.div(kv_heads, rounding_mode="floor")[:, None], (heads % kv_heads)[:, None]
+    if states.stride(-2) == 1 and dim > 1:  # dimension-major: (B, KV, D, S) rows
+        return states.transpose(-1, -2)[batch_of, head_of, :, slots]
+    return states[batch_of, head_of, slots]
 
 
 class PartialSoftmax(NamedTuple):
@@ -473,7 +498,7 @@ class PartialSoftmax(NamedTuple):
 class TileScores(NamedTuple):
     """q.k of every tile row's query heads against its block's keys, and what the memory part needs with them."""
 
-    scores: torch.Tensor  # (N, P, R, b) in the score type; tile rows that pad a tile hold garbage
+    scores: torch.Tensor  # (N, P, R, b) in the score type ((N, b, P, R): `keys_first`); padding rows hold garbage
     tiles: PairTiles
     pair_row: torch.Tensor  # (N, P) the query row (B * KV * Q) of each tile row (0 for padding)
     slots: torch.Tensor  # (N, b) key slots of each tile's block; S: none
@@ -497,18 +522,25 @@ def tile_parts(tiles: PairTiles, numbers_per_tile: int) -> list[PairTiles]:
     ]
 
 
-def tile_scores(layout: SelectionLayout, tiles: PairTiles, rows: torch.Tensor, key, width: int) -> TileScores:
+def tile_scores(
+    layout: SelectionLayout, tiles: PairTiles, rows: torch.Tensor, key, width: int, keys_first: bool = False
+) -> TileScores:
     """The block-sparse q.k of `tiles` (of the pairs of a (B, KV, Q, M) block tensor, M = `width`): query rows
     (B * KV * Q, R, D) (`query_rows`), keys (B, KV, S, D) of every slot. A tile reads its block's b keys once for
-    its P queries."""
+    its P queries. `keys_first`: scores laid out (N, b, P, R), so that a max over the block's keys is an element-wise
+    max over rows (a reduction over a short innermost axis is several times slower)."""
     kv_heads, groups, dim = key.shape[1], rows.shape[1], rows.shape[2]
     pair_row = torch.where(tiles.pairs < tiles.count, tiles.pairs.div(width, rounding_mode="floor"), 0)  # (N, P)
     batch_of = tiles.heads.div(kv_heads, rounding_mode="floor")
     slots = layout.block_slots[batch_of, tiles.blocks]  # (N, b)
     key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of[:, None], slots]
     tile_queries = rows.flatten(1).index_select(0, pair_row.flatten()).view(-1, pair_row.shape[1] * groups, dim)
-    scores = tile_queries @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
     score_type = torch.promote_types(rows.dtype, torch.float32)
+    if keys_first:
+        scores = tile_states(key, slots, tiles.heads) @ tile_queries.transpose(-1, -2)  # (N, b, P * R)
+        scores = scores.to(score_type).view(len(slots), slots.shape[-1], *pair_row.shape[1:], groups)
+        return TileScores(scores, tiles, pair_row, slots, key_positions)
+    scores = tile_queries @ tile_states(key, slots, tiles.heads).transpose(-1, -2)  # (N, P * R, b)
     scores = scores.to(score_type).view(*pair_row.shape, groups, slots.shape[-1])
     return TileScores(scores, tiles, pair_row, slots, key_positions)
 
@@ -570,8 +602,8 @@ def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, 
     score_type = torch.promote_types(rows.dtype, torch.float32)
     flat = rows.new_full((tiles.count + 1,), -torch.inf, dtype=score_type)  # index `count`: the padding rows
     for part in tile_parts(tiles, tiles.pairs.shape[1] * rows.shape[1] * size):
-        tiled = tile_scores(layout, part, rows, key, shortlist.shape[-1])
-        scores = tiled.scores.amax(-1).amax(-1)  # no mask: a candidate block is complete, every key valid
+        tiled = tile_scores(layout, part, rows, key, shortlist.shape[-1], keys_first=True)
+        scores = tiled.scores.amax(1).amax(-1)  # no mask: a candidate block is complete, every key valid
         flat = flat.index_put_((part.pairs.flatten(),), scores.flatten())
     return flat[:-1].view(shortlist.shape)
 
