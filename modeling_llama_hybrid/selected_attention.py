@@ -261,7 +261,9 @@ def quest_corners(bounds, blocks: int, split: int) -> torch.Tensor:
     bounds: worth it for many queries)."""
     low, high = bounds
     stacked = torch.cat([high[:, :, : blocks * split], low[:, :, : blocks * split]], -1)  # (B, KV, G' * split, 2 D)
-    stacked = stacked.view(*stacked.shape[:2], blocks, split, -1).permute(0, 1, 4, 3, 2)  # (B, KV, 2 D, split, G')
+    stacked = stacked.view(*stacked.shape[:2], blocks, split, stacked.shape[-1]).permute(
+        0, 1, 4, 3, 2
+    )  # (B,KV,2D,split,G')
     return stacked.reshape(*stacked.shape[:3], split * blocks)
 
 
