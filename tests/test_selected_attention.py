@@ -645,10 +645,15 @@ def test_the_layer_reads_its_local_branch_from_the_kernel_as_the_banded_kernel_c
     ids, mask = tokens(2, 40), torch.ones(2, 40, dtype=torch.long)
     mask[1, :6] = 0
     layer = next(m for m in model.modules() if isinstance(m, selected.LlamaHybridSelectedSparseAttention))
+    banded_calls = []
+    local_branch = type(layer).local_branch
+    monkeypatch.setattr(type(layer), "local_branch", lambda *a: banded_calls.append(1) or local_branch(*a))
     shared = model(ids, attention_mask=mask).logits
     cached = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+    assert not banded_calls  # both forwards took the window from the kernel
     monkeypatch.setattr(type(layer), "window_from_kernel", lambda self, masks: False)
     separate = model(ids, attention_mask=mask).logits
+    assert banded_calls
     real = mask.bool()
     torch.testing.assert_close(shared[real], separate[real], atol=1e-5, rtol=0)
     torch.testing.assert_close(cached[real], separate[real], atol=1e-5, rtol=0)
