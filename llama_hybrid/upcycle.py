@@ -65,9 +65,8 @@ ROUTER_STD = 0.01
 RECIPES = ("hybrid", "staged", "long-context", "long-context-selected")  # the named upcycle recipes of `recipe_for`
 ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the source's trained context is reached
 SELECT_POSITIONS = ("true", "fixed")  # the selected layers' position scheme (the config's `select_positions`)
-FIXED_DISTANCE_SCORER = (
-    "sparq"  # the scorer of selected layers at fixed distances (the one study/context_extension.py measured)
-)
+# the scorer of selected layers at fixed distances: the one study/context_extension.py measured (docs/claims.md §4d)
+FIXED_DISTANCE_SCORER = "sparq"
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
 

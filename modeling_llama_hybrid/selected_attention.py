@@ -239,7 +239,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
         scores = scores.reshape(*scores.shape[:-1], blocks, size).amax(-1)  # (B, KV, RQ, G')
     elif scorer == "quest":  # bounds of whole blocks, or of `split` parts of each (the block: their max)
         low, high = bounds if bounds is not None else block_bounds(key, layout)
-        split = low.shape[2] // layout.num_blocks
+        split = bound_parts(layout, (low, high))
         low, high, grouped_query = low[:, :, : blocks * split], high[:, :, : blocks * split], grouped(query, kv_heads)
         positive, negative = grouped_query.clamp(min=0), grouped_query.clamp(max=0)  # q+ and -q-
         if grouped_query.shape[2] > SPARQ_GATHER_QUERIES:  # a prefill: one product over 2 D dims, [q+, -q-].[max, min]
@@ -261,10 +261,9 @@ def quest_corners(bounds, blocks: int, split: int) -> torch.Tensor:
     bounds: worth it for many queries)."""
     low, high = bounds
     stacked = torch.cat([high[:, :, : blocks * split], low[:, :, : blocks * split]], -1)  # (B, KV, G' * split, 2 D)
-    stacked = stacked.view(*stacked.shape[:2], blocks, split, stacked.shape[-1]).permute(
-        0, 1, 4, 3, 2
-    )  # (B,KV,2D,split,G')
-    return stacked.reshape(*stacked.shape[:3], split * blocks)
+    batch, kv_heads, _, dims = stacked.shape
+    part_major = stacked.view(batch, kv_heads, blocks, split, dims).permute(0, 1, 4, 3, 2)  # (B, KV, 2 D, split, G')
+    return part_major.reshape(batch, kv_heads, dims, split * blocks)
 
 
 def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: int) -> torch.Tensor:
@@ -775,8 +774,9 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
 
     def window_from_kernel(self, masks: SparseMasks) -> bool:
         """Whether the local branch is the chunked kernel's window part: the banded (eager / sdpa) layout is the
-        global branch's own (the kernel's band reads the same window over the same keys), and no attention dropout (the local branch applies it, the
-        kernel's band does not). Other backends run the local branch on their own mask."""
+        global branch's own (the kernel's band reads the same window over the same keys), and no attention dropout
+        (the local branch applies it, the kernel's band does not). Other backends run the local branch on their own
+        mask."""
         shared = isinstance(masks.local, WindowLayout) and masks.local is masks.global_
         return shared and not (self.training and self.attention_dropout)
 

@@ -157,7 +157,11 @@ def models(llama) -> dict:
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
         ),
         TWO_STAGE: mixed(  # bounds of whole blocks (the config's default bounds 8-token parts)
-            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=64
+            selected,
+            compressed,
+            selected.config.global_attention,
+            select_scorer="two-stage",
+            select_bound_size=selected.config.compress_block_size,
         ),
         TWO_STAGE_16: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=16
