@@ -14,9 +14,11 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   decode step reads r rows of keys per KV head instead of up to R * r;
 - "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
   of the true max q.k over the block);
-- "two-stage": Quest's bound shortlists C blocks (`config.select_candidates`, default 4k), and the exact block score,
-  the max over the block's keys of q.k on all D dimensions, ranks them: a decode step reads the bounds (2 D numbers
-  per block) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per query (block-sparse), not (Q x S).
+- "two-stage": Quest's bound shortlists C blocks (`config.select_candidates`, default 4k; a query at position t of
+  its document at most a share of its blocks, `config.select_candidates_share` * (t + 1) / b, default a quarter, at
+  least k), and the exact block score, the max over the block's keys of q.k on all D dimensions, ranks them: a decode
+  step reads the bounds (2 D numbers per bound) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per
+  query (block-sparse), not (Q x S).
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
 eager / sdpa path: queries in chunks; a chunk scores and selects, then the softmax over sink | selected | window is
@@ -277,7 +279,7 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: in
 
 def select_blocks(
     query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None,
-    shortlist: int | None = None, tiled: bool = False,
+    shortlist: int | None = None, tiled: bool = False, shortlist_share: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
     the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
@@ -285,8 +287,9 @@ def select_blocks(
 
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
     the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
-    `shortlist_scores` in the kernel (`tiled`). The shortlist is a set (topk: a tie at its edge may go either way);
-    the final choice goes to the earlier block on ties, as the other scorers' does."""
+    `shortlist_scores` in the kernel (`tiled`). With `shortlist_share`, a query at position t of its document
+    shortlists only its `shortlist_sizes` best (Quest's order). The shortlist is a set (topk: a tie at its edge may go
+    either way); the final choice goes to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
@@ -323,8 +326,13 @@ def select_blocks(
         def shortlisted_of(part: slice) -> torch.Tensor:  # Quest's C best candidates, a set in block order
             first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks, corners)
             first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
-            best = first.topk(min(shortlist or 4 * k, blocks), dim=-1, sorted=False)  # a set: sorted by block below
-            return torch.where(best.values > -torch.inf, best.indices, spare).sort(-1).values
+            most = min(shortlist or 4 * k, blocks)
+            best = first.topk(most, dim=-1, sorted=shortlist_share is not None)  # a set: sorted by block below
+            listed = best.values > -torch.inf
+            if shortlist_share is not None:  # each query keeps its own number of Quest's best
+                sizes = shortlist_sizes(layout.query_positions[:, queries][:, part], shortlist_share, k, layout)
+                listed &= torch.arange(most, device=listed.device) < sizes[:, None, :, None]
+            return torch.where(listed, best.indices, spare).sort(-1).values
 
         shortlisted = torch.cat([shortlisted_of(p) for p in parts], 2)
         if not tiled:
@@ -337,6 +345,14 @@ def select_blocks(
         chosen = shortlisted.gather(-1, ranked.indices[..., :k])
         chosen = torch.where(ranked.values[..., :k] > -torch.inf, chosen, spare)
         return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
+
+
+def shortlist_sizes(positions: torch.Tensor, share: float, k: int, layout: SelectionLayout) -> torch.Tensor:
+    """(B, Q) how many blocks "two-stage" shortlists for queries at `positions` (B, Q) of their documents: `share` of
+    the blocks of the n = t + 1 tokens the document holds so far, floor(share * n / b), and at least k. A decode step
+    then reads share * n keys of D numbers for its second stage: share / 2 of the cache's keys and values."""
+    block_size = layout.block_slots.shape[-1]
+    return ((positions + 1) * share / block_size).floor().long().clamp(min=k)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -661,6 +677,7 @@ def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
     shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None, bound_split: int = 1,
+    shortlist_share: float | None = None,
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -692,7 +709,9 @@ def chunked_selected_attention(
             if selection is None:
                 part = memory.query[:, :, queries]
                 chosen.append(
-                    select_blocks(part, memory.key, layout, queries, k, scorer, dims, bounds, shortlist, tiled=True)
+                    select_blocks(
+                        part, memory.key, layout, queries, k, scorer, dims, bounds, shortlist, True, shortlist_share
+                    )
                 )
             else:
                 chosen.append(selection[:, :, queries])
@@ -742,6 +761,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
         self.select_candidates = config.select_candidates
+        self.select_candidates_share = config.select_candidates_share
         self.bound_split = config.select_bound_parts
         self.fixed_distance = None
         if config.select_positions == "fixed":
@@ -810,6 +830,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         return chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
             memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,
+            shortlist_share=self.select_candidates_share,
         )  # fmt: skip
 
 

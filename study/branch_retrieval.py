@@ -14,6 +14,8 @@ The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none train
 - `selected, sparq-group r 32`, `selected, two-stage` and `selected, two-stage, bounds of 16` / `of 8`: the selected
   upcycle with another scorer (a KV group's shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the
   exact block max ranks, the bound taken over whole blocks or as the largest of a block's 16- or 8-token parts).
+- `selected, two-stage, bounds of 8, shortlist 1/4`: the library's default scorer: the same with 8-token bounds, a
+  query at position t shortlisting a quarter of its blocks, floor((t + 1) / 4b) (at least k = 8, at most 32).
 
 Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
 at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
@@ -23,12 +25,15 @@ distance is recorded; the tables count only needles beyond W). Perplexity: the h
 tokens (5 windows) and of 8,192 tokens (one window: its first 8,192 tokens), every token scored.
 
 Results go to --out (default out/branch-retrieval): results.json (every sample) and results.md (the tables), written
-after every cell, so an interrupted run resumes where it stopped (cells already in results.json are skipped).
+after every cell, so an interrupted run resumes where it stopped (a cell's samples already in results.json are
+skipped; a larger budget adds samples to a cell: the samples of a (haystack, length) are prefix-stable). A second
+process on the other core starts from a copy of the run folder and is joined with --merge.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import itertools
 import json
@@ -56,8 +61,10 @@ GROUP = "selected, sparq-group r 32"  # dimensions shared by a KV group: a decod
 TWO_STAGE = "selected, two-stage"  # Quest's bound shortlists 4k = 32 blocks, the exact block max ranks them
 TWO_STAGE_16 = "selected, two-stage, bounds of 16"  # the same with a bound per 16 tokens (a block's: their max)
 TWO_STAGE_8 = "selected, two-stage, bounds of 8"  # ... per 8 tokens: the bounds are a quarter of the keys
-MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, MIX, COMPRESSED]  # the tables' order
-PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8)
+SHARE = "selected, two-stage, bounds of 8, shortlist 1/4"  # ... shortlisting a quarter of a query's blocks (<= 4k)
+MODELS = [LLAMA, SELECTED, GROUP, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, SHARE, MIX, COMPRESSED]  # the tables' order
+PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, SHARE)
+READ_LENGTHS = (2048, 4096, 8192, 32768)  # the scorers' reads per decode step, computed from each model's config
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
 # on a 2-core machine shared with three other jobs (a 4k sample of the selected upcycle took about 90 s there): fewer
@@ -66,10 +73,10 @@ BUDGET = {
     "full": [
         (2048, LLAMA, 20),
         (2048, SELECTED, 20),
-        (4096, LLAMA, 10),
+        (4096, LLAMA, 20),
         (4096, SELECTED, 10),
         "perplexity",
-        (8192, LLAMA, 4),
+        (8192, LLAMA, 20),
         (8192, SELECTED, 4),
         (2048, COMPRESSED, 10),
         (2048, MIX, 10),
@@ -84,6 +91,9 @@ BUDGET = {
         (2048, TWO_STAGE_8, 20),
         (4096, TWO_STAGE_8, 10),
         (8192, TWO_STAGE_8, 4),
+        (2048, SHARE, 20),
+        (4096, SHARE, 20),
+        (8192, SHARE, 20),
     ],
     "quick": [
         (640, LLAMA, 2),
@@ -143,8 +153,13 @@ def mixed(selected, compressed, branches: str | list[str | None], **settings):
     return model
 
 
+# the two-stage rows measured before the shortlist's share: 4k = 32 blocks for every query
+WHOLE = {"select_scorer": "two-stage", "select_candidates": None, "select_candidates_share": None}
+
+
 def models(llama) -> dict:
     selected, compressed = upcycled(llama, "selected"), upcycled(llama, "compressed")
+    block = selected.config.compress_block_size
     selected = mixed(selected, compressed, selected.config.global_attention, select_scorer="sparq")  # the run's
     sparse = [kind == "sparse_attention" for kind in selected.config.mixer_types]
     branches = [("selected" if i % 4 == 0 else "compressed") if s else None for i, s in enumerate(sparse)]
@@ -157,19 +172,41 @@ def models(llama) -> dict:
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
         ),
         TWO_STAGE: mixed(  # bounds of whole blocks (the config's default bounds 8-token parts)
+            selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=block
+        ),
+        TWO_STAGE_16: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=16),
+        TWO_STAGE_8: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=8),
+        SHARE: mixed(
             selected,
             compressed,
             selected.config.global_attention,
             select_scorer="two-stage",
-            select_bound_size=selected.config.compress_block_size,
-        ),
-        TWO_STAGE_16: mixed(
-            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=16
-        ),
-        TWO_STAGE_8: mixed(
-            selected, compressed, selected.config.global_attention, select_scorer="two-stage", select_bound_size=8
+            select_bound_size=8,
+            select_candidates_share=0.25,
         ),
     }
+
+
+def scorer_reads(config, length: int) -> float:
+    """The numbers a decode step's scorer reads per KV head at `length` tokens (a query at t = length - 1), as a share
+    of full attention's keys and values (2 * length * D): "sparq" r dims of each of its R heads (up to R * r) of
+    every candidate key, "sparq-group" r, "quest" the bounds (2 D per bound part of each candidate block),
+    "two-stage" the bounds and the D dims of its shortlist's keys."""
+    block, dim = config.compress_block_size, config.head_dim
+    candidates = max((length - 1 - config.sliding_window) // block, 0)  # blocks 1 .. j with j * b <= t - W
+    heads = config.num_attention_heads // config.num_key_value_heads
+    scorer = config.select_scorer
+    if scorer in ("sparq", "sparq-group"):
+        dims = min(config.select_dims * (heads if scorer == "sparq" else 1), dim)
+        return candidates * block * dims / (2 * length * dim)
+    read = candidates * config.select_bound_parts * 2 * dim
+    if scorer == "two-stage":
+        listed = config.select_candidates or 4 * config.select_blocks
+        if config.select_candidates_share is not None:
+            share = math.floor(config.select_candidates_share * length / block)
+            listed = min(listed, max(share, config.select_blocks))
+        read += min(listed, candidates) * block * dim
+    return read / (2 * length * dim)
 
 
 @torch.no_grad()
@@ -210,6 +247,14 @@ def markdown(state: dict, window: int, names: list[str]) -> str:
         lines.append(
             f"| {entry['model']} | {entry['window']} | {entry['windows']} | {entry['tokens']} | {entry['ppl']:.3f} |"
         )
+    reads = state.get("reads", {})
+    if reads:
+        lines += ["", "## The scorer's reads per decode step (of full attention's keys + values, per KV head)", ""]
+        lines += ["| model | " + " | ".join(f"{n} tokens" for n in READ_LENGTHS) + " |"]
+        lines += ["|---|" + "---:|" * len(READ_LENGTHS)]
+        for name in names:
+            if name in reads:
+                lines.append(f"| {name} | " + " | ".join(f"{reads[name][str(n)]:.1%}" for n in READ_LENGTHS) + " |")
     lines += ["", "Seconds per sample (mean):", ""]
     for name, by_length in state["seconds"].items():
         lines.append(f"- {name}: " + ", ".join(f"{n}: {s:.1f} s" for n, s in sorted(by_length.items())))
@@ -237,14 +282,19 @@ def merge_runs(state: dict, folder: Path) -> None:
         print(f"error: --merge {folder}: no results.json there", file=sys.stderr)
         raise SystemExit(2)
     other = json.loads(path.read_text())
-    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
-    state["samples"] += [r for r in other["samples"] if (r["haystack"], r["length"], r["model"]) not in done]
+    done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
+    for row in other["samples"]:  # a cell's rows in sample order: keep those past what `state` has of that cell
+        cell = (row["haystack"], row["length"], row["model"])
+        done[cell] -= 1
+        if done[cell] < 0:
+            state["samples"].append(row)
     measured = {(e["model"], e["window"]) for e in state["perplexity"]}
     state["perplexity"] += [e for e in other["perplexity"] if (e["model"], e["window"]) not in measured]
     for name, by_length in other["seconds"].items():
         state["seconds"].setdefault(name, {}).update(by_length)
     state.setdefault("window", other["window"])
     state.setdefault("setup", other["setup"])
+    state.setdefault("reads", other.get("reads", {}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     out, state = open_run(args.out)
-    done = {(r["haystack"], r["length"], r["model"]) for r in state["samples"]}
+    done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
 
     def save() -> None:
         save_run(out, state, markdown(state, state["window"], MODELS))
@@ -274,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     llama, tokenizer = probe.source_llama(REPO / "out" / "passkey")
     built = models(llama)
     state["window"] = window = built["selected"].config.sliding_window
+    state["reads"] = {
+        name: {str(n): scorer_reads(model.config, n) for n in READ_LENGTHS}
+        for name, model in built.items()
+        if "selected" in name and isinstance(model.config.global_attention, str)
+    }
     prose = heldout_tokens(tokenizer)
     state["setup"] = (
         f"SmolLM2-135M-Instruct and its `long-context` upcycles at step 0 (window {window}, blocks of "
@@ -299,13 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         if (args.lengths and length not in args.lengths) or (args.models and name not in args.models):
             continue
         for haystack in only[0] if only else HAYSTACKS:
-            if (haystack, length, name) in done or (args.haystacks and haystack not in args.haystacks):
+            have = done[(haystack, length, name)]
+            if have >= samples or (args.haystacks and haystack not in args.haystacks):
                 continue
-            began = time.perf_counter()
-            batch = {length: prompts(tokenizer, haystack, length, samples, prose)}
+            began = time.perf_counter()  # the samples a smaller budget ran are kept: prompts are prefix-stable
+            batch = {length: prompts(tokenizer, haystack, length, samples, prose)[have:]}
             rows = probe.evaluate(f"{name} [{haystack}]", built[name], batch)
             state["samples"] += [{**r, "model": name, "haystack": haystack} for r in rows]
-            state["seconds"].setdefault(name, {})[str(length)] = (time.perf_counter() - began) / samples
+            state["seconds"].setdefault(name, {})[str(length)] = (time.perf_counter() - began) / len(rows)
             save()
     print(markdown(state, window, MODELS))
     return 0

@@ -8,6 +8,8 @@ so the branch equals full causal attention up to W + (k + 1) * b = 14 tokens.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,17 +385,59 @@ def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, mem
     assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
 
 
-def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys():
-    """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist, sink and window
-    and the values of its choice, sink and window: poisoning every other key and value with NaN changes nothing."""
-    length, shortlist = 200, 5
+@pytest.mark.parametrize("parts", [False, True])
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_two_stage_with_a_share_shortlists_each_querys_own_number_of_quests_best(monkeypatch, parts, share):
+    """With `shortlist_share`, a query at position t of its document ranks by the exact block max only Quest's
+    floor(share * (t + 1) / b) best candidates (at least k, at most the shortlist): the kernel's and the reference's
+    choices both equal that rule written out query by query, and the kernel equals the reference under it."""
+    monkeypatch.setattr(selected, "SHORTLIST_QUERIES", 16)
+    if parts:
+        small_parts(monkeypatch)
+    positions, (query, key, value), layout = packed_case(seed=21, length=90)
+    most = 6
+    sizes = ((positions + 1) * share / BLOCK).floor().long().clamp(min=K, max=most)  # (B, T)
+    assert sizes.amin() == K and sizes.amax() == most  # the share binds for some queries and not for others
+    quest = score_blocks(query, key, layout, "quest", DIM, block_bounds(key, layout))  # (B, KV, T, G)
+    quest = quest.masked_fill(~candidate_blocks(layout, slice(None))[:, None], -torch.inf)
+    exact = score_blocks(query, key, layout, "sparq", DIM)
+    expected = torch.full((3, KV_HEADS, positions.shape[1], K), layout.num_blocks)
+    for b, h, t in itertools.product(range(3), range(KV_HEADS), range(positions.shape[1])):
+        listed = quest[b, h, t].argsort(descending=True)[: sizes[b, t]]
+        listed = listed[quest[b, h, t, listed] > -torch.inf]
+        best = listed[exact[b, h, t, listed].argsort(descending=True)[:K]]
+        expected[b, h, t, : best.numel()] = best.sort().values
+    reference_choice = select_blocks(query, key, layout, slice(None), K, "two-stage", 4, None, most, False, share)
+    kernel = chunked_selected_attention(
+        query, key, value, layout, K, "two-stage", 4, SCALE, chunk=4, shortlist=most, shortlist_share=share
+    )
+    real = (positions >= 0)[:, None, :, None].expand_as(expected)
+    for choice in (reference_choice, kernel.selection):
+        assert torch.equal(choice.sort(-1).values[real], expected[real])
+    assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
+
+
+def test_shortlist_sizes_are_a_share_of_the_querys_blocks_and_at_least_k():
+    layout = layout_of(torch.arange(8)[None])  # blocks of 3
+    positions = torch.tensor([[0, 11, 59, 60, 119, 1000]])  # n = t + 1 tokens: 1, 12, 60, 61, 120, 1001
+    assert selected.shortlist_sizes(positions, 0.25, K, layout).tolist() == [[2, 2, 5, 5, 10, 83]]
+    assert selected.shortlist_sizes(positions, 1.0, 5, layout).tolist() == [[5, 5, 20, 20, 40, 333]]
+
+
+@pytest.mark.parametrize(("shortlist", "share", "listed_blocks"), [(5, None, 5), (10, 0.05, 3)])
+def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys(shortlist, share, listed_blocks):
+    """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist (with a share:
+    floor(0.05 * 200 / 3) = 3 blocks of at most 10), sink and window and the values of its choice, sink and window:
+    poisoning every other key and value with NaN changes nothing."""
+    length = 200
     query, key, value = qkv(1, length, queries=1, seed=14)
     layout = layout_of(torch.arange(length)[None], num_queries=1)
     bounds = block_bounds(key, layout)
-    clean = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, shortlist=shortlist)
+    settings = dict(shortlist=shortlist, shortlist_share=share)
+    clean = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, **settings)
     first = score_blocks(query, key, layout, "quest", DIM, bounds)  # (1, KV, 1, G)
     first = first.masked_fill(~candidate_blocks(layout, slice(None))[:, None], -torch.inf)
-    listed = first.topk(shortlist, dim=-1).indices[0, :, 0]  # (KV, C)
+    listed = first.topk(listed_blocks, dim=-1).indices[0, :, 0]  # (KV, C)
     blocks = layout.block_of_key[0]  # (S,)
     window = torch.arange(length) > length - 1 - W
     sink = blocks == 0
@@ -404,7 +448,7 @@ def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_ke
     poisoned_key[0][~read_keys] = torch.nan
     poisoned_value[0][~read_values] = torch.nan
     result = chunked_selected_attention(
-        query, poisoned_key, poisoned_value, layout, K, "two-stage", 4, SCALE, shortlist=shortlist, bounds=bounds
+        query, poisoned_key, poisoned_value, layout, K, "two-stage", 4, SCALE, bounds=bounds, **settings
     )
     assert torch.equal(result.selection, clean.selection)
     torch.testing.assert_close(result.out, clean.out, atol=1e-12, rtol=0)
@@ -508,6 +552,30 @@ def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monke
     assert reads == [BLOCK + K * BLOCK + W]  # one selected layer: 14 of the 61 cached slots
 
 
+@pytest.mark.parametrize("share", [0.25, None])
+@torch.no_grad()
+def test_the_model_shortlists_the_configs_share_of_each_querys_blocks(monkeypatch, share):
+    """The layer hands `select_candidates_share` to the kernel (prefill and decode), and the share changes what a
+    query shortlists: with it, the model's logits equal those of the kernel taking the share from the config."""
+    model = selected_model("two-stage", select_candidates_share=share)
+    ids = tokens(1, 61, seed=7)
+    shares = []
+    kernel = selected.chunked_selected_attention
+
+    def recording(*args, **kwargs):
+        shares.append(kwargs.get("shortlist_share"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(selected, "chunked_selected_attention", recording)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :60], cache=cache)
+    model(ids[:, 60:], cache=cache)
+    assert shares == [share, share]
+    monkeypatch.setattr(selected, "chunked_selected_attention", kernel)
+    other = selected_model("two-stage", select_candidates_share=None if share else 0.25)
+    assert not torch.equal(model(ids).logits, other(ids).logits)  # the share binds in this model: 61 / 3 / 4 < 4k
+
+
 @pytest.mark.parametrize("bound_size", [None, 1])  # whole blocks, one bound per token
 @torch.no_grad()
 def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_reorder(bound_size):
@@ -587,6 +655,10 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_scorer": "sparq", "select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
         ({"select_scorer": "two-stage", "select_candidates": 4}, "must be at least select_blocks=8"),
         ({"select_scorer": "two-stage", "select_candidates": 0}, "select_candidates"),
+        ({"select_candidates_share": 0}, r"select_candidates_share=0 must be a number in \(0, 1\]"),
+        ({"select_candidates_share": 1.5}, "select_candidates_share=1.5"),
+        ({"select_candidates_share": "a quarter"}, "select_candidates_share must be float | int | None, got 'a"),
+        ({"select_candidates_share": True}, "select_candidates_share must be float | int | None, got True"),
         ({"select_scorer": "sparq", "select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or"),
         ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],
