@@ -4,6 +4,8 @@ with that branch's upcycled weights), on the real tokenizer and a tiny LLaMA."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import study_scripts
 import torch
@@ -54,3 +56,40 @@ def test_mixed_models_take_each_branch_with_its_upcycled_weights():
     ids = torch.randint(3, 97, (1, 40))
     with torch.no_grad():  # at 40 <= W + (k + 1) * b = 16 + 9 * 8 tokens every selected model equals the source
         torch.testing.assert_close(rescored(ids).logits, llama(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_the_default_scorers_reads_stay_under_a_quarter_of_the_cache_at_every_length():
+    """The study's reads table (computed from a config): the default two-stage scorer, shortlisting a quarter of a
+    query's blocks, reads under a quarter of full attention's keys and values per decode step from 2k to 64k tokens;
+    with 32 blocks for every query it reads more than that at short context (the bar it missed at 2k-4k)."""
+    from modeling_llama_hybrid import LlamaHybridConfig
+
+    smollm2 = dict(num_attention_heads=9, num_key_value_heads=3, head_dim=64, sliding_window=512, select_blocks=8)
+    default = LlamaHybridConfig(**smollm2)
+    fixed = LlamaHybridConfig(**smollm2, select_candidates_share=None)
+    lengths = range(2048, 65537, 512)
+    assert all(study.scorer_reads(default, n) < 0.25 for n in lengths)
+    assert study.scorer_reads(fixed, 2048) > 0.4
+    assert all(study.scorer_reads(default, n) == study.scorer_reads(fixed, n) for n in lengths if n >= 8192)
+    sparq = LlamaHybridConfig(**smollm2, select_scorer="sparq")  # 48 of 64 dims of every candidate key
+    candidates = (8191 - 512) // 64
+    assert study.scorer_reads(sparq, 8192) == candidates * 64 * 48 / (2 * 8192 * 64)
+
+
+def test_a_larger_budget_adds_samples_to_a_cell_and_merge_keeps_the_rows_it_lacks(tmp_path):
+    row = {"haystack": "prose", "length": 4096, "model": study.LLAMA}
+    state = {"samples": [{**row, "key": str(i)} for i in range(10)], "perplexity": [], "seconds": {}}
+    other = {
+        "samples": [{**row, "key": str(i)} for i in range(20)] + [{**row, "haystack": "filler", "key": "f"}],
+        "perplexity": [{"model": study.SHARE, "window": 2048, "ppl": 10.0}],
+        "seconds": {study.LLAMA: {"4096": 30.0}},
+        "window": 512,
+        "setup": "setup",
+    }
+    (tmp_path / "results.json").write_text(json.dumps(other))
+    study.merge_runs(state, tmp_path)
+    assert [r["key"] for r in state["samples"] if r["haystack"] == "prose"] == [str(i) for i in range(20)]
+    assert [r["key"] for r in state["samples"] if r["haystack"] == "filler"] == ["f"]
+    assert state["perplexity"] == other["perplexity"] and state["window"] == 512
+    study.merge_runs(state, tmp_path)  # a second merge adds nothing
+    assert len(state["samples"]) == 21
