@@ -7,7 +7,7 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
 + window, exact; the default scorer "two-stage": Quest's bound, a block's largest over its 8-token parts, shortlists
-4k blocks, the exact block max ranks them), `selected-sparq` (the same with the "sparq" scorer: q.k over the query's
+a quarter of a query's blocks (at least k, at most 4k), the exact block max ranks them), `selected-sparq` (the same with the "sparq" scorer: q.k over the query's
 16 largest dimensions), `selected-fixed` (the fixed-distance position scheme with the scorer the long-context recipe
 gives it, "sparq"). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 
@@ -80,8 +80,9 @@ def random_model(variant: str, attn: str, window: int, block: int) -> LlamaHybri
     return LlamaHybridForCausalLM(config).eval()
 
 
-def smollm2_models(attn: str) -> tuple[dict, list[int]]:
-    """{variant: model} over the embedded SmolLM2 and its long-context upcycles, and pydoc token ids."""
+def smollm2_models(attn: str, variants: list[str]) -> tuple[dict, list[int]]:
+    """{variant: model} over the embedded SmolLM2 and its long-context upcycles (those of `variants`), and pydoc
+    token ids."""
     from pathlib import Path
 
     from llama_hybrid.convert import export_llama, load_llama
@@ -95,7 +96,7 @@ def smollm2_models(attn: str) -> tuple[dict, list[int]]:
     llama, tokenizer, _ = load_llama(str(folder))
     models = {"attention": llama}
     recipe_fields = {f.name for f in dataclasses.fields(UpcycleRecipe)}
-    for variant in VARIANTS[1:]:
+    for variant in [v for v in variants if v != "attention"]:
         fields = VARIANT_FIELDS.get(variant, {"global_attention": variant})
         recipe = recipe_for(
             "long-context", llama.config.num_hidden_layers, **{k: v for k, v in fields.items() if k in recipe_fields}
@@ -122,11 +123,11 @@ def measure(model, timer: LayerTimer, ids: torch.Tensor, repeats: int, decode_st
     for _ in range(repeats):
         timer.take()
         cache = DynamicCache(config=model.config)
-        model(ids[:, :-decode_steps], cache=cache)
+        model(ids[:, :-decode_steps], cache=cache, logits_to_keep=1)  # a 32k x 49k logit matrix is 6 GB
         prefill.append(sum(timer.take()))
     decode = []
     for t in range(ids.shape[1] - decode_steps, ids.shape[1]):
-        model(ids[:, t : t + 1], cache=cache)
+        model(ids[:, t : t + 1], cache=cache, logits_to_keep=1)
         decode.append(sum(timer.take()))
     return statistics.median(prefill), statistics.median(decode)
 
@@ -147,7 +148,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variants = ["attention", *[v for v in args.variants if v != "attention"]]
     if args.smollm2:
-        models, text = smollm2_models(args.attn)
+        models, text = smollm2_models(args.attn, variants)
         timers = {v: LayerTimer(models[v].model.layers[1].self_attn) for v in variants}
         shape = "SmolLM2-135M layer 1 (9 heads of 64, 3 KV heads), long-context upcycle W 512, b 64, pydoc text"
     else:
