@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .rotary import apply_rotary_pos_emb
@@ -22,6 +24,48 @@ def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     batch, kv_heads, seq_len, head_dim = states.shape
     states = states[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
     return states.reshape(batch, kv_heads * groups, seq_len, head_dim)
+
+
+def flex_block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: BlockMask,
+    scaling: float,
+    static_shapes: bool = False,
+) -> torch.Tensor:
+    """One block-sparse FlexAttention call: (B, H, T, D) over (B, KV, S, D) -> (B, T, H, D) (the compressed branch's
+    summaries, the selected branch's keys).
+
+    Rows without a visible key come back as zeros. GQA without repeating KV where the group size allows. Compiled
+    once per process as transformers compiles flex (plain flex inside an outer torch.compile), but through a function
+    of our own so its compile cache and dynamic-shape state stay apart from transformers' window kernel (sharing
+    them, our key lengths turn that kernel's shapes dynamic, which CPU inductor in torch 2.13 miscompiles).
+    `static_shapes`: compiled for each shape, never with dynamic shapes (a kernel of its own; see the selected
+    branch's flex path).
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups & (groups - 1):  # flex's decoding kernel shares a KV head between a power-of-two number of heads only
+        key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
+    kernel = flex_kernel if torch.compiler.is_compiling() else compiled_flex_kernel(static_shapes)
+    return kernel(query, key, value, block_mask, scaling, groups > 1).transpose(1, 2)
+
+
+def flex_kernel(query, key, value, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def static_flex_kernel(query, key, value, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """`flex_kernel` under another code object: dynamo keeps compile caches (and which shapes turned dynamic) per
+    code object, so the static compiles stay apart from the dynamic ones."""
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.cache
+def compiled_flex_kernel(static_shapes: bool = False):
+    if static_shapes:
+        return torch.compile(static_flex_kernel, dynamic=False)
+    return torch.compile(flex_kernel)
 
 
 def eager_attention_forward(

@@ -3,8 +3,8 @@
 Block j holds the tokens whose position ids lie in [j*b, (j+1)*b) (block_layout.py holds the rule); its summary is the
 mean of its pre-RoPE keys, rotated at the block's first position, and the mean of its values. Pooling
 (`pool_summaries`) is shared by two kernels over the whole sequence: the plain reference `dense_summary_attention`, a
-(B, H, T, G) score matrix (eager / sdpa), and `flex_summary_attention`, one block-sparse FlexAttention call over a
-BlockMask that masks.py builds once per forward (`attn_implementation="flex_attention"`); `summary_attention` picks
+(B, H, T, G) score matrix (eager / sdpa), and one block-sparse FlexAttention call (`flex_block_sparse_attention`) over
+a BlockMask that masks.py builds once per forward (`attn_implementation="flex_attention"`); `summary_attention` picks
 one. With its own cache layer (compressed_cache.py) a decode step reads only the window and the summaries.
 
 Shape legend: B batch, T queries, S cached keys, G block summaries, H query heads, KV key/value heads, D head dim.
@@ -12,12 +12,9 @@ Shape legend: B batch, T queries, S cached keys, G block summaries, H query head
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .attention import repeat_kv
+from .attention import flex_block_sparse_attention, repeat_kv
 from .block_layout import BlockLayout, block_means
 from .compressed_cache import CompressedSparseLayer
 from .rotary import rotate_keys
@@ -65,34 +62,8 @@ def summary_attention(
     """
     if layout.block_mask is None:
         return dense_summary_attention(query, summary_key, summary_value, layout, scaling)
-    out = flex_summary_attention(query, summary_key, summary_value, layout.block_mask, scaling)
+    out = flex_block_sparse_attention(query, summary_key, summary_value, layout.block_mask, scaling)
     return out, layout.query_has_block[:, :, None, None]
-
-
-def flex_summary_attention(
-    query: torch.Tensor, summary_key: torch.Tensor, summary_value: torch.Tensor, block_mask: BlockMask, scaling: float
-) -> torch.Tensor:
-    """One block-sparse FlexAttention call over the blocks each query sees: (B, H, T, D) -> (B, T, H, D).
-
-    Rows without a visible block come back as zeros. GQA without repeating KV where the group size allows. Compiled
-    once per process as transformers compiles flex (plain flex inside an outer torch.compile), but through a function
-    of our own so its compile cache and dynamic-shape state stay apart from transformers' window kernel (sharing
-    them, our key lengths turn that kernel's shapes dynamic, which CPU inductor in torch 2.13 miscompiles).
-    """
-    groups = query.shape[1] // summary_key.shape[1]
-    if groups & (groups - 1):  # flex's decoding kernel shares a KV head between a power-of-two number of heads only
-        summary_key, summary_value, groups = repeat_kv(summary_key, groups), repeat_kv(summary_value, groups), 1
-    kernel = flex_kernel if torch.compiler.is_compiling() else compiled_flex_kernel()
-    return kernel(query, summary_key, summary_value, block_mask, scaling, groups > 1).transpose(1, 2)
-
-
-def flex_kernel(query, key, value, block_mask, scale: float, enable_gqa: bool) -> torch.Tensor:
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-
-
-@functools.cache
-def compiled_flex_kernel():
-    return torch.compile(flex_kernel)
 
 
 class LlamaHybridCompressedSparseAttention(LlamaHybridSparseAttention):

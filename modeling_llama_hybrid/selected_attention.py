@@ -32,7 +32,9 @@ every earlier key. Large steps run in parts of bounded size (`TILE_SCORES_PER_PA
 memory part keeps one running softmax over its parts). The kernel returns its selection (the reference takes one),
 how many key slots a query read, and the window part's own softmax, which is the local branch: the layer reads it
 instead of running the banded kernel a second time over the same window.
-flex_attention falls back to the chunked kernel (no block-mask kernel yet). A decode step reads sink + k*b + W
+flex_attention: `flex_selected_attention`, one FlexAttention call under the chunks' selection (a BlockMask of the
+tiles each query tile's windows, sinks and selected blocks touch, each query's own choice in its mask_mod), for a
+prefill at true positions; decode steps and the fixed scheme take the chunked kernel. A decode step reads sink + k*b + W
 slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
 the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
 
@@ -50,9 +52,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
-from .attention import repeat_kv
+from .attention import flex_block_sparse_attention, repeat_kv
 from .banded_attention import WindowLayout, document_starts, window_mask
+from .block_layout import FLEX_TILE, ordered_tiles
 from .rotary import LlamaHybridRotaryEmbedding, rotate_keys
 from .selected_cache import SelectedSparseLayer
 from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
@@ -415,7 +419,9 @@ class SelectedOutput(NamedTuple):
     out: torch.Tensor  # (B, T, H, D)
     selection: torch.Tensor  # (B, KV, T, K) block numbers of `layout`, G where fewer than K were candidates
     read_slots: int  # key / value slots one query reads per KV head: its window band and (k + 1) * b memory slots
-    window_out: torch.Tensor  # (B, T, H, D) the window band's softmax alone: the local branch, computed on the way
+    # (-1: not counted, flex)
+    window_out: torch.Tensor | None  # (B, T, H, D) the window band's softmax alone: the local branch, computed on
+    # the way (None: flex)
 
 
 MEMORY_QUERIES = 4096  # queries whose memory parts are computed together: their (query, block) pairs share tiles
@@ -673,6 +679,97 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
     return PartialSoftmax(rows(top), rows(weights.sum(-1)), rows(weighted)), band_key.shape[2]
 
 
+def select_span(
+    memory: Memory, layout: SelectionLayout, span: slice, k: int, scorer: str, dims: int, bounds,
+    shortlist: int | None, shortlist_share: float | None, chunk: int = QUERY_CHUNK,
+) -> torch.Tensor:  # fmt: skip
+    """(B, KV, Q', K) the selection of the queries `span`, scored `chunk` queries at a time ("two-stage":
+    `SHORTLIST_QUERIES`: its first stage is (Q x G), and its block-sparse second stage fills its tiles better the more
+    queries share them; the other scorers score (Q x S) per chunk)."""
+    step = SHORTLIST_QUERIES if scorer == "two-stage" else chunk
+    parts = [slice(start, min(start + step, span.stop)) for start in range(span.start, span.stop, step)]
+    return torch.cat(
+        [
+            select_blocks(
+                memory.query[:, :, q], memory.key, layout, q, k, scorer, dims, bounds, shortlist, True, shortlist_share
+            )
+            for q in parts
+        ],
+        2,
+    )
+
+
+def flex_selected_attention(
+    query, key, value, layout: SelectionLayout, selection: torch.Tensor, scaling: float, tile: int = FLEX_TILE
+) -> torch.Tensor:  # fmt: skip
+    """The selected branch as one block-sparse FlexAttention call under a given selection (B, KV, T, K): rotated
+    q (B, H, T, D), k and v (B, KV, S, D) -> (B, T, H, D).
+
+    The BlockMask's tiles (`tile` queries x `tile` slots) are, per query head and tile of queries, the union of the
+    slot tiles its queries' windows, sinks and selected blocks touch (`selected_tiles`, built from the selection
+    directly: nothing of size (T x S) is evaluated); its mask_mod applies each query's own choice slot by slot, the
+    rule of `visible_keys`: same document, not after the query, and in its window, its sink or a block it chose.
+    Rows that see nothing (padding) come back as zeros. Forward-only on CPU (CPU FlexAttention has no backward).
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    groups = heads // kv_heads
+    spare = layout.num_blocks
+    chosen = torch.zeros(*selection.shape[:-1], spare + 1, dtype=torch.bool, device=selection.device)
+    chosen = chosen.scatter(-1, selection, True)
+    chosen[..., spare] = False  # (B, KV, T, G + 1)
+    sink = F.pad(layout.block_is_sink, (0, 1))  # (B, G + 1)
+    query_positions, query_documents = layout.query_positions, layout.query_documents
+    key_positions, key_documents, block_of_key = layout.key_positions, layout.key_documents, layout.block_of_key
+    window = layout.window
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        query_position, key_position = query_positions[batch, q_idx], key_positions[batch, kv_idx]
+        block = block_of_key[batch, kv_idx]
+        same = (key_documents[batch, kv_idx] == query_documents[batch, q_idx]) & (key_position >= 0)
+        seen = (
+            (query_position - key_position < window) | sink[batch, block] | chosen[batch, head // groups, q_idx, block]
+        )
+        return same & (key_position <= query_position) & seen
+
+    tiles = selected_tiles(layout, selection, key.shape[2], tile).repeat_interleave(groups, 1)  # (B, H, T/t, S/t)
+    block_mask = BlockMask.from_kv_blocks(
+        *ordered_tiles(tiles), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(query.shape[2], key.shape[2])
+    )
+    # CPU inductor (torch 2.13) fails to build this mask_mod's kernel with dynamic shapes (a C++ compile error:
+    # `cur_kvSplitSize0` undeclared, at the second sequence length): compiled per shape on CPU
+    return flex_block_sparse_attention(query, key, value, block_mask, scaling, query.device.type == "cpu")
+
+
+def selected_tiles(layout: SelectionLayout, selection: torch.Tensor, num_slots: int, tile: int) -> torch.Tensor:
+    """(B, KV, T / tile, S / tile) bool, rounded up: the slot tiles a tile of queries reads, per KV head: the tiles
+    of its queries' window bands [slot - W + 1, slot] and of their sinks' and selected blocks' slots."""
+    batch, kv_heads, length, _ = selection.shape
+    query_tiles, slot_tiles = -(-length // tile), -(-num_slots // tile)
+    device = selection.device
+    slots = layout.query_slots  # (B, T)
+    padded = query_tiles * tile - length
+    low = F.pad(slots - layout.window + 1, (0, padded), value=num_slots).view(batch, query_tiles, tile).amin(-1)
+    high = F.pad(slots, (0, padded), value=-1).view(batch, query_tiles, tile).amax(-1)
+    columns = torch.arange(slot_tiles, device=device)
+    used = (columns >= low.clamp(min=0)[..., None] // tile) & (columns <= high[..., None] // tile)  # (B, T/t, S/t)
+    used = used[:, None].expand(-1, kv_heads, -1, -1)
+
+    blocks = memory_blocks(layout, slice(None), selection)  # (B, KV, T, K + 1): the sink, then the selection
+    first = F.pad(layout.block_slots[..., 0], (0, 1), value=num_slots)  # (B, G + 1): spare -> past the end
+    ends = F.pad(layout.block_ends, (0, 1))
+    flat = blocks.flatten(1)  # (B, KV * T * (K + 1))
+    first_tile = first.gather(1, flat) // tile
+    last_tile = (ends.gather(1, flat) - 1) // tile  # -1 // tile = -1 for the spare: nothing
+    rows = (torch.arange(length, device=device) // tile)[None, None, :, None].expand_as(blocks).flatten(1)
+    heads = torch.arange(kv_heads, device=device)[None, :, None, None].expand_as(blocks).flatten(1)
+    touched = used.new_zeros(batch, used[0].numel() + 1)  # the last column takes the misses
+    for offset in range(-(-layout.block_slots.shape[-1] // tile) + 1):  # the tiles one block can touch
+        column = first_tile + offset
+        index = (heads * query_tiles + rows) * slot_tiles + column
+        touched.scatter_(1, torch.where(column <= last_tile, index, touched.shape[1] - 1), True)
+    return used | touched[:, :-1].reshape(used.shape)
+
+
 def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
@@ -697,25 +794,13 @@ def chunked_selected_attention(
     if scorer in ("quest", "two-stage") and selection is None and bounds is None:
         with torch.no_grad():
             bounds = block_bounds(memory.key, layout, split=bound_split)
-    # "two-stage" selects for many queries at once (its first stage is (Q x G), its second is block-sparse and fills
-    # its tiles better the more queries share them); the others score (Q x S) per chunk
-    select_chunk = SHORTLIST_QUERIES if scorer == "two-stage" else chunk
     outs, windows, selections, read = [], [], [], 0
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
-        chosen = []
-        for start in range(span.start, span.stop, select_chunk):
-            queries = slice(start, min(start + select_chunk, span.stop))
-            if selection is None:
-                part = memory.query[:, :, queries]
-                chosen.append(
-                    select_blocks(
-                        part, memory.key, layout, queries, k, scorer, dims, bounds, shortlist, True, shortlist_share
-                    )
-                )
-            else:
-                chosen.append(selection[:, :, queries])
-        chosen = torch.cat(chosen, 2)  # (B, KV, Q', K)
+        if selection is None:
+            chosen = select_span(memory, layout, span, k, scorer, dims, bounds, shortlist, shortlist_share, chunk)
+        else:
+            chosen = selection[:, :, span]  # (B, KV, Q', K)
         blocks = memory_blocks(layout, span, chosen)
         far = tiled_memory(layout, span, blocks, memory.query[:, :, span], memory.key, value, scaling)
         far_rows = [values.view(batch, kv_heads, span.stop - span.start, *values.shape[1:]) for values in far]
@@ -745,7 +830,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
     layout comes from the positions the cache recorded; otherwise (no cache, or a stock cache layer, e.g. a static
     one) from the `WindowLayout` over every key that masks.py builds (`GLOBAL_MASKS["key_slots"]`). The window is
     read through the banded kernel (eager / sdpa; flex reads its sliding mask when the layout comes from masks.py),
-    the global branch through the chunked kernel on every backend.
+    the global branch through the chunked kernel (under flex a prefill's through `flex_selected_attention`).
 
     Positions (`config.select_positions`): "true" caches rotated keys, as full attention does. "fixed" (InfLLM's
     scheme: the sink and the selected tokens all sit `select_distance` before the query, the window keeps true
@@ -785,7 +870,8 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
             positions = attention_mask.global_.key_positions[:, held:]
             cos, sin = self.memory_rotary(value, positions.clamp(min=0))
             key = rotate_keys(key[:, :, held:], cos, sin)
-        if self.window_from_kernel(attention_mask):  # the kernel's window band is the local branch: computed once
+        if self.window_from_kernel(attention_mask) and not self.flex_prefill(query, memory):  # the local branch
+            # is the chunked kernel's window band: computed once
             result = self.selected(query, key, value, attention_mask, memory, layer_cache)
             return self.mix(hidden_states, result.out, result.window_out), None
         local_out = self.local_branch(query, key, value[:, :, held:], tail_masks(attention_mask, held), kwargs)
@@ -799,6 +885,13 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         mask."""
         shared = isinstance(masks.local, WindowLayout) and masks.local is masks.global_
         return shared and not (self.training and self.attention_dropout)
+
+    def flex_prefill(self, query, memory) -> bool:
+        """Whether the branch runs as one FlexAttention call (`flex_selected_attention`): under flex_attention, for
+        more than a decode step's queries (a decode step reads only its blocks through the chunked kernel), at true
+        positions (the fixed scheme scores its memory with other queries than its window)."""
+        flex = self.config._attn_implementation == "flex_attention"
+        return flex and memory is None and query.shape[2] > SPARQ_GATHER_QUERIES
 
     def project_fixed(self, hidden_states, position_embeddings, cache, kwargs):
         """Rotated queries (B, H, T, D), unrotated cached keys and values (B, KV, S, D), and the `Memory`: the
@@ -827,6 +920,17 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         bounds = None
         if isinstance(cache, SelectedSparseLayer) and self.select_scorer in ("quest", "two-stage"):
             bounds = cached_bounds(cache, memory.key if memory is not None else key, layout, self.bound_split)
+        if self.flex_prefill(query, memory):
+            key = key.contiguous()  # token-major (a selected cache keeps keys dimension-major)
+            if self.select_scorer in ("quest", "two-stage") and bounds is None:
+                with torch.no_grad():
+                    bounds = block_bounds(key, layout, split=self.bound_split)
+            selection = select_span(
+                Memory(query, key), layout, slice(0, query.shape[2]), self.select_blocks, self.select_scorer,
+                self.select_dims, bounds, self.select_candidates, self.select_candidates_share,
+            )  # fmt: skip
+            out = flex_selected_attention(query, key, value, layout, selection, self.scaling)
+            return SelectedOutput(out, selection, -1, None)
         return chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
             memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,

@@ -737,11 +737,55 @@ def test_the_layer_reads_its_local_branch_from_the_kernel_as_the_banded_kernel_c
     assert not layer.window_from_kernel(masks)
 
 
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("scorer", ["sparq", "two-stage"])
+@pytest.mark.parametrize("tile", [16, 128])  # many BlockMask tiles (a block across two) / one
 @torch.no_grad()
-def test_flex_attention_forward_matches_eager():
-    """flex_attention: the window reads flex's sliding mask; the selected branch falls back to the chunked kernel."""
-    layout = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"])
+def test_flex_kernel_matches_reference_under_its_selection(scorer, tile):
+    """CPU twin of the flex path: one FlexAttention call over the union of a query tile's windows, sinks and
+    selected blocks, each query's own choice in its mask_mod == the dense reference under the same selection
+    (padding, packed documents, 70 tokens >> W + k * b); the tiles cover every key a query sees."""
+    positions, (query, key, value), layout = packed_case(seed=23)
+    query, key, value = query.float(), key.float(), value.float()
+    selection = select_blocks(query, key, layout, slice(None), K, scorer, 4)
+    want = dense_selected_attention(query, key, value, layout, selection, SCALE)
+    got = selected.flex_selected_attention(query, key, value, layout, selection, SCALE, tile=tile)
+    real = positions >= 0
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+    slots = torch.arange(key.shape[2]).expand(3, KV_HEADS, -1)
+    visible = selected.visible_keys(layout, slice(None), slots, selection) & real[:, None, :, None]  # (B, KV, T, S)
+    tiles = selected.selected_tiles(layout, selection, key.shape[2], tile)  # (B, KV, T / t, S / t)
+    where = visible.nonzero()
+    assert tiles[where[:, 0], where[:, 1], where[:, 2] // tile, where[:, 3] // tile].all()
+    if tile == 16:
+        assert tiles.float().mean() < 0.8  # and skip some: block-sparse, not dense
+
+
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.parametrize("scorer", ["sparq", "two-stage"])
+@torch.no_grad()
+def test_flex_attention_model_matches_eager_with_padding_and_a_cached_decode(monkeypatch, scorer):
+    """flex_attention: the window reads flex's sliding mask, the selected branch's prefill is one FlexAttention call
+    (`flex_prefill`), a decode step the chunked kernel: logits == eager's with left padding far beyond the window,
+    and a prefill then decode steps through the selected cache == the full forward. (Both layers selected: a full
+    attention layer's decode steps would run transformers' flex kernel at a new key length every step, which CPU
+    inductor in torch 2.13 fails to compile with dynamic shapes: test_sparse_flex.py covers that layer's flex.)"""
+    layout = dict(num_hidden_layers=2, mixer_types=["sparse_attention"] * 2, select_scorer=scorer)
     flex = tiny_model("sparse_selected", "flex_attention", **layout)
     eager = tiny_model("sparse_selected", "eager", **layout)
-    ids = tokens(2, 12)
-    torch.testing.assert_close(flex(ids).logits, eager(ids).logits, atol=1e-5, rtol=0)
+    ids = tokens(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    calls = []
+    kernel = selected.flex_selected_attention
+    monkeypatch.setattr(selected, "flex_selected_attention", lambda *args: calls.append(1) or kernel(*args))
+    full = flex(ids, attention_mask=mask).logits
+    assert len(calls) == 2  # both layers' prefill
+    real = mask.bool()
+    torch.testing.assert_close(full[real], eager(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=0)
+    cache = DynamicCache(config=flex.config)
+    prefill = flex(ids[:, :50], attention_mask=mask[:, :50], cache=cache).logits
+    steps = [flex(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(50, 60)]
+    stepped = torch.cat([prefill, *steps], 1)
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=0)
+    assert len(calls) == 4  # the cached prefill's too; no decode step
