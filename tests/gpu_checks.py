@@ -7,7 +7,7 @@ The checks behind tests/test_gpu_checks.py, which runs each of them twice: on th
 
 - llama_parity: the llama preset vs transformers' LlamaForCausalLM with the same weights, same backend.
 - experts: grouped_mm and batched_mm experts vs the token-by-token loop reference.
-- backends: sdpa and flex_attention vs eager attention, a model holding every mixer kind (both global branches).
+- backends: sdpa and flex_attention vs eager attention, a model holding every mixer kind (each global branch).
 - compiled_layers: regionally compiled decoder layers (inductor on GPU) vs eager: loss and gradients of a step.
 - static_decode: generate() with a static cache, compiled whole (fullgraph), vs the eager dynamic-cache tokens.
 - fused_loss: the chunked loss (and Liger-Kernel's fused linear cross-entropy where installed, CUDA) vs the plain
@@ -156,7 +156,7 @@ def check_experts(size, device, dtype) -> dict:
 
 def check_backends(size, device, dtype) -> dict:
     result, ok = {}, True
-    for global_attention in ("full", "compressed"):
+    for global_attention in ("full", "compressed", "selected"):
         config = model_config(
             size,
             mixer_types=ALL_MIXERS,
@@ -214,7 +214,7 @@ def check_compiled_layers(size, device, dtype) -> dict:
 def check_static_decode(size, device, dtype) -> dict:
     result, ok = {}, True
     new_tokens = 24 if size == "tiny" else 64
-    for global_attention in ("full", "compressed"):
+    for global_attention in ("full", "compressed", "selected"):
         config = model_config(
             size,
             mixer_types=ALL_MIXERS,
