@@ -99,9 +99,9 @@ class LlamaHybridConfig(PreTrainedConfig):
             attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
             before the window (ranked by `select_scorer`: `"two-stage"` (default), Quest's bound shortlists
             at most `select_candidates` blocks (default 4 * `select_blocks`) and the exact max q.k over each one's
-            keys ranks them; a query whose document holds n tokens shortlists floor(`select_candidates_share` * n / b)
-            of them (default 0.25: a quarter of its blocks; at least `select_blocks`; None: always the most), so its
-            scorer reads the shortlist's keys, at most an eighth of the cache's keys and values; `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
+            keys ranks them; `select_read_budget` (default 0.25; None: always the most) caps what a query's scorer
+            reads per step, as a share of its document's keys and values so far: the bounds of its candidate blocks,
+            then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`); `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
             same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
             it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
             (a divisor of `compress_block_size`; default 8 where 8 divides the block, else the whole block): a
@@ -165,7 +165,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_dims: int = 16
     select_scorer: str = "two-stage"
     select_candidates: int | None = None
-    select_candidates_share: float | int | None = 0.25
+    select_read_budget: float | int | None = 0.25
     select_bound_size: int | None = None
     select_positions: str = "true"
     select_distance: int | None = None
@@ -494,9 +494,9 @@ def _check_selection(config: "LlamaHybridConfig") -> None:
                 f"select_candidates={config.select_candidates} must be at least select_blocks={config.select_blocks}"
                 " (the second stage ranks the shortlist and keeps select_blocks of it)"
             )
-    share = config.select_candidates_share
-    if share is not None and not 0 < share <= 1:  # its type is checked with every field's
-        raise ValueError(f"select_candidates_share={share!r} must be a number in (0, 1] or None")
+    budget = config.select_read_budget
+    if budget is not None and not 0 < budget <= 1:  # its type is checked with every field's
+        raise ValueError(f"select_read_budget={budget!r} must be a number in (0, 1] or None")
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
     if config.select_bound_size is not None:

@@ -14,11 +14,11 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   decode step reads r rows of keys per KV head instead of up to R * r;
 - "quest": Quest's bound q+ . max - q- . min from each block's element-wise min / max of rotated keys (an upper bound
   of the true max q.k over the block);
-- "two-stage": Quest's bound shortlists C blocks (`config.select_candidates`, default 4k; a query at position t of
-  its document at most a share of its blocks, `config.select_candidates_share` * (t + 1) / b, default a quarter, at
-  least k), and the exact block score, the max over the block's keys of q.k on all D dimensions, ranks them: a decode
-  step reads the bounds (2 D numbers per bound) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per
-  query (block-sparse), not (Q x S).
+- "two-stage": Quest's bound shortlists C blocks (at most `config.select_candidates`, default 4k; for a query at
+  position t of its document, as many as its read budget leaves after the bounds, `shortlist_sizes`, at least k), and
+  the exact block score, the max over the block's keys of q.k on all D dimensions, ranks them: a decode step reads
+  the bounds (2 D numbers per bound) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per query
+  (block-sparse), not (Q x S).
 
 Kernels: `dense_selected_attention`, the plain reference (one (T x S) mask), and `chunked_selected_attention`, the
 eager / sdpa path: queries in chunks; a chunk scores and selects, then the softmax over sink | selected | window is
@@ -283,7 +283,7 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: in
 
 def select_blocks(
     query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None,
-    shortlist: int | None = None, tiled: bool = False, shortlist_share: float | None = None,
+    shortlist: int | None = None, tiled: bool = False, read_budget: float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
     the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
@@ -291,8 +291,8 @@ def select_blocks(
 
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
     the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
-    `shortlist_scores` in the kernel (`tiled`). With `shortlist_share`, a query at position t of its document
-    shortlists only its `shortlist_sizes` best (Quest's order). The shortlist is a set (topk: a tie at its edge may go
+    `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
+    best (Quest's order). The shortlist is a set (topk: a tie at its edge may go
     either way); the final choice goes to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
@@ -331,10 +331,12 @@ def select_blocks(
             first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks, corners)
             first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
             most = min(shortlist or 4 * k, blocks)
-            best = first.topk(most, dim=-1, sorted=shortlist_share is not None)  # a set: sorted by block below
+            best = first.topk(most, dim=-1, sorted=read_budget is not None)  # a set: sorted by block below
             listed = best.values > -torch.inf
-            if shortlist_share is not None:  # each query keeps its own number of Quest's best
-                sizes = shortlist_sizes(layout.query_positions[:, queries][:, part], shortlist_share, k, layout)
+            if read_budget is not None:  # each query keeps its own number of Quest's best
+                positions = layout.query_positions[:, queries][:, part]
+                counts = candidates[:, part].sum(-1)
+                sizes = shortlist_sizes(positions, counts, read_budget, k, bound_parts(layout, bounds), layout)
                 listed &= torch.arange(most, device=listed.device) < sizes[:, None, :, None]
             return torch.where(listed, best.indices, spare).sort(-1).values
 
@@ -351,12 +353,15 @@ def select_blocks(
         return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
-def shortlist_sizes(positions: torch.Tensor, share: float, k: int, layout: SelectionLayout) -> torch.Tensor:
-    """(B, Q) how many blocks "two-stage" shortlists for queries at `positions` (B, Q) of their documents: `share` of
-    the blocks of the n = t + 1 tokens the document holds so far, floor(share * n / b), and at least k. A decode step
-    then reads share * n keys of D numbers for its second stage: share / 2 of the cache's keys and values."""
+def shortlist_sizes(positions, candidates, budget: float, k: int, split: int, layout: SelectionLayout) -> torch.Tensor:
+    """(B, Q) how many blocks "two-stage" shortlists for queries at `positions` (B, Q) of their documents with
+    `candidates` (B, Q) candidate blocks each, so that a decode step's scorer reads at most `budget` of the document's
+    keys and values so far (2 (t + 1) D numbers per KV head): the bounds take 2 D numbers per bound (`split` per
+    block) of every candidate, a shortlisted block b * D; the rest of the budget goes to the shortlist, at least k.
+    With SmolLM2's upcycle (b 64, W 512, 8-token bounds, budget a quarter): 10 blocks at 2k, 18 at 4k, 34 at 8k."""
     block_size = layout.block_slots.shape[-1]
-    return ((positions + 1) * share / block_size).floor().long().clamp(min=k)
+    allowed = 2 * budget * (positions + 1) - 2 * split * candidates  # numbers left, in units of D
+    return (allowed / block_size).floor().long().clamp(min=k)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -681,7 +686,7 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
 
 def select_span(
     memory: Memory, layout: SelectionLayout, span: slice, k: int, scorer: str, dims: int, bounds,
-    shortlist: int | None, shortlist_share: float | None, chunk: int = QUERY_CHUNK,
+    shortlist: int | None, read_budget: float | None, chunk: int = QUERY_CHUNK,
 ) -> torch.Tensor:  # fmt: skip
     """(B, KV, Q', K) the selection of the queries `span`, scored `chunk` queries at a time ("two-stage":
     `SHORTLIST_QUERIES`: its first stage is (Q x G), and its block-sparse second stage fills its tiles better the more
@@ -691,7 +696,7 @@ def select_span(
     return torch.cat(
         [
             select_blocks(
-                memory.query[:, :, q], memory.key, layout, q, k, scorer, dims, bounds, shortlist, True, shortlist_share
+                memory.query[:, :, q], memory.key, layout, q, k, scorer, dims, bounds, shortlist, True, read_budget
             )
             for q in parts
         ],
@@ -774,7 +779,7 @@ def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
     shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None, bound_split: int = 1,
-    shortlist_share: float | None = None,
+    read_budget: float | None = None,
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -798,7 +803,7 @@ def chunked_selected_attention(
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
         if selection is None:
-            chosen = select_span(memory, layout, span, k, scorer, dims, bounds, shortlist, shortlist_share, chunk)
+            chosen = select_span(memory, layout, span, k, scorer, dims, bounds, shortlist, read_budget, chunk)
         else:
             chosen = selection[:, :, span]  # (B, KV, Q', K)
         blocks = memory_blocks(layout, span, chosen)
@@ -846,7 +851,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_dims = config.select_dims
         self.select_scorer = config.select_scorer
         self.select_candidates = config.select_candidates
-        self.select_candidates_share = config.select_candidates_share
+        self.select_read_budget = config.select_read_budget
         self.bound_split = config.select_bound_parts
         self.fixed_distance = None
         if config.select_positions == "fixed":
@@ -927,14 +932,14 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
                     bounds = block_bounds(key, layout, split=self.bound_split)
             selection = select_span(
                 Memory(query, key), layout, slice(0, query.shape[2]), self.select_blocks, self.select_scorer,
-                self.select_dims, bounds, self.select_candidates, self.select_candidates_share,
+                self.select_dims, bounds, self.select_candidates, self.select_read_budget,
             )  # fmt: skip
             out = flex_selected_attention(query, key, value, layout, selection, self.scaling)
             return SelectedOutput(out, selection, -1, None)
         return chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
             memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,
-            shortlist_share=self.select_candidates_share,
+            read_budget=self.select_read_budget,
         )  # fmt: skip
 
 

@@ -386,20 +386,23 @@ def test_two_stage_ranks_quest_shortlist_by_the_exact_block_max(monkeypatch, mem
 
 
 @pytest.mark.parametrize("parts", [False, True])
-@pytest.mark.parametrize("share", [0.25, 0.5])
-def test_two_stage_with_a_share_shortlists_each_querys_own_number_of_quests_best(monkeypatch, parts, share):
-    """With `shortlist_share`, a query at position t of its document ranks by the exact block max only Quest's
-    floor(share * (t + 1) / b) best candidates (at least k, at most the shortlist): the kernel's and the reference's
-    choices both equal that rule written out query by query, and the kernel equals the reference under it."""
+@pytest.mark.parametrize("budget", [0.5, 1.0])
+def test_two_stage_with_a_read_budget_shortlists_each_querys_own_number_of_quests_best(monkeypatch, parts, budget):
+    """With `read_budget`, a query at position t of its document with c candidate blocks ranks by the exact block max
+    only Quest's floor((2 * budget * (t + 1) - 2 * c) / b) best (whole-block bounds: 2 D numbers per candidate, b D
+    per shortlisted block; at least k, at most the shortlist): the kernel's and the reference's choices both equal
+    that rule written out query by query, and the kernel equals the reference under it."""
     monkeypatch.setattr(selected, "SHORTLIST_QUERIES", 16)
     if parts:
         small_parts(monkeypatch)
     positions, (query, key, value), layout = packed_case(seed=21, length=90)
     most = 6
-    sizes = ((positions + 1) * share / BLOCK).floor().long().clamp(min=K, max=most)  # (B, T)
-    assert sizes.amin() == K and sizes.amax() == most  # the share binds for some queries and not for others
+    candidates = candidate_blocks(layout, slice(None))  # (B, T, G)
+    allowed = 2 * budget * (positions + 1) - 2 * candidates.sum(-1)
+    sizes = (allowed / BLOCK).floor().long().clamp(min=K, max=most)  # (B, T)
+    assert sizes.amin() == K and sizes.amax() == most  # the budget binds for some queries and not for others
     quest = score_blocks(query, key, layout, "quest", DIM, block_bounds(key, layout))  # (B, KV, T, G)
-    quest = quest.masked_fill(~candidate_blocks(layout, slice(None))[:, None], -torch.inf)
+    quest = quest.masked_fill(~candidates[:, None], -torch.inf)
     exact = score_blocks(query, key, layout, "sparq", DIM)
     expected = torch.full((3, KV_HEADS, positions.shape[1], K), layout.num_blocks)
     for b, h, t in itertools.product(range(3), range(KV_HEADS), range(positions.shape[1])):
@@ -407,9 +410,9 @@ def test_two_stage_with_a_share_shortlists_each_querys_own_number_of_quests_best
         listed = listed[quest[b, h, t, listed] > -torch.inf]
         best = listed[exact[b, h, t, listed].argsort(descending=True)[:K]]
         expected[b, h, t, : best.numel()] = best.sort().values
-    reference_choice = select_blocks(query, key, layout, slice(None), K, "two-stage", 4, None, most, False, share)
+    reference_choice = select_blocks(query, key, layout, slice(None), K, "two-stage", 4, None, most, False, budget)
     kernel = chunked_selected_attention(
-        query, key, value, layout, K, "two-stage", 4, SCALE, chunk=4, shortlist=most, shortlist_share=share
+        query, key, value, layout, K, "two-stage", 4, SCALE, chunk=4, shortlist=most, read_budget=budget
     )
     real = (positions >= 0)[:, None, :, None].expand_as(expected)
     for choice in (reference_choice, kernel.selection):
@@ -417,23 +420,29 @@ def test_two_stage_with_a_share_shortlists_each_querys_own_number_of_quests_best
     assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
 
 
-def test_shortlist_sizes_are_a_share_of_the_querys_blocks_and_at_least_k():
+def test_shortlist_sizes_spend_what_the_bounds_leave_of_the_budget():
     layout = layout_of(torch.arange(8)[None])  # blocks of 3
-    positions = torch.tensor([[0, 11, 59, 60, 119, 1000]])  # n = t + 1 tokens: 1, 12, 60, 61, 120, 1001
-    assert selected.shortlist_sizes(positions, 0.25, K, layout).tolist() == [[2, 2, 5, 5, 10, 83]]
-    assert selected.shortlist_sizes(positions, 1.0, 5, layout).tolist() == [[5, 5, 20, 20, 40, 333]]
+    positions = torch.tensor([[0, 11, 59, 119, 1000]])  # n = t + 1 tokens: 1, 12, 60, 120, 1001
+    candidates = torch.tensor([[0, 2, 17, 37, 331]])
+    sizes = selected.shortlist_sizes(positions, candidates, 1.0, K, 1, layout)
+    assert sizes.tolist() == [[2, 6, 28, 55, 446]]  # (2n - 2c) // 3, at least k = 2
+    assert selected.shortlist_sizes(positions, candidates, 0.25, K, 1, layout).tolist() == [[2] * 5]  # all below k
+    smollm2 = selection_layout(window_layout(torch.arange(64)[None], 0, 512), 1, 64)  # blocks of 64
+    positions = torch.tensor([[2047, 4095, 8191]])  # candidates: blocks 1 .. (t - 512) // 64
+    candidates = (positions - 512) // 64
+    assert selected.shortlist_sizes(positions, candidates, 0.25, 8, 8, smollm2).tolist() == [[10, 18, 34]]
 
 
-@pytest.mark.parametrize(("shortlist", "share", "listed_blocks"), [(5, None, 5), (10, 0.05, 3)])
-def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys(shortlist, share, listed_blocks):
-    """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist (with a share:
-    floor(0.05 * 200 / 3) = 3 blocks of at most 10), sink and window and the values of its choice, sink and window:
-    poisoning every other key and value with NaN changes nothing."""
+@pytest.mark.parametrize(("shortlist", "budget", "listed_blocks"), [(5, None, 5), (10, 0.345, 3)])
+def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys(shortlist, budget, listed_blocks):
+    """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist (with a budget:
+    floor((2 * 0.345 * 200 - 2 * 64) / 3) = 3 blocks of at most 10), sink and window and the values of its choice,
+    sink and window: poisoning every other key and value with NaN changes nothing."""
     length = 200
     query, key, value = qkv(1, length, queries=1, seed=14)
     layout = layout_of(torch.arange(length)[None], num_queries=1)
     bounds = block_bounds(key, layout)
-    settings = dict(shortlist=shortlist, shortlist_share=share)
+    settings = dict(shortlist=shortlist, read_budget=budget)
     clean = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, **settings)
     first = score_blocks(query, key, layout, "quest", DIM, bounds)  # (1, KV, 1, G)
     first = first.masked_fill(~candidate_blocks(layout, slice(None))[:, None], -torch.inf)
@@ -552,28 +561,28 @@ def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monke
     assert reads == [BLOCK + K * BLOCK + W]  # one selected layer: 14 of the 61 cached slots
 
 
-@pytest.mark.parametrize("share", [0.25, None])
+@pytest.mark.parametrize("budget", [0.25, None])
 @torch.no_grad()
-def test_the_model_shortlists_the_configs_share_of_each_querys_blocks(monkeypatch, share):
-    """The layer hands `select_candidates_share` to the kernel (prefill and decode), and the share changes what a
-    query shortlists: with it, the model's logits equal those of the kernel taking the share from the config."""
-    model = selected_model("two-stage", select_candidates_share=share)
+def test_the_model_spends_the_configs_read_budget(monkeypatch, budget):
+    """The layer hands `select_read_budget` to the kernel (prefill and decode), and the budget changes what a query
+    shortlists in this model (61 tokens, blocks of 3: under 4k blocks for most queries)."""
+    model = selected_model("two-stage", select_read_budget=budget)
     ids = tokens(1, 61, seed=7)
-    shares = []
+    budgets = []
     kernel = selected.chunked_selected_attention
 
     def recording(*args, **kwargs):
-        shares.append(kwargs.get("shortlist_share"))
+        budgets.append(kwargs.get("read_budget"))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(selected, "chunked_selected_attention", recording)
     cache = DynamicCache(config=model.config)
     model(ids[:, :60], cache=cache)
     model(ids[:, 60:], cache=cache)
-    assert shares == [share, share]
+    assert budgets == [budget, budget]
     monkeypatch.setattr(selected, "chunked_selected_attention", kernel)
-    other = selected_model("two-stage", select_candidates_share=None if share else 0.25)
-    assert not torch.equal(model(ids).logits, other(ids).logits)  # the share binds in this model: 61 / 3 / 4 < 4k
+    other = selected_model("two-stage", select_read_budget=None if budget else 0.25)
+    assert not torch.equal(model(ids).logits, other(ids).logits)
 
 
 @pytest.mark.parametrize("bound_size", [None, 1])  # whole blocks, one bound per token
@@ -655,10 +664,10 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_scorer": "sparq", "select_candidates": 16}, "select_candidates=16 needs select_scorer='two-stage'"),
         ({"select_scorer": "two-stage", "select_candidates": 4}, "must be at least select_blocks=8"),
         ({"select_scorer": "two-stage", "select_candidates": 0}, "select_candidates"),
-        ({"select_candidates_share": 0}, r"select_candidates_share=0 must be a number in \(0, 1\]"),
-        ({"select_candidates_share": 1.5}, "select_candidates_share=1.5"),
-        ({"select_candidates_share": "a quarter"}, "select_candidates_share must be float | int | None, got 'a"),
-        ({"select_candidates_share": True}, "select_candidates_share must be float | int | None, got True"),
+        ({"select_read_budget": 0}, r"select_read_budget=0 must be a number in \(0, 1\]"),
+        ({"select_read_budget": 1.5}, "select_read_budget=1.5"),
+        ({"select_read_budget": "a quarter"}, "select_read_budget must be float | int | None, got 'a"),
+        ({"select_read_budget": True}, "select_read_budget must be float | int | None, got True"),
         ({"select_scorer": "sparq", "select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or"),
         ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],

@@ -145,7 +145,7 @@ class SelectedGlobalBranch:
     select_dims: int
     select_candidates: int | None = None  # "two-stage"'s shortlist
     bound_split: int = 1  # Quest bounds per block ("quest", "two-stage"): config.select_bound_parts
-    select_candidates_share: float | None = None  # "two-stage": the shortlist's share of a query's blocks
+    select_read_budget: float | None = None  # "two-stage": its scorer's reads per step, a share of the cache
     caches_rotated_keys = True
 
     def has_global(self, positions: torch.Tensor) -> None:
@@ -168,6 +168,6 @@ class SelectedGlobalBranch:
             scaling,
             shortlist=self.select_candidates,
             bound_split=self.bound_split,
-            shortlist_share=self.select_candidates_share,
+            read_budget=self.select_read_budget,
         )
         return result.out[0]  # (T, H, D)

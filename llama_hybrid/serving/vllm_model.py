@@ -341,7 +341,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
             config.select_dims,
             config.select_candidates,
             config.select_bound_parts,
-            config.select_candidates_share,
+            config.select_read_budget,
         )
 
 
