@@ -99,9 +99,10 @@ class LlamaHybridConfig(PreTrainedConfig):
             attention over the document's first block, the top `select_blocks` blocks of `compress_block_size` tokens
             before the window (ranked by `select_scorer`: `"two-stage"` (default), Quest's bound shortlists
             at most `select_candidates` blocks (default 4 * `select_blocks`) and the exact max q.k over each one's
-            keys ranks them; `select_read_budget` (default 0.25; None: always the most) caps what a query's scorer
-            reads per step, as a share of its document's keys and values so far: the bounds of its candidate blocks,
-            then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`); `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
+            keys ranks them; `select_read_budget` (e.g. 0.25; default None: always the most) caps what a query's
+            scorer reads per step, as a share of its document's keys and values so far: the bounds of its candidate
+            blocks, then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`; it costs
+            prose retrieval at 4k, docs/claims.md §4c); `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
             same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
             it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
             (a divisor of `compress_block_size`; default 8 where 8 divides the block, else the whole block): a
@@ -165,7 +166,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_dims: int = 16
     select_scorer: str = "two-stage"
     select_candidates: int | None = None
-    select_read_budget: float | int | None = 0.25
+    select_read_budget: float | int | None = None
     select_bound_size: int | None = None
     select_positions: str = "true"
     select_distance: int | None = None
