@@ -306,7 +306,7 @@ def merge_runs(state: dict, folder: Path) -> None:
         state["seconds"].setdefault(name, {}).update(by_length)
     state.setdefault("window", other["window"])
     state.setdefault("setup", other["setup"])
-    state.setdefault("reads", other.get("reads", {}))
+    state.setdefault("reads", {}).update(other.get("reads", {}))  # computed from the configs: the later run's
 
 
 def main(argv: list[str] | None = None) -> int:
