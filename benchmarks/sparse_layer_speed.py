@@ -7,7 +7,7 @@ model's forward with the model's masks and cache), batch 1, fp32, no grad:
 The layer kinds: `attention` (full causal, LLaMA's; transformers' DynamicLayer cache), and sparse attention with each
 global branch: `full` (causal attention over every key), `compressed` (block means), `selected` (sink + top-k blocks
 + window, exact; the default scorer "two-stage": Quest's bound, a block's largest over its 8-token parts, shortlists
-what its read budget leaves, a quarter of the cache per step (at least k, at most 4k), the exact block max ranks them), `selected-sparq` (the same with the "sparq" scorer: q.k over the query's
+4k blocks, the exact block max ranks them), `selected-sparq` (the same with the "sparq" scorer: q.k over the query's
 16 largest dimensions), `selected-fixed` (the fixed-distance position scheme with the scorer the long-context recipe
 gives it, "sparq"). Ratios are attention ÷ layer (> 1: the sparse layer is faster).
 

@@ -102,8 +102,8 @@ class LlamaHybridConfig(PreTrainedConfig):
             keys ranks them; `select_read_budget` (e.g. 0.25; default None: always the most) caps what a query's
             scorer reads per step, as a share of its document's keys and values so far: the bounds of its candidate
             blocks, then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`; it costs
-            prose retrieval at 4k, docs/claims.md §4c); `"sparq"`, q.k over the query's `select_dims` largest-magnitude dimensions; `"sparq-group"`, the
-            same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
+            prose retrieval at 4k, docs/claims.md §4c); `"sparq"`, q.k over the query's `select_dims`
+            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
             it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
             (a divisor of `compress_block_size`; default 8 where 8 divides the block, else the whole block): a
             block's bound is the largest of its parts'.
@@ -498,6 +498,10 @@ def _check_selection(config: "LlamaHybridConfig") -> None:
     budget = config.select_read_budget
     if budget is not None and not 0 < budget <= 1:  # its type is checked with every field's
         raise ValueError(f"select_read_budget={budget!r} must be a number in (0, 1] or None")
+    if budget is not None and config.select_scorer != "two-stage":
+        raise ValueError(
+            f"select_read_budget={budget} needs select_scorer='two-stage' (it sizes that scorer's shortlist)"
+        )
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")
     if config.select_bound_size is not None:

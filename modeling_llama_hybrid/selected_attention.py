@@ -34,8 +34,8 @@ how many key slots a query read, and the window part's own softmax, which is the
 instead of running the banded kernel a second time over the same window.
 flex_attention: `flex_selected_attention`, one FlexAttention call under the chunks' selection (a BlockMask of the
 tiles each query tile's windows, sinks and selected blocks touch, each query's own choice in its mask_mod), for a
-prefill at true positions; decode steps and the fixed scheme take the chunked kernel. A decode step reads sink + k*b + W
-slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
+prefill at true positions; decode steps and the fixed scheme take the chunked kernel. A decode step reads
+sink + k*b + W slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
 the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
 
 Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
@@ -292,8 +292,8 @@ def select_blocks(
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
     the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
     `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
-    best (Quest's order). The shortlist is a set (topk: a tie at its edge may go
-    either way); the final choice goes to the earlier block on ties, as the other scorers' does."""
+    best (Quest's order). The shortlist is a set (topk: a tie at its edge may go either way); the final choice goes
+    to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
@@ -336,7 +336,8 @@ def select_blocks(
             if read_budget is not None:  # each query keeps its own number of Quest's best
                 positions = layout.query_positions[:, queries][:, part]
                 counts = candidates[:, part].sum(-1)
-                sizes = shortlist_sizes(positions, counts, read_budget, k, bound_parts(layout, bounds), layout)
+                split, block_size = bound_parts(layout, bounds), layout.block_slots.shape[-1]
+                sizes = shortlist_sizes(positions, counts, read_budget, k, split, block_size)
                 listed &= torch.arange(most, device=listed.device) < sizes[:, None, :, None]
             return torch.where(listed, best.indices, spare).sort(-1).values
 
@@ -353,13 +354,13 @@ def select_blocks(
         return F.pad(chosen, (0, k - chosen.shape[-1]), value=spare)
 
 
-def shortlist_sizes(positions, candidates, budget: float, k: int, split: int, layout: SelectionLayout) -> torch.Tensor:
-    """(B, Q) how many blocks "two-stage" shortlists for queries at `positions` (B, Q) of their documents with
-    `candidates` (B, Q) candidate blocks each, so that a decode step's scorer reads at most `budget` of the document's
-    keys and values so far (2 (t + 1) D numbers per KV head): the bounds take 2 D numbers per bound (`split` per
-    block) of every candidate, a shortlisted block b * D; the rest of the budget goes to the shortlist, at least k.
-    With SmolLM2's upcycle (b 64, W 512, 8-token bounds, budget a quarter): 10 blocks at 2k, 18 at 4k, 34 at 8k."""
-    block_size = layout.block_slots.shape[-1]
+def shortlist_sizes(positions, candidates, budget: float, k: int, split: int, block_size: int) -> torch.Tensor:
+    """How many blocks "two-stage" shortlists for queries at `positions` of their documents with `candidates`
+    candidate blocks each (tensors of one shape), so that a decode step's scorer reads at most `budget` of the
+    document's keys and values so far (2 (t + 1) D numbers per KV head): the bounds take 2 D numbers per bound
+    (`split` per block) of every candidate, a shortlisted block b * D; the rest of the budget goes to the shortlist,
+    at least k. With SmolLM2's upcycle (b 64, W 512, 8-token bounds, budget a quarter): 10 blocks at 2k, 18 at 4k,
+    34 at 8k."""
     allowed = 2 * budget * (positions + 1) - 2 * split * candidates  # numbers left, in units of D
     return (allowed / block_size).floor().long().clamp(min=k)
 

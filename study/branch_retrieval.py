@@ -52,6 +52,7 @@ from llama_hybrid.pydoc_corpus import pydoc_topics, split_topics
 from llama_hybrid.training.io import write_json
 from llama_hybrid.upcycle import recipe_for, upcycle
 from modeling_llama_hybrid import LlamaHybridForCausalLM
+from modeling_llama_hybrid.selected_attention import shortlist_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = (0.05, 0.25, 0.45, 0.65)  # share of the filler before the needle: beyond W = 512 at every length >= 2k
@@ -214,9 +215,10 @@ def scorer_reads(config, length: int) -> float:
     read = candidates * config.select_bound_parts * 2 * dim
     if scorer == "two-stage":
         listed = config.select_candidates or 4 * config.select_blocks
-        if config.select_read_budget is not None:  # what the bounds leave of the budget (shortlist_sizes' rule)
-            left = 2 * config.select_read_budget * length * dim - read
-            listed = min(listed, max(math.floor(left / (block * dim)), config.select_blocks))
+        if config.select_read_budget is not None:  # the kernel's own rule
+            at = torch.tensor([length - 1]), torch.tensor([candidates])
+            budget, k = config.select_read_budget, config.select_blocks
+            listed = min(listed, int(shortlist_sizes(*at, budget, k, config.select_bound_parts, block)))
         read += min(listed, candidates) * block * dim
     return read / (2 * length * dim)
 

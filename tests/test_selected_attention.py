@@ -421,16 +421,14 @@ def test_two_stage_with_a_read_budget_shortlists_each_querys_own_number_of_quest
 
 
 def test_shortlist_sizes_spend_what_the_bounds_leave_of_the_budget():
-    layout = layout_of(torch.arange(8)[None])  # blocks of 3
     positions = torch.tensor([[0, 11, 59, 119, 1000]])  # n = t + 1 tokens: 1, 12, 60, 120, 1001
     candidates = torch.tensor([[0, 2, 17, 37, 331]])
-    sizes = selected.shortlist_sizes(positions, candidates, 1.0, K, 1, layout)
+    sizes = selected.shortlist_sizes(positions, candidates, 1.0, K, 1, BLOCK)
     assert sizes.tolist() == [[2, 6, 28, 55, 446]]  # (2n - 2c) // 3, at least k = 2
-    assert selected.shortlist_sizes(positions, candidates, 0.25, K, 1, layout).tolist() == [[2] * 5]  # all below k
-    smollm2 = selection_layout(window_layout(torch.arange(64)[None], 0, 512), 1, 64)  # blocks of 64
-    positions = torch.tensor([[2047, 4095, 8191]])  # candidates: blocks 1 .. (t - 512) // 64
+    assert selected.shortlist_sizes(positions, candidates, 0.25, K, 1, BLOCK).tolist() == [[2] * 5]  # all below k
+    positions = torch.tensor([[2047, 4095, 8191]])  # SmolLM2's upcycle: candidates are blocks 1 .. (t - 512) // 64
     candidates = (positions - 512) // 64
-    assert selected.shortlist_sizes(positions, candidates, 0.25, 8, 8, smollm2).tolist() == [[10, 18, 34]]
+    assert selected.shortlist_sizes(positions, candidates, 0.25, 8, 8, 64).tolist() == [[10, 18, 34]]
 
 
 @pytest.mark.parametrize(("shortlist", "budget", "listed_blocks"), [(5, None, 5), (10, 0.345, 3)])
@@ -668,6 +666,7 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_read_budget": 1.5}, "select_read_budget=1.5"),
         ({"select_read_budget": "a quarter"}, "select_read_budget must be float | int | None, got 'a"),
         ({"select_read_budget": True}, "select_read_budget must be float | int | None, got True"),
+        ({"select_scorer": "sparq", "select_read_budget": 0.25}, "select_read_budget=0.25 needs select_scorer='two"),
         ({"select_scorer": "sparq", "select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or"),
         ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],
