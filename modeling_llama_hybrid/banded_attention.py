@@ -32,6 +32,8 @@ class WindowLayout:
     documents: torch.Tensor  # (B, S) document number of each slot, -1 for invalid slots
     query_offset: int | torch.Tensor  # key slot of the first query; query t sits at slot query_offset + t
     window: int
+    pads: torch.Tensor | None = None  # (B,) when each row is known to be `pads` invalid slots, then one document at
+    # positions 0, 1, ... (a cache that checked it: what lets a layout be built without scanning the slots)
 
 
 def document_starts(positions: torch.Tensor, valid: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:

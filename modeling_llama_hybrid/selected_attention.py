@@ -91,7 +91,11 @@ class SelectionLayout:
 
 
 def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) -> SelectionLayout:
-    """Number the (document, block j) groups of valid keys in key order; queries sit at `layout.query_offset + t`."""
+    """Number the (document, block j) groups of valid keys in key order; queries sit at `layout.query_offset + t`.
+    A layout whose rows are known to be padding then one document (`layout.pads`, a cache's decode steps) is written
+    down in closed form (`padded_selection_layout`, the same fields)."""
+    if layout.pads is not None:
+        return padded_selection_layout(layout, num_queries, block_size)
     positions, documents = layout.key_positions, layout.documents
     batch, slots = positions.shape
     valid = positions >= 0
@@ -140,6 +144,44 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         query_offset=layout.query_offset,
         window=layout.window,
         contiguous=bool((positions == slot_index).all()),  # one host sync per forward
+    )
+
+
+def padded_selection_layout(layout: WindowLayout, num_queries: int, block_size: int) -> SelectionLayout:
+    """`selection_layout` of rows that are `layout.pads` (B,) invalid slots, then one document at positions 0, 1, ...:
+    block j of row r is slots [p_r + j*b, p_r + (j+1)*b) (clipped to S), its sink block 0. Every field follows from
+    the pads by arithmetic, so a decode step does not scan its S slots a dozen times to find them (at 32k, most of
+    what a step spends outside its reads)."""
+    positions, documents, pads = layout.key_positions, layout.documents, layout.pads
+    batch, slots = positions.shape
+    device = positions.device
+    lengths = slots - pads  # (B,) valid slots of each row
+    num_blocks = max(-(-(slots - int(pads.min())) // block_size), 1) if slots else 1  # one host sync per forward
+    row_blocks = (lengths + block_size - 1).div(block_size, rounding_mode="floor")  # (B,)
+    block_numbers = torch.arange(num_blocks, device=device).expand(batch, -1)
+    used = block_numbers < row_blocks[:, None]  # (B, G)
+    first_slot = pads[:, None] + block_numbers * block_size
+    valid = positions >= 0
+    in_block = torch.arange(block_size, device=device)
+    block_slots = first_slot[..., None] + in_block  # (B, G, b)
+    query_slots = (layout.query_offset + torch.arange(num_queries, device=device))[None].expand(batch, -1)
+    query_positions = positions.gather(1, query_slots)
+    return SelectionLayout(
+        key_positions=positions,
+        key_documents=documents,
+        block_of_key=torch.where(valid, positions.div(block_size, rounding_mode="floor"), num_blocks),
+        block_positions=torch.where(used, block_numbers * block_size, -1),
+        block_documents=torch.where(used, 1, -1),
+        block_is_sink=used & (block_numbers == 0),
+        block_slots=torch.where(used[..., None] & (block_slots < slots), block_slots, slots),
+        block_ends=torch.where(used, (first_slot + block_size).clamp(max=slots), 0),
+        query_slots=query_slots,
+        query_positions=query_positions,
+        query_documents=torch.where(query_positions >= 0, 1, -1),
+        query_sinks=torch.where(query_positions >= 0, 0, num_blocks),
+        query_offset=layout.query_offset,
+        window=layout.window,
+        contiguous=not bool(pads.any()),  # one host sync per forward
     )
 
 
@@ -489,15 +531,23 @@ def pair_tiles(blocks: torch.Tensor, num_blocks: int, tile: int | None = None) -
 def tile_states(states: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     """(N, b, D): the key slots `slots` (N, b) of each tile's KV head `heads` (N,) of keys or values (B, KV, S, D);
     slot S ("none") reads slot S - 1 (the caller masks it). Rows of D numbers are copied whole from a token-major
-    tensor; a dimension-major one (the cache's keys) is read element-wise, which suits a decode step's few slots
-    (a prefill copies it token-major once first: `token_major`)."""
+    tensor (the cache's values, and its keys under the bound scorers); a dimension-major one (the cache's keys under
+    "sparq") is read element-wise, which suits a decode step's few slots (a prefill copies it token-major once
+    first: `token_major`)."""
     kv_heads, num_slots, dim = states.shape[1:]
     slots = slots.clamp(max=num_slots - 1)
     if states.is_contiguous():  # one table of rows (a prefill's keys and values)
         table = states.view(-1, dim)
         return table.index_select(0, (heads[:, None] * num_slots + slots).flatten()).view(*slots.shape, dim)
-    # a view of a cache's buffers (filled slots of a larger capacity): indexed in place, since a reshape would copy
-    # every cached key or value at every step
+    strides = states.stride()
+    if strides[2:] == (dim, 1) and strides[0] % dim == 0 and strides[1] % dim == 0:
+        # token-major rows of a larger buffer (a cache's filled slots): one table of the buffer's rows, from this
+        # view's first (a reshape would copy every cached row at every step)
+        batch_rows, head_rows = strides[0] // dim, strides[1] // dim
+        table = states.as_strided((batch_rows * (states.shape[0] - 1) + head_rows * kv_heads, dim), (dim, 1))
+        first = heads.div(kv_heads, rounding_mode="floor") * batch_rows + (heads % kv_heads) * head_rows
+        return table.index_select(0, (first[:, None] + slots).flatten()).view(*slots.shape, dim)
+    # a dimension-major view of a cache's buffer: indexed in place
     batch_of, head_of = heads.div(kv_heads, rounding_mode="floor")[:, None], (heads % kv_heads)[:, None]
     if states.stride(-2) == 1 and dim > 1:  # dimension-major: (B, KV, D, S) rows
         return states.transpose(-1, -2)[batch_of, head_of, :, slots]
@@ -621,12 +671,52 @@ def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value
     return PartialSoftmax(top, total, weighted)
 
 
+def gathered_blocks(layout: SelectionLayout, blocks: torch.Tensor, states: torch.Tensor):
+    """A few queries' own blocks (B, KV, Q, M) (G: none), each query's gathered apart: their key slots (N, M * b),
+    N = B * KV * Q (S: none), and those slots of `states` (B, KV, S, D) -> (N, M * b, D) (`tile_states`). A decode
+    step's way: at this size the tiles of `pair_tiles` (a sort, a scan and a host sync per call) cost more than the
+    few blocks two of its queries might share."""
+    batch, kv_heads, width, count = blocks.shape
+    table = F.pad(layout.block_slots, (0, 0, 0, 1), value=layout.key_positions.shape[1])  # G: a row of "none"
+    rows = torch.arange(batch, device=blocks.device)[:, None]
+    slots = table[rows, blocks.flatten(1)].view(batch * kv_heads * width, count * table.shape[-1])
+    heads = torch.arange(batch * kv_heads, device=blocks.device).repeat_interleave(width)  # (N,)
+    return slots, heads, tile_states(states, slots, heads)
+
+
+def gathered_memory(layout, queries: slice, blocks, memory_query, memory_key, value, scaling: float) -> PartialSoftmax:
+    """`tiled_memory` for a decode step's few queries: each query's sink and selected blocks gathered apart
+    (`gathered_blocks`), one product, the same mask (keys inside the query's window, or none, are hidden). Rows
+    (B * KV * Q, R)."""
+    batch, kv_heads, width, _ = blocks.shape
+    slots, heads, keys = gathered_blocks(layout, blocks, memory_key)  # (N, M * b), (N,), (N, M * b, D)
+    rows = query_rows(memory_query * scaling, kv_heads)  # (N, R, D)
+    score_type = torch.promote_types(rows.dtype, torch.float32)
+    scores = (rows @ keys.transpose(-1, -2)).to(score_type)  # (N, R, M * b)
+    batch_of = heads.div(kv_heads, rounding_mode="floor")[:, None]
+    key_positions = F.pad(layout.key_positions, (0, 1), value=-1)[batch_of, slots]
+    query_positions = layout.query_positions[:, None, queries].expand(-1, kv_heads, -1).reshape(-1, 1)  # (N, 1)
+    hidden = (key_positions < 0) | (key_positions > query_positions - layout.window)
+    scores = scores.masked_fill(hidden[:, None], -torch.inf)
+    with torch.no_grad():  # the max only keeps exp() in range
+        top = scores.amax(-1)  # (N, R): -inf for a query without memory
+    weights = (scores - torch.where(top.isfinite(), top, 0.0)[..., None]).exp()
+    values = tile_states(value, slots, heads).to(score_type)  # (N, M * b, D)
+    return PartialSoftmax(top, weights.sum(-1), weights @ values)
+
+
 def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, key) -> torch.Tensor:
     """ "two-stage"'s second stage in the kernel: the exact block score (max over the block's keys of q.k, then over
     a KV group's heads) of each block of `shortlist` (B, KV, Q, C) (G: none, scored -inf), as a block-sparse
     product in parts (`tile_parts`): (B, KV, Q, C)."""
     kv_heads, size = key.shape[1], layout.block_slots.shape[-1]
     rows = query_rows(query, kv_heads)
+    if query.shape[2] <= SPARQ_GATHER_QUERIES:  # a decode step: each query's shortlist gathered apart
+        keys = gathered_blocks(layout, shortlist, key)[2]  # (N, C * b, D)
+        score_type = torch.promote_types(rows.dtype, torch.float32)
+        scores = (rows @ keys.transpose(-1, -2)).to(score_type)  # (N, R, C * b)
+        scores = scores.view(*scores.shape[:2], -1, size).amax(-1).amax(1).view(shortlist.shape)
+        return scores.masked_fill(shortlist == layout.num_blocks, -torch.inf)
     tiles = pair_tiles(shortlist, layout.num_blocks)
     score_type = torch.promote_types(rows.dtype, torch.float32)
     flat = rows.new_full((tiles.count + 1,), -torch.inf, dtype=score_type)  # index `count`: the padding rows
@@ -650,6 +740,9 @@ def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: 
     batch = layout.key_positions.shape[0]
     mask = window_mask(window, query_slots.expand(batch, -1), band.expand(batch, -1))  # (B, Q, L)
     mask = mask & (band >= held)  # a slot the tensors do not hold is never in a query's window
+    if isinstance(first, int) and held <= first <= num_slots - band.numel():  # inside both: views, no copy (a
+        # decode step's band, over a dimension-major cache a gather element by element)
+        return key.narrow(2, first - held, band.numel()), value.narrow(2, first, band.numel()), mask[:, None]
     band_value = value.index_select(2, band.clamp(0, num_slots - 1))  # `value` holds every slot
     return key.index_select(2, picked), band_value, mask[:, None]
 
@@ -808,7 +901,10 @@ def chunked_selected_attention(
         else:
             chosen = selection[:, :, span]  # (B, KV, Q', K)
         blocks = memory_blocks(layout, span, chosen)
-        far = tiled_memory(layout, span, blocks, memory.query[:, :, span], memory.key, value, scaling)
+        few = span.stop - span.start <= SPARQ_GATHER_QUERIES  # a decode step: its queries gather their blocks
+        far = (gathered_memory if few else tiled_memory)(
+            layout, span, blocks, memory.query[:, :, span], memory.key, value, scaling
+        )
         far_rows = [values.view(batch, kv_heads, span.stop - span.start, *values.shape[1:]) for values in far]
         for start in range(span.start, span.stop, chunk):
             queries = slice(start, min(start + chunk, span.stop))

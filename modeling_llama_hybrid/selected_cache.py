@@ -10,9 +10,12 @@ sink, its k chosen blocks and its window, so it keeps every token. What it keeps
   dimensions of the rotated key of every candidate token each step, so rotating on gather would rotate the whole
   prefix per step, and a second (pre-RoPE) copy would cost half a KV cache more. RoPE is an orthogonal rotation per
   dimension pair, so rotated keys can be re-rotated to other positions (context extension) by the angle difference.
-  Keys are stored dimension-major, (B, KV, D, C): one dimension of every token is one contiguous row, so a decode
-  step's scorer reads its r rows (r / D of the keys) instead of every key's cache lines; `keys` is a transposed
-  (B, KV, S, D) view of it, and the gathers of sink, blocks and window read b-token runs of each row.
+  Under the "sparq" scorers keys are stored dimension-major, (B, KV, D, C): one dimension of every token is one
+  contiguous row, so a decode step's scorer reads its r rows (r / D of the keys) instead of every key's cache lines;
+  `keys` is a transposed (B, KV, S, D) view of it, and the gathers of sink, blocks and window read b-token runs of
+  each row, element by element. Under "quest" and "two-stage" (the default), whose decode steps read the bounds and
+  whole keys of a few blocks, token-major, (B, KV, C, D), as the values: a block's keys are b rows copied whole
+  (at 32k, SmolLM2's shape, the second stage's 32 blocks gather in a third of the time).
 - the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); for "quest" and
   "two-stage" each block's element-wise min / max of its keys (`bounds`, 2 D numbers per block, 2 / b of the keys),
   kept for the blocks no new token can join (every row has moved past them) and computed by the layer
@@ -50,19 +53,21 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, sliding_window: int, **kwargs):
+    def __init__(self, sliding_window: int, dimension_major: bool = True, **kwargs):
         super().__init__()
         self.sliding_window = sliding_window
+        self.dimension_major = dimension_major  # keys (B, KV, D, C); False: (B, KV, C, D)
         self.length = 0  # S: filled slots
         self.new_positions: torch.Tensor | None = None  # (B, T) of the open step, -1 for padding
         self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, KV, G', D) min / max of final blocks
         self.bound_ends: torch.Tensor | None = None  # (G',) one past each one's last slot, the largest over rows
         self.bound_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # `bounds` are views of their start
+        self.pads: torch.Tensor | None = None  # (B,) while each row is padding then one document at positions 0, ...
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         batch, heads, _, dim = key_states.shape
-        self.key_buffer = key_states.new_zeros(batch, heads, dim, 0)  # (B, KV, D, C): dimension-major
+        self.key_buffer = key_states.new_zeros(batch, heads, *((dim, 0) if self.dimension_major else (0, dim)))
         self.value_buffer = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
         self.position_buffer = torch.full((batch, 0), -1, dtype=torch.long, device=self.device)  # (B, C)
         self.is_initialized = True
@@ -88,7 +93,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             shape[dim] = capacity - shape[dim]
             return torch.cat([buffer, buffer.new_full(shape, fill)], dim)
 
-        self.key_buffer = grown(self.key_buffer, 3, 0)
+        self.key_buffer = grown(self.key_buffer, 3 if self.dimension_major else 2, 0)
         self.value_buffer = grown(self.value_buffer, 2, 0)
         self.position_buffer = grown(self.position_buffer, 1, -1)
 
@@ -102,22 +107,46 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             positions = (self.length + torch.arange(length, device=self.device))[None].expand(batch, -1)
         self.reserve(self.length + length)
         end = self.length + length
-        self.key_buffer[..., self.length : end] = key_states.transpose(-1, -2)
+        if self.dimension_major:
+            self.key_buffer[..., self.length : end] = key_states.transpose(-1, -2)
+        else:
+            self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
         self.position_buffer[:, self.length : end] = positions
+        self.pads = self.padded_rows(positions)
         self.length, self.new_positions = end, None
         self.refresh()
         return self.keys, self.values
 
+    def padded_rows(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rows' pads after appending `positions` (B, T), while every row stays padding then one document at
+        positions 0, 1, ... (the usual left-padded batch, or one row); None once a row is anything else (packed
+        documents, padding between tokens, positions that do not start at 0): layouts are then built by scanning."""
+        slots = self.length + torch.arange(positions.shape[1], device=positions.device)
+        if self.length == 0:
+            pads = (positions < 0).sum(1)
+        elif self.pads is None:
+            return None
+        else:
+            pads = self.pads
+        expected = torch.where(slots >= pads[:, None], slots - pads[:, None], -1)
+        return pads if bool((positions == expected).all()) else None  # one host sync per step
+
     def refresh(self) -> None:
         """`keys` / `values`: views of the filled slots (what generic Cache code and the layer read)."""
-        self.keys = self.key_buffer[..., : self.length].transpose(-1, -2)  # (B, KV, S, D), a view
+        if self.dimension_major:
+            self.keys = self.key_buffer[..., : self.length].transpose(-1, -2)  # (B, KV, S, D), a view
+        else:
+            self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
 
     def key_layout(self, num_queries: int) -> WindowLayout:
         """The layout of every filled slot; the last `num_queries` are this forward's queries."""
         positions = self.position_buffer[:, : self.length]
-        return window_layout(positions, self.length - num_queries, self.sliding_window)
+        if self.pads is None:
+            return window_layout(positions, self.length - num_queries, self.sliding_window)
+        documents = torch.where(positions >= 0, 1, -1)  # what `document_ids` finds in such rows
+        return WindowLayout(positions, documents, self.length - num_queries, self.sliding_window, self.pads)
 
     # --- the Cache API -----------------------------------------------------------------------------------------
 
@@ -162,6 +191,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             return
         self.key_buffer, self.value_buffer = fn(self.key_buffer), fn(self.value_buffer)
         self.position_buffer = fn(self.position_buffer)
+        self.pads = fn(self.pads) if self.pads is not None else None
         if self.bounds is not None:
             count = self.bounds[0].shape[2]
             self.bound_buffers = (fn(self.bound_buffers[0]), fn(self.bound_buffers[1]))
@@ -181,6 +211,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         if removed and self.is_initialized:
             self.length -= removed
             self.position_buffer[:, self.length :] = -1
+            if self.pads is not None:  # a row cropped into its padding holds padding only
+                self.pads = self.pads.clamp(max=self.length)
             if self.bounds is not None and len(self.bound_ends):  # keep the blocks whose keys all stay
                 per_block = self.bounds[0].shape[2] // len(self.bound_ends)  # bounds of parts of each block
                 kept = int((self.bound_ends <= self.length).sum())
@@ -193,7 +225,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.keys = self.values = None
         self.length = 0
         self.new_positions = None
-        self.bounds = self.bound_ends = self.bound_buffers = None
+        self.bounds = self.bound_ends = self.bound_buffers = self.pads = None
 
 
 def selected_cache_layer(cache, config, layer_idx: int):
@@ -202,7 +234,7 @@ def selected_cache_layer(cache, config, layer_idx: int):
     stock = cache.layers[layer_idx]
     if stock.is_initialized or type(stock) is not DynamicLayer:
         return None
-    return SelectedSparseLayer(config.sliding_window)
+    return SelectedSparseLayer(config.sliding_window, dimension_major=config.select_scorer.startswith("sparq"))
 
 
 def selected_cache_bytes(config, layer_idx: int, tokens: int, batch: int, element_bytes: int) -> int:

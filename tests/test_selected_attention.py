@@ -8,6 +8,7 @@ so the branch equals full causal attention up to W + (k + 1) * b = 14 tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -172,6 +173,30 @@ def test_every_tiling_of_the_memory_part_matches_the_reference(monkeypatch, tile
     assert kernel.out.isfinite().all()
 
 
+@pytest.mark.parametrize("few", [1, 3, 8])
+def test_a_decode_steps_gathered_blocks_equal_the_tiles(monkeypatch, few):
+    """A step of at most 8 queries gathers each query's blocks instead of tiling them (the memory part and "two-stage"'s
+    second stage): the same numbers as the tiles, and the kernel over spans of such steps == the reference."""
+    positions, (query, key, value), layout = packed_case(seed=21)
+    queries = slice(70 - few, 70)
+    generator = torch.Generator().manual_seed(22)
+    blocks = torch.randint(0, layout.num_blocks + 1, (3, KV_HEADS, few, K + 1), generator=generator)  # G: none
+    blocks[..., 0] = layout.query_sinks[:, None, queries]
+    part = query[:, :, queries]
+    tiled = selected.tiled_memory(layout, queries, blocks, part, key, value, SCALE)
+    gathered = selected.gathered_memory(layout, queries, blocks, part, key, value, SCALE)
+    for mine, theirs in zip(gathered, tiled, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=0)
+    exact = selected.shortlist_scores(layout, queries, blocks, part, key)
+    monkeypatch.setattr(selected, "SPARQ_GATHER_QUERIES", 0)  # the tiles
+    torch.testing.assert_close(exact, selected.shortlist_scores(layout, queries, blocks, part, key), atol=1e-12, rtol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(selected, "MEMORY_QUERIES", few)  # a prefill in steps of `few` queries takes the gathers
+    for scorer in ("sparq", "two-stage"):
+        kernel = chunked_selected_attention(query, key, value, layout, K, scorer, 4, SCALE, chunk=4)
+        assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
+
+
 @pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("scorer", ["sparq", "two-stage"])
 def test_kernel_gradients_match_the_reference_under_the_same_selection(monkeypatch, scorer, parts):
@@ -221,6 +246,19 @@ def test_a_dimension_major_key_gives_the_same_output():
     torch.testing.assert_close(one.out, expected.out[:, -1:], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dimension_major", [False, True])
+def test_tiles_read_the_slots_of_a_cache_buffers_view_in_place(dimension_major):
+    """A cache's keys and values are views of its first S slots of a larger buffer; a tile's rows gathered from them
+    (token-major: from the buffer's table of rows; dimension-major: element-wise) are those slots'."""
+    buffer = torch.randn(2, 3, 8, 11, dtype=torch.float64)  # (B, KV, D, C) or, transposed, (B, KV, C, D)
+    view = buffer[..., :7].transpose(-1, -2) if dimension_major else buffer.transpose(-1, -2).contiguous()[:, :, :7]
+    assert not view.is_contiguous()
+    slots = torch.tensor([[0, 1, 2], [4, 5, 6], [6, 7, 7], [3, 3, 0]])  # 7 ("none") reads slot 6
+    heads = torch.tensor([0, 4, 5, 2])  # batch * KV + head
+    expected = torch.stack([view[h // 3, h % 3, s.clamp(max=6)] for h, s in zip(heads.tolist(), slots, strict=True)])
+    assert torch.equal(selected.tile_states(view, slots, heads), expected)
+
+
 def test_layout_blocks_match_a_plain_walk_over_the_slots():
     positions = packed_and_padded_rows(70)
     layout = layout_of(positions)
@@ -247,6 +285,48 @@ def test_layout_blocks_match_a_plain_walk_over_the_slots():
             table = layout.block_slots[row, g].tolist()
             assert table == list(range(start, end)) + [70] * (BLOCK - (end - start))
         assert (layout.block_documents[row, count:] == -1).all()
+
+
+@pytest.mark.parametrize("length", [1, 3, 14, 70])
+def test_a_padded_layout_in_closed_form_equals_the_scanned_one(length):
+    pads = torch.tensor([0, 2, 5, 30, 70])
+    slots = torch.arange(length)
+    positions = torch.where(slots >= pads[:, None], slots - pads[:, None], -1)
+    for queries in {0, 1, min(length, 4)}:
+        scanned = layout_of(positions, queries)
+        known = window_layout(positions, length - queries, W)
+        known.pads = pads.clamp(max=length)
+        closed = selection_layout(known, queries, BLOCK)
+        for field in dataclasses.fields(scanned):
+            mine, theirs = getattr(closed, field.name), getattr(scanned, field.name)
+            if isinstance(theirs, torch.Tensor):
+                assert torch.equal(mine, theirs), field.name
+            else:
+                assert mine == theirs, field.name
+
+
+def test_the_cache_knows_its_rows_are_padding_then_one_document_until_they_are_not():
+    layer = SelectedSparseLayer(W)
+
+    def step(positions):
+        layer.new_positions = torch.tensor(positions)
+        layer.update(torch.zeros(2, 1, len(positions[0]), 2), torch.zeros(2, 1, len(positions[0]), 2))
+        return None if layer.pads is None else layer.pads.tolist()
+
+    assert step([[-1, -1, 0, 1], [0, 1, 2, 3]]) == [2, 0]
+    assert step([[2], [4]]) == [2, 0]
+    layer.crop(-3)
+    assert layer.pads.tolist() == [2, 0]
+    layer.crop(-1)
+    assert layer.pads.tolist() == [1, 0]  # a row cropped into its padding
+    layer.reorder_cache(torch.tensor([1, 1]))
+    assert layer.pads.tolist() == [0, 0]
+    assert step([[1], [1]]) == [0, 0]
+    assert step([[0], [3]]) is None  # a packed document
+    assert step([[1], [4]]) is None  # stays unknown: layouts are scanned from here on
+    assert layer.key_layout(1).pads is None
+    layer.reset()
+    assert step([[0, -1], [0, 1]]) is None  # padding after a token
 
 
 def test_selection_stays_in_the_query_document_and_before_its_window():
@@ -627,15 +707,17 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
     assert layer.bounds[0][0].equal(layer.bounds[0][1])
 
 
-def test_the_cache_grows_by_doubling_and_keeps_every_token():
-    layer = SelectedSparseLayer(W)
+@pytest.mark.parametrize("dimension_major", [True, False])
+def test_the_cache_grows_by_doubling_and_keeps_every_token(dimension_major):
+    layer = SelectedSparseLayer(W, dimension_major=dimension_major)
     capacities = []
     for step in range(100):
         layer.update(torch.full((1, 1, 1, 2), float(step)), torch.zeros(1, 1, 1, 2))
         capacities.append(layer.capacity)
     assert len(set(capacities)) <= 8  # 1, 2, 4, ..., 128: reallocated log2(n) times, not once per token
     assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(100)]
-    assert layer.key_buffer.shape[-1] == layer.capacity  # dimension-major: a key dimension is one contiguous row
+    # dimension-major: a key dimension is one contiguous row; token-major: a key is
+    assert layer.key_buffer.shape[-1 if dimension_major else -2] == layer.capacity
     layer.crop(-30)
     assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
     layer.batch_repeat_interleave(2)
