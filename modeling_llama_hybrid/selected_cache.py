@@ -61,7 +61,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.new_positions: torch.Tensor | None = None  # (B, T) of the open step, -1 for padding
         self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, KV, G', D) min / max of final blocks
         self.bound_ends: torch.Tensor | None = None  # (G',) one past each one's last slot, the largest over rows
-        self.bound_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # `bounds` are views of their start
+        self.bound_buffer: torch.Tensor | None = None  # (B, KV, C', 2 D) [max | min]: `bounds` are views of it
         self.pads: torch.Tensor | None = None  # (B,) while each row is padding then one document at positions 0, ...
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -164,26 +164,30 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         return sum(t.numel() * t.element_size() for t in held)
 
     def bounds_after(self, start: int, fresh: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `start` kept bounds followed by `fresh` (B, KV, N, D) min / max, as views of the bound buffers,
-        which grow by doubling (what follows the kept bounds is scratch: the next step writes its own)."""
+        """The first `start` kept bounds followed by `fresh` (B, KV, N, D) min / max, as views of the bound buffer,
+        which grows by doubling (what follows the kept bounds is scratch: the next step writes its own)."""
         needed = start + fresh[0].shape[2]
-        held = 0 if self.bound_buffers is None else self.bound_buffers[0].shape[2]
+        held = 0 if self.bound_buffer is None else self.bound_buffer.shape[2]
         if needed > held:
-            capacity = max(needed, 2 * held)
-            grown = []
-            for i, new in enumerate(fresh):
-                buffer = new.new_zeros(*new.shape[:2], capacity, new.shape[3])
-                if start:
-                    buffer[:, :, :start] = self.bound_buffers[i][:, :, :start]
-                grown.append(buffer)
-            self.bound_buffers = tuple(grown)
-        for buffer, new in zip(self.bound_buffers, fresh, strict=True):
-            buffer[:, :, start:needed] = new
-        return tuple(buffer[:, :, :needed] for buffer in self.bound_buffers)
+            low = fresh[0]
+            buffer = low.new_zeros(*low.shape[:2], max(needed, 2 * held), 2 * low.shape[3])
+            if start:
+                buffer[:, :, :start] = self.bound_buffer[:, :, :start]
+            self.bound_buffer = buffer
+        dim = fresh[0].shape[3]
+        self.bound_buffer[:, :, start:needed, dim:] = fresh[0]
+        self.bound_buffer[:, :, start:needed, :dim] = fresh[1]
+        return self.bound_views(needed)
+
+    def bound_views(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) of the first `count` bounds: the two halves of each row of the buffer [max | min] (B, KV, C', 2 D),
+        so that a decode step scores both in one product (`selected_attention.stacked_bounds`)."""
+        dim = self.bound_buffer.shape[3] // 2
+        return self.bound_buffer[:, :, :count, dim:], self.bound_buffer[:, :, :count, :dim]
 
     def keep_bounds(self, count: int, ends: torch.Tensor) -> None:
-        """Keep the first `count` bounds of the buffers (blocks no new token can join) and their blocks' ends."""
-        self.bounds = tuple(buffer[:, :, :count] for buffer in self.bound_buffers)
+        """Keep the first `count` bounds of the buffer (blocks no new token can join) and their blocks' ends."""
+        self.bounds = self.bound_views(count)
         self.bound_ends = ends
 
     def map_batch(self, fn) -> None:
@@ -193,9 +197,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.position_buffer = fn(self.position_buffer)
         self.pads = fn(self.pads) if self.pads is not None else None
         if self.bounds is not None:
-            count = self.bounds[0].shape[2]
-            self.bound_buffers = (fn(self.bound_buffers[0]), fn(self.bound_buffers[1]))
-            self.bounds = tuple(buffer[:, :, :count] for buffer in self.bound_buffers)
+            self.bound_buffer = fn(self.bound_buffer)
+            self.bounds = self.bound_views(self.bounds[0].shape[2])
         self.refresh()
 
     def activate_past_recording(self, *args, **kwargs) -> None:
@@ -216,7 +219,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
             if self.bounds is not None and len(self.bound_ends):  # keep the blocks whose keys all stay
                 per_block = self.bounds[0].shape[2] // len(self.bound_ends)  # bounds of parts of each block
                 kept = int((self.bound_ends <= self.length).sum())
-                self.bounds = tuple(buffer[:, :, : kept * per_block] for buffer in self.bound_buffers)
+                self.bounds = self.bound_views(kept * per_block)
                 self.bound_ends = self.bound_ends[:kept]
             self.refresh()
 
@@ -225,7 +228,7 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.keys = self.values = None
         self.length = 0
         self.new_positions = None
-        self.bounds = self.bound_ends = self.bound_buffers = self.pads = None
+        self.bounds = self.bound_ends = self.bound_buffer = self.pads = None
 
 
 def selected_cache_layer(cache, config, layer_idx: int):

@@ -685,6 +685,9 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
         assert kept >= (layout.num_blocks - 3) * split  # all but the rows' last blocks (row 1 is 4 slots behind)
         torch.testing.assert_close(layer.bounds[0], low[:, :, :kept], atol=0, rtol=0)
         torch.testing.assert_close(layer.bounds[1], high[:, :, :kept], atol=0, rtol=0)
+        stacked = selected.stacked_bounds(*layer.bounds)  # the halves of one row each: a decode step's one product
+        assert torch.equal(stacked, torch.cat([high, low], -1)[:, :, :kept])
+        assert selected.stacked_bounds(low, high) is None  # two tensors: scored apart
         return kept
 
     model(ids[:, :40], attention_mask=mask[:, :40], cache=cache)
@@ -692,10 +695,10 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
     buffers = []
     for t in range(40, 50):
         model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
-        buffers.append(cache.layers[0].bound_buffers[0])
+        buffers.append(cache.layers[0].bound_buffer)
     before = check()
     # the kept bounds are views of buffers that grow by doubling: ten steps reallocate them at most a few times
-    assert cache.layers[0].bounds[0].data_ptr() == buffers[-1].data_ptr()
+    assert cache.layers[0].bounds[1].data_ptr() == buffers[-1].data_ptr()  # max: the first half of each row
     assert len({buffer.data_ptr() for buffer in buffers}) <= 3
     cache.crop(-5)  # 45 slots: the kept blocks that held slots 45..49 are dropped
     layer = cache.layers[0]
