@@ -29,7 +29,9 @@ by KV head and block into tiles (`pair_tiles`), and a tile reads its block's b k
 queries, so a block chosen by many queries is read once, and a query never copies its blocks (a prefill's random
 selections cost what its reads cost). Either part is linear in the queries, never (T x S); only the scorer reads
 every earlier key. Large steps run in parts of bounded size (`TILE_SCORES_PER_PART`, `QUERY_SCORES_PER_PART`; the
-memory part keeps one running softmax over its parts). The kernel returns its selection (the reference takes one),
+memory part keeps one running softmax over its parts). A decode step (at most `SPARQ_GATHER_QUERIES` queries) gathers
+each query's own blocks instead (`gathered_memory`, and "two-stage"'s second stage in `shortlist_scores`): tiling a
+handful of (query, block) pairs costs more than it saves. The kernel returns its selection (the reference takes one),
 how many key slots a query read, and the window part's own softmax, which is the local branch: the layer reads it
 instead of running the banded kernel a second time over the same window.
 flex_attention: `flex_selected_attention`, one FlexAttention call under the chunks' selection (a BlockMask of the
@@ -102,8 +104,14 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
     block = torch.where(valid, positions.div(block_size, rounding_mode="floor"), -1)
     doc_start = document_starts(positions, valid)
     starts = valid & (doc_start | (block != F.pad(block[:, :-1], (1, 0), value=-1)))
-    num_blocks = max(int(starts.sum(1).max()), 1) if slots else 1  # one host sync per forward
-    block_of_key = torch.where(valid, starts.long().cumsum(1) - 1, num_blocks)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # no host sync: the blocks of one document per row (packed rows' last blocks are dropped: never
+        # candidates nor sinks, still in the window); a static cache's S keeps the shapes fixed
+        num_blocks = max(-(-slots // block_size), 1)
+    else:
+        num_blocks = max(int(starts.sum(1).max()), 1) if slots else 1  # one host sync per forward
+    numbers = starts.long().cumsum(1) - 1
+    block_of_key = torch.where(valid & (numbers < num_blocks), numbers, num_blocks)
 
     slot_index = torch.arange(slots, device=positions.device).expand(batch, -1)
     next_opens = F.pad(starts[:, 1:] | ~valid[:, 1:], (0, 1), value=True)
@@ -143,7 +151,7 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
         query_sinks=sink_of_document.gather(1, query_documents.clamp(min=0)),
         query_offset=layout.query_offset,
         window=layout.window,
-        contiguous=bool((positions == slot_index).all()),  # one host sync per forward
+        contiguous=not compiling and bool((positions == slot_index).all()),  # one host sync per forward
     )
 
 
@@ -273,7 +281,9 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     length = query.shape[2]
     blocks = layout.num_blocks if blocks is None else blocks
     if scorer in ("sparq", "sparq-group"):
-        read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
+        read = key.shape[2]  # compiled: every slot (no host sync)
+        if not torch.compiler.is_compiling():
+            read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
         sharing = query.shape[1] // kv_heads if scorer == "sparq-group" else 1
         scores = sparq_scores(grouped(query, kv_heads), key[:, :, :read], dims, sharing)  # (B, KV, RQ, S')
         size = layout.block_slots.shape[-1]
@@ -355,7 +365,9 @@ def select_blocks(
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
-        blocks = int((seen * torch.arange(1, seen.numel() + 1, device=seen.device)).max())  # G': one host sync
+        blocks = layout.num_blocks  # compiled: every block (no host sync)
+        if not torch.compiler.is_compiling():
+            blocks = int((seen * torch.arange(1, seen.numel() + 1, device=seen.device)).max())  # G': one host sync
         candidates = candidates[..., :blocks]
         spare = layout.num_blocks
         parts = [slice(None)]
@@ -786,7 +798,9 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
     with torch.no_grad():
         top = scores.amax(-1)  # (B, KV, R, Q): finite, a query always sees its own slot
     weights = (scores - top[..., None]).exp()
-    weighted = weights @ band_value[:, :, None].to(score_type)  # (B, KV, R, Q, D)
+    # the group's R Q rows in one product with the band's values (broadcasting them over R would copy them R times)
+    weighted = weights.view(batch, kv_heads, groups * width, -1) @ band_value.to(score_type)
+    weighted = weighted.view(batch, kv_heads, groups, width, dim)  # (B, KV, R, Q, D)
 
     def rows(values: torch.Tensor) -> torch.Tensor:  # (B, KV, R, Q, ...) -> (B * KV * Q, R, ...)
         return values.transpose(2, 3).reshape(batch * kv_heads * width, groups, *values.shape[4:])

@@ -30,7 +30,8 @@ the bounds of a block that lost keys are dropped.
 
 `selected_cache_layer` is the registry's factory: it replaces a fresh stock `DynamicLayer`; a static cache keeps its
 stock `StaticLayer` (the layer then reads its keys and the mask's key layout, exactly, but without this layer's
-bookkeeping; not compile-tested).
+bookkeeping; generate() compiles its decode step whole: `selection_layout` takes a static bound under
+torch.compile).
 
 Shape legend: B batch, KV key/value heads, T new tokens, S filled slots, C capacity, D head dim.
 """

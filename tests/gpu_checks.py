@@ -214,7 +214,7 @@ def check_compiled_layers(size, device, dtype) -> dict:
 def check_static_decode(size, device, dtype) -> dict:
     result, ok = {}, True
     new_tokens = 24 if size == "tiny" else 64
-    for global_attention in ("full", "compressed"):
+    for global_attention in ("full", "compressed", "selected"):
         config = model_config(
             size,
             mixer_types=ALL_MIXERS,

@@ -118,12 +118,22 @@ def test_decoder_layers_names_a_model_without_them():
         decoder_layers(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("mixer", ["attention", "sparse_full", "conv"])
+@pytest.mark.parametrize(
+    ("mixer", "fields"),
+    [
+        ("attention", {}),
+        ("sparse_full", {}),
+        ("conv", {}),
+        ("sparse_selected", {}),  # "two-stage", one block of 3 selected: 18 tokens reach past W + (k + 1) * b = 9
+        ("sparse_selected", {"select_scorer": "sparq"}),
+    ],
+)
 @torch.no_grad()
-def test_static_cache_decode_compiles_whole(mixer):
+def test_static_cache_decode_compiles_whole(mixer, fields):
     """generate() compiles the one-token forward for static caches: with fullgraph=True (no graph break anywhere:
-    masks, conv state, MoE grouped_mm) and no recompile over many steps, it returns the eager dynamic-cache tokens."""
-    model = tiny_model(mixer, "sdpa")
+    masks, conv state, MoE grouped_mm, the selected branch's layout and choice) and no recompile over many steps,
+    it returns the eager dynamic-cache tokens."""
+    model = tiny_model(mixer, "sdpa", **fields)
     model.set_experts_implementation("grouped_mm")
     model.generation_config.eos_token_id = None
     ids = tokens(2, 6)
