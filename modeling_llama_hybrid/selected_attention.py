@@ -357,8 +357,8 @@ def select_blocks(
     the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
     discrete choice: no gradient flows through it (only through the attention over the chosen keys).
 
-    "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k), the exact block score (max q.k over
-    the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
+    "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k; all of them, unscored, where there are
+    no more), the exact block score (max q.k over the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
     `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
     best (Quest's order). The shortlist is a set (topk: a tie at its edge may go either way); the final choice goes
     to the earlier block on ties, as the other scorers' does."""
@@ -398,9 +398,13 @@ def select_blocks(
             corners = quest_corners(bounds, blocks, bound_parts(layout, bounds))
 
         def shortlisted_of(part: slice) -> torch.Tensor:  # Quest's C best candidates, a set in block order
+            most = min(shortlist or 4 * k, blocks)
+            if most == blocks and read_budget is None:  # every candidate is listed: no need of Quest's order (a
+                # context of at most C candidate blocks: its decode step reads no bound)
+                listed = candidates[:, None, part].expand(-1, key.shape[1], -1, -1)
+                return torch.where(listed, torch.arange(blocks, device=listed.device), spare)
             first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks, corners)
             first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
-            most = min(shortlist or 4 * k, blocks)
             best = first.topk(most, dim=-1, sorted=read_budget is not None)  # a set: sorted by block below
             listed = best.values > -torch.inf
             if read_budget is not None:  # each query keeps its own number of Quest's best

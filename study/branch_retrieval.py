@@ -204,7 +204,7 @@ def scorer_reads(config, length: int) -> float:
     """The numbers a decode step's scorer reads per KV head at `length` tokens (a query at t = length - 1), as a share
     of full attention's keys and values (2 * length * D): "sparq" r dims of each of its R heads (up to R * r) of
     every candidate key, "sparq-group" r, "quest" the bounds (2 D per bound part of each candidate block),
-    "two-stage" the bounds and the D dims of its shortlist's keys."""
+    "two-stage" the bounds (none where every candidate is listed) and the D dims of its shortlist's keys."""
     block, dim = config.compress_block_size, config.head_dim
     candidates = max((length - 1 - config.sliding_window) // block, 0)  # blocks 1 .. j with j * b <= t - W
     heads = config.num_attention_heads // config.num_key_value_heads
@@ -219,6 +219,8 @@ def scorer_reads(config, length: int) -> float:
             at = torch.tensor([length - 1]), torch.tensor([candidates])
             budget, k = config.select_read_budget, config.select_blocks
             listed = min(listed, int(shortlist_sizes(*at, budget, k, config.select_bound_parts, block)))
+        elif listed >= candidates:  # every candidate is listed: the kernel reads no bound
+            read = 0
         read += min(listed, candidates) * block * dim
     return read / (2 * length * dim)
 

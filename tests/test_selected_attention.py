@@ -541,6 +541,30 @@ def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_ke
     torch.testing.assert_close(result.out, clean.out, atol=1e-12, rtol=0)
 
 
+def test_a_two_stage_step_with_no_more_candidates_than_its_shortlist_reads_no_bound(monkeypatch):
+    """Where every candidate block fits the shortlist, Quest's order is not needed: NaN bounds change nothing, and the
+    choice is the exact block max's over all candidates (the "sparq" scorer on every dimension)."""
+    length = 40  # candidates: blocks 1 .. (39 - 5) // 3 = 11, a shortlist of 12
+    query, key, value = qkv(2, length, queries=3, seed=31)
+    layout = layout_of(torch.arange(length).expand(2, -1), num_queries=3)
+    low, high = block_bounds(key, layout)
+    poisoned = (torch.full_like(low, torch.nan), torch.full_like(high, torch.nan))
+    listed = chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, shortlist=12)
+    blind = chunked_selected_attention(
+        query, key, value, layout, K, "two-stage", 4, SCALE, shortlist=12, bounds=poisoned
+    )
+    exact = chunked_selected_attention(query, key, value, layout, K, "sparq", DIM, SCALE)
+    assert torch.equal(blind.selection, listed.selection) and torch.equal(listed.selection, exact.selection)
+    torch.testing.assert_close(blind.out, exact.out, atol=1e-12, rtol=0)
+    scored = []
+    monkeypatch.setattr(
+        selected, "score_blocks", lambda *args, **kw: scored.append(args[3]) or score_blocks(*args, **kw)
+    )
+    for shortlist in (12, 11):  # one block fewer in the shortlist: Quest's bound ranks them again
+        chunked_selected_attention(query, key, value, layout, K, "two-stage", 4, SCALE, shortlist=shortlist)
+        assert scored == ([] if shortlist == 12 else ["quest"])
+
+
 def test_quest_bounds_over_parts_are_tighter_and_one_token_parts_are_exact():
     """A block's bound is the largest of its parts' (each part's min / max of its own keys): between the true block
     max and the whole block's bound; with one-token parts, Quest's bound of a key is q.k itself."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_llama_hybrid.banded_attention import window_layout
+from modeling_llama_hybrid.banded_attention import WindowLayout
 from modeling_llama_hybrid.block_layout import block_means, group_blocks, with_visible
 from modeling_llama_hybrid.compressed_attention import dense_summary_attention
 from modeling_llama_hybrid.selected_attention import chunked_selected_attention, selection_layout
@@ -155,8 +155,10 @@ class SelectedGlobalBranch:
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """Rotated queries (T, H, D), rotated keys and values (S, KV, D) -> (T, H, D)."""
         length, total = query.shape[0], key.shape[0]
-        positions = torch.arange(total, device=key.device)[None]  # (1, S)
-        layout = selection_layout(window_layout(positions, total - length, self.window), length, self.block_size)
+        positions = torch.arange(total, device=key.device)[None]  # (1, S): one sequence, no padding
+        no_pads = positions.new_zeros(1)  # one document from slot 0: the layout in closed form, no scan of S slots
+        one_document = WindowLayout(positions, torch.ones_like(positions), total - length, self.window, no_pads)
+        layout = selection_layout(one_document, length, self.block_size)
         result = chunked_selected_attention(
             batched(query),
             batched(key),
