@@ -60,7 +60,7 @@ from .attention import flex_block_sparse_attention, repeat_kv
 from .banded_attention import WindowLayout, document_starts, window_mask
 from .block_layout import FLEX_TILE, ordered_tiles
 from .rotary import LlamaHybridRotaryEmbedding, rotate_keys
-from .selected_cache import SelectedSparseLayer
+from .selected_cache import KEY_DIMENSION_SCORERS, SelectedSparseLayer
 from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
 QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
@@ -158,8 +158,7 @@ def selection_layout(layout: WindowLayout, num_queries: int, block_size: int) ->
 def padded_selection_layout(layout: WindowLayout, num_queries: int, block_size: int) -> SelectionLayout:
     """`selection_layout` of rows that are `layout.pads` (B,) invalid slots, then one document at positions 0, 1, ...:
     block j of row r is slots [p_r + j*b, p_r + (j+1)*b) (clipped to S), its sink block 0. Every field follows from
-    the pads by arithmetic, so a decode step does not scan its S slots a dozen times to find them (at 32k, most of
-    what a step spends outside its reads)."""
+    the pads by arithmetic, so a decode step does not scan its S slots a dozen times to find them."""
     positions, documents, pads = layout.key_positions, layout.documents, layout.pads
     batch, slots = positions.shape
     device = positions.device
@@ -280,7 +279,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
     batch, kv_heads = key.shape[:2]
     length = query.shape[2]
     blocks = layout.num_blocks if blocks is None else blocks
-    if scorer in ("sparq", "sparq-group"):
+    if scorer in KEY_DIMENSION_SCORERS:
         read = key.shape[2]  # compiled: every slot (no host sync)
         if not torch.compiler.is_compiling():
             read = int(layout.block_ends[:, :blocks].amax()) if blocks else 0  # S': slots of the first G' blocks
@@ -319,7 +318,7 @@ def score_blocks(query, key, layout: SelectionLayout, scorer: str, dims: int, bo
 def stacked_bounds(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor | None:
     """(B, KV, G', 2 D) rows [max | min] when `high` and `low` are the two halves of such rows (the cache keeps its
     bounds so: `SelectedSparseLayer.bound_views`), else None. Scored as [q+, -q-] . [max | min], one product reads
-    each row once (at 32k, SmolLM2's shape, in half the time of two products over the halves)."""
+    each row once instead of two products reading a half each."""
     dim = high.shape[-1]
     halves = high.stride() == low.stride() and high.stride(-1) == 1 and high.stride(-2) >= 2 * dim
     same = halves and low.untyped_storage().data_ptr() == high.untyped_storage().data_ptr()
@@ -373,7 +372,7 @@ def select_blocks(
         parts = [slice(None)]
         if tiled:  # the kernel scores its queries in parts whose (R Q x G' * b or G' * split) scores stay small
             width = blocks * (
-                layout.block_slots.shape[-1] if scorer.startswith("sparq") else bound_parts(layout, bounds)
+                layout.block_slots.shape[-1] if scorer in KEY_DIMENSION_SCORERS else bound_parts(layout, bounds)
             )
             step = max(QUERY_SCORES_PER_PART // max(query.shape[0] * query.shape[1] * width, 1), 1)
             step = max(step, SPARQ_GATHER_QUERIES + 1)  # a part of a prefill never takes the decode steps' gathers

@@ -15,7 +15,7 @@ sink, its k chosen blocks and its window, so it keeps every token. What it keeps
   `keys` is a transposed (B, KV, S, D) view of it, and the gathers of sink, blocks and window read b-token runs of
   each row, element by element. Under "quest" and "two-stage" (the default), whose decode steps read the bounds and
   whole keys of a few blocks, token-major, (B, KV, C, D), as the values: a block's keys are b rows copied whole
-  (at 32k, SmolLM2's shape, the second stage's 32 blocks gather in a third of the time).
+  instead of b * D numbers gathered one by one.
 - the scoring data: for "sparq" the rotated keys themselves (nothing extra to keep or drop); for "quest" and
   "two-stage" each block's element-wise min / max of its keys (`bounds`, 2 D numbers per block, 2 / b of the keys),
   kept for the blocks no new token can join (every row has moved past them) and computed by the layer
@@ -45,6 +45,9 @@ from .banded_attention import WindowLayout, window_layout
 from .compressed_cache import RowHooks, new_tokens_valid
 
 POSITION_BYTES = 8  # int64 position id per slot
+# the scorers that read a few dimensions of every candidate key (selected_attention.sparq_scores): their cache keeps
+# keys dimension-major; the bound scorers ("quest", "two-stage") read whole keys of a few blocks: token-major
+KEY_DIMENSION_SCORERS = ("sparq", "sparq-group")
 
 
 class SelectedSparseLayer(RowHooks, DynamicLayer):
@@ -238,7 +241,7 @@ def selected_cache_layer(cache, config, layer_idx: int):
     stock = cache.layers[layer_idx]
     if stock.is_initialized or type(stock) is not DynamicLayer:
         return None
-    return SelectedSparseLayer(config.sliding_window, dimension_major=config.select_scorer.startswith("sparq"))
+    return SelectedSparseLayer(config.sliding_window, dimension_major=config.select_scorer in KEY_DIMENSION_SCORERS)
 
 
 def selected_cache_bytes(config, layer_idx: int, tokens: int, batch: int, element_bytes: int) -> int:
