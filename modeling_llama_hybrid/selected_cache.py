@@ -184,8 +184,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         return self.bound_views(needed)
 
     def bound_views(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min, max) of the first `count` bounds: the two halves of each row of the buffer [max | min] (B, KV, C', 2 D),
-        so that a decode step scores both in one product (`selected_attention.stacked_bounds`)."""
+        """(min, max) of the first `count` bounds: the two halves of each row of the buffer [max | min]
+        (B, KV, C', 2 D), so that a decode step scores both in one product (`selected_attention.stacked_bounds`)."""
         dim = self.bound_buffer.shape[3] // 2
         return self.bound_buffer[:, :, :count, dim:], self.bound_buffer[:, :, :count, :dim]
 
