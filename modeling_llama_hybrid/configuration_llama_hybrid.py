@@ -103,7 +103,8 @@ class LlamaHybridConfig(PreTrainedConfig):
             scorer reads per step, as a share of its document's keys and values so far: the bounds of its candidate
             blocks, then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`; it costs
             prose retrieval at 4k, docs/claims.md §4c); `"sparq"`, q.k over the query's `select_dims`
-            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or `"quest"`, Quest's min/max bound alone) and the window;
+            largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or
+            `"quest"`, Quest's min/max bound alone) and the window;
             it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
             (a divisor of `compress_block_size`; default 8 where 8 divides the block, else the whole block): a
             block's bound is the largest of its parts'.

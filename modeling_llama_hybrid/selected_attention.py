@@ -37,8 +37,8 @@ instead of running the banded kernel a second time over the same window.
 flex_attention: `flex_selected_attention`, one FlexAttention call under the chunks' selection (a BlockMask of the
 tiles each query tile's windows, sinks and selected blocks touch, each query's own choice in its mask_mod), for a
 prefill at true positions; decode steps and the fixed scheme take the chunked kernel. A decode step reads
-sink + k*b + W slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block bounds, which
-the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
+sink + k*b + W slots, plus the scoring data (the r key dims under "sparq"; under "quest" and "two-stage" the block
+bounds, which the cache keeps for every final block, and for "two-stage" the keys of its C shortlisted blocks).
 
 Positions (`config.select_positions`): "true", or "fixed" (InfLLM's): the sink and the selected blocks are attended
 at one fixed distance, the window at true distances (`Memory`: what the memory part is scored and attended with).
@@ -357,8 +357,8 @@ def select_blocks(
     discrete choice: no gradient flows through it (only through the attention over the chosen keys).
 
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k; all of them, unscored, where there are
-    no more), the exact block score (max q.k over the block's keys, all D dimensions) ranks them: a dense (B, KV, Q, G) score in the reference, the block-sparse
-    `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
+    no more), the exact block score (max q.k over the block's keys, all D dimensions) ranks them: a dense
+    (B, KV, Q, G) score in the reference, the block-sparse `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
     best (Quest's order). The shortlist is a set (topk: a tie at its edge may go either way); the final choice goes
     to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
