@@ -203,6 +203,7 @@ def score(model, probe: Passkey) -> dict:
         "distance": probe.distance,
         "correct": all(hits),
         "digit_accuracy": sum(hits) / len(hits),
+        "predicted_ids": predicted,  # the argmax token after each answer token: what a miss said instead
     }
 
 

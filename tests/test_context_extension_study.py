@@ -53,3 +53,44 @@ def test_two_runs_merge_into_one_table(tmp_path, capsys):
         study.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith("no results.json there")
+
+
+def test_a_larger_budget_runs_only_the_samples_a_cell_lacks_and_shows_what_a_miss_read_out(
+    tmp_path, monkeypatch, default_model_dir
+):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    llama, _ = tiny_pair(num_hidden_layers=4)
+    prose = study.probe.encode(tokenizer, "\n\n".join(study.pydoc_topics().values()))
+    wanted = study.retrieval.prompts(tokenizer, "prose", 2048, 3, prose)
+    asked = []
+
+    def evaluate(name, model, probes):  # the model "reads out" the key with its first digit wrong
+        ((length, (prompt,)),) = probes.items()
+        asked.append(prompt.key)
+        wrong = study.probe.encode(tokenizer, str((int(prompt.key[0]) + 1) % 10) + prompt.key[1:])
+        row = {"key": prompt.key, "depth": prompt.depth, "distance": prompt.distance, "correct": False}
+        return [{**row, "digit_accuracy": 0.8, "predicted_ids": wrong, "model": name, "length": length}]
+
+    monkeypatch.setattr(study.probe, "source_llama", lambda out: (llama, tokenizer))
+    monkeypatch.setattr(study.probe, "evaluate", evaluate)
+    monkeypatch.setitem(study.BUDGET, "quick", [(2048, study.LLAMA, 3, ("prose",))])
+    kept = {"key": wanted[0].key, "depth": 0.05, "distance": 1900, "correct": True, "digit_accuracy": 1.0}
+    state = {
+        "samples": [{**kept, "length": 2048, "model": study.LLAMA, "haystack": "prose"}],
+        "perplexity": [],
+        "seconds": {study.LLAMA: {"2048": 99.0}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(state))
+    assert study.main(["--quick", "--out", str(tmp_path), "--no-perplexity"]) == 0
+    assert asked == [p.key for p in wanted[1:]]  # prompts are prefix-stable: the kept sample is not run again
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in saved["samples"]] == [p.key for p in wanted]
+    assert all(r["predicted"] == tokenizer.decode(r["predicted_ids"]) for r in saved["samples"][1:])
+    assert all(r["seconds"] >= 0 for r in saved["samples"][1:])
+    table = (tmp_path / "results.md").read_text()
+    assert f"| prose | {study.LLAMA} | 1/3 |" in table
+    for row in saved["samples"][1:]:
+        assert f"| {row['key']} | {row['predicted']!r} |" in table and row["predicted"][1:] == row["key"][1:]
+    assert "99 s" not in table  # timed samples replace an earlier run's mean
