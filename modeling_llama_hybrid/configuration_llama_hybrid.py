@@ -28,6 +28,7 @@ SELECT_SCORERS = (
 # tokens per Quest bound when `select_bound_size` is None and 8 divides the block: the bounds are then a quarter of
 # the keys, and 8-token bounds kept the source's pass keys in every cell of docs/claims.md §4c (whole blocks did not)
 DEFAULT_SELECT_BOUND_SIZE = 8
+SELECT_BUDGET_RULES = ("blocks", "dims")  # what "two-stage" gives up first to keep within `select_read_budget`
 SELECT_POSITIONS = ("true", "fixed")  # the distances the selected branch attends its sink and selected blocks at
 PRESETS = ("llama", "staged", "hybrid")
 # Old preset names still accepted by `from_preset`, with a FutureWarning ("seed" read like a random seed). Presets
@@ -101,8 +102,11 @@ class LlamaHybridConfig(PreTrainedConfig):
             at most `select_candidates` blocks (default 4 * `select_blocks`) and the exact max q.k over each one's
             keys ranks them; `select_read_budget` (e.g. 0.25; default None: always the most) caps what a query's
             scorer reads per step, as a share of its document's keys and values so far: the bounds of its candidate
-            blocks, then as many shortlisted blocks' keys as the rest allows (at least `select_blocks`; it costs
-            prose retrieval at 4k, docs/claims.md §4c); `"sparq"`, q.k over the query's `select_dims`
+            blocks, then, by `select_budget_rule`, as many shortlisted blocks' keys as the rest allows (`"blocks"`,
+            default: at least `select_blocks`; it costs prose retrieval at 4k, docs/claims.md §4c) or every
+            shortlisted block read on fewer dimensions (`"dims"`: the second stage scores q.k on the chunks of 16
+            dimensions (64 bytes of fp32) with the most |q| of the KV group, as many as the rest allows, at least
+            one; all of them where the budget allows); `"sparq"`, q.k over the query's `select_dims`
             largest-magnitude dimensions; `"sparq-group"`, the same over dimensions a KV group's heads share; or
             `"quest"`, Quest's min/max bound alone) and the window;
             it needs `sliding_window >= compress_block_size`. `select_bound_size`: tokens per Quest min / max bound
@@ -168,6 +172,7 @@ class LlamaHybridConfig(PreTrainedConfig):
     select_scorer: str = "two-stage"
     select_candidates: int | None = None
     select_read_budget: float | int | None = None
+    select_budget_rule: str = "blocks"
     select_bound_size: int | None = None
     select_positions: str = "true"
     select_distance: int | None = None
@@ -502,6 +507,12 @@ def _check_selection(config: "LlamaHybridConfig") -> None:
     if budget is not None and config.select_scorer != "two-stage":
         raise ValueError(
             f"select_read_budget={budget} needs select_scorer='two-stage' (it sizes that scorer's shortlist)"
+        )
+    if config.select_budget_rule not in SELECT_BUDGET_RULES:
+        raise ValueError(f"select_budget_rule={config.select_budget_rule!r}; choose one of {list(SELECT_BUDGET_RULES)}")
+    if config.select_budget_rule != "blocks" and budget is None:
+        raise ValueError(
+            f"select_budget_rule={config.select_budget_rule!r} needs select_read_budget (it says how to keep within it)"
         )
     if config.select_scorer not in SELECT_SCORERS:
         raise ValueError(f"select_scorer={config.select_scorer!r}; choose one of {list(SELECT_SCORERS)}")

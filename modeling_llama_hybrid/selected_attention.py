@@ -8,7 +8,7 @@ query attends with one softmax over sink | selected | window, each token once, k
 attention over a subset, equal to full causal attention while n <= W + (k + 1) * b.
 
 Scorers (`config.select_scorer`), all combined over a KV group's query heads by max (one selection per KV head):
-- "sparq" (default): q.k over the query's r largest-|q| dimensions (r = `select_dims`), block score = max over the
+- "sparq": q.k over the query's r largest-|q| dimensions (r = `select_dims`), block score = max over the
   block's rotated keys;
 - "sparq-group": the same over r dimensions shared by a KV group's query heads (largest in their summed |q|), so a
   decode step reads r rows of keys per KV head instead of up to R * r;
@@ -16,7 +16,9 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   of the true max q.k over the block);
 - "two-stage": Quest's bound shortlists C blocks (at most `config.select_candidates`, default 4k; for a query at
   position t of its document, as many as its read budget leaves after the bounds, `shortlist_sizes`, at least k), and
-  the exact block score, the max over the block's keys of q.k on all D dimensions, ranks them: a decode step reads
+  the exact block score, the max over the block's keys of q.k on all D dimensions (default), ranks them (under the
+  budget rule "dims" the shortlist keeps its C blocks and the score reads as many of the KV group's chunks of
+  `KEY_CHUNK` dimensions with the most |q| as the budget leaves, `shortlist_dims`), the default: a decode step reads
   the bounds (2 D numbers per bound) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per query
   (block-sparse), not (Q x S).
 
@@ -350,7 +352,7 @@ def top_blocks(scores: torch.Tensor, candidates: torch.Tensor, k: int, spare: in
 
 def select_blocks(
     query, key, layout: SelectionLayout, queries: slice, k: int, scorer: str, dims: int, bounds=None,
-    shortlist: int | None = None, tiled: bool = False, read_budget: float | None = None,
+    shortlist: int | None = None, tiled: bool = False, read_budget: float | None = None, budget_rule: str = "blocks",
 ) -> torch.Tensor:  # fmt: skip
     """The selection (B, KV, Q, K) of the queries `queries` (query (B, H, Q, D) holds just those). Only blocks up to
     the chunk's last candidate are scored (a causal prefill reads each key for the queries after it, not before). A
@@ -358,9 +360,11 @@ def select_blocks(
 
     "two-stage": Quest's bound shortlists `shortlist` candidates (default 4k; all of them, unscored, where there are
     no more), the exact block score (max q.k over the block's keys, all D dimensions) ranks them: a dense
-    (B, KV, Q, G) score in the reference, the block-sparse `shortlist_scores` in the kernel (`tiled`). With `read_budget`, a query shortlists only its `shortlist_sizes`
-    best (Quest's order). The shortlist is a set (topk: a tie at its edge may go either way); the final choice goes
-    to the earlier block on ties, as the other scorers' does."""
+    (B, KV, Q, G) score in the reference, the block-sparse `shortlist_scores` in the kernel (`tiled`). With
+    `read_budget`, a query shortlists only its `shortlist_sizes` best (Quest's order); with `budget_rule` "dims" it
+    keeps its C blocks (all candidates, unscored, where they fit) and the score reads only the query's `key_chunks`
+    (`shortlist_dims` dimensions). The shortlist is a set (topk: a tie at its edge may go either way); the final
+    choice goes to the earlier block on ties, as the other scorers' does."""
     with torch.no_grad():
         candidates = candidate_blocks(layout, queries)  # (B, Q, G)
         seen = candidates.flatten(0, 1).any(0)  # (G,) a candidate of some query
@@ -396,17 +400,20 @@ def select_blocks(
             bounds = bounds if bounds is not None else block_bounds(key, layout)
             corners = quest_corners(bounds, blocks, bound_parts(layout, bounds))
 
+        narrow = read_budget is not None and budget_rule == "dims"  # the budget narrows keys, not the shortlist
+        fewer = read_budget is not None and not narrow  # the budget shortens the shortlist
+
         def shortlisted_of(part: slice) -> torch.Tensor:  # Quest's C best candidates, a set in block order
             most = min(shortlist or 4 * k, blocks)
-            if most == blocks and read_budget is None:  # every candidate is listed: no need of Quest's order (a
+            if most == blocks and not fewer:  # every candidate is listed: no need of Quest's order (a
                 # context of at most C candidate blocks: its decode step reads no bound)
                 listed = candidates[:, None, part].expand(-1, key.shape[1], -1, -1)
                 return torch.where(listed, torch.arange(blocks, device=listed.device), spare)
             first = score_blocks(query[:, :, part], key, layout, "quest", dims, bounds, blocks, corners)
             first = first.masked_fill(~candidates[:, None, part], -torch.inf)  # topk: no stable sort of every block
-            best = first.topk(most, dim=-1, sorted=read_budget is not None)  # a set: sorted by block below
+            best = first.topk(most, dim=-1, sorted=fewer)  # a set: sorted by block below
             listed = best.values > -torch.inf
-            if read_budget is not None:  # each query keeps its own number of Quest's best
+            if fewer:  # each query keeps its own number of Quest's best
                 positions = layout.query_positions[:, queries][:, part]
                 counts = candidates[:, part].sum(-1)
                 split, block_size = bound_parts(layout, bounds), layout.block_slots.shape[-1]
@@ -415,12 +422,21 @@ def select_blocks(
             return torch.where(listed, best.indices, spare).sort(-1).values
 
         shortlisted = torch.cat([shortlisted_of(p) for p in parts], 2)
+        chunks = None
+        if narrow:  # each query's chunks of dimensions, as many as its budget leaves for its shortlist's keys
+            positions = layout.query_positions[:, queries]
+            dims = shortlist_dims(
+                positions, candidates.sum(-1), read_budget, shortlist or 4 * k, bound_parts(layout, bounds),
+                layout.block_slots.shape[-1], query.shape[-1],
+            )  # fmt: skip
+            chunks = key_chunks(query, key.shape[1], dims)
         if not tiled:
-            exact = score_blocks(query, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: exact q.k
+            narrowed = query if chunks is None else query * chunks.query_mask()  # q.k on the chosen dims
+            exact = score_blocks(narrowed, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: q.k
             kept = torch.zeros_like(exact, dtype=torch.bool)
             kept = F.pad(kept, (0, 1)).scatter(-1, shortlisted.clamp(max=blocks), True)[..., :blocks]
             return top_blocks(exact.masked_fill(~kept, -torch.inf), candidates, k, spare)
-        exact = shortlist_scores(layout, queries, shortlisted, query, key)  # (B, KV, Q, C), -inf for "none"
+        exact = shortlist_scores(layout, queries, shortlisted, query, key, chunks)  # (B, KV, Q, C), -inf: "none"
         ranked = torch.sort(exact, dim=-1, descending=True, stable=True)  # ties: the earlier block
         chosen = shortlisted.gather(-1, ranked.indices[..., :k])
         chosen = torch.where(ranked.values[..., :k] > -torch.inf, chosen, spare)
@@ -436,6 +452,59 @@ def shortlist_sizes(positions, candidates, budget: float, k: int, split: int, bl
     34 at 8k."""
     allowed = 2 * budget * (positions + 1) - 2 * split * candidates  # numbers left, in units of D
     return (allowed / block_size).floor().long().clamp(min=k)
+
+
+KEY_CHUNK = 16  # dimensions per chunk of a key the budget rule "dims" reads or skips: 64 bytes of fp32, a cache line
+
+
+def chunk_width(dim: int) -> int:
+    """Dimensions per chunk of a D-dimension key: `KEY_CHUNK`, or the largest divisor of D below it."""
+    return max(c for c in range(1, min(KEY_CHUNK, dim) + 1) if dim % c == 0)
+
+
+def shortlist_dims(positions, candidates, budget: float, most: int, split: int, block_size: int, dim: int):
+    """How many dimensions (a multiple of `chunk_width(dim)`) of each shortlisted key "two-stage"'s second stage
+    reads under the budget rule "dims", for queries at `positions` of their documents with `candidates` candidate
+    blocks each (tensors of one shape): the shortlist keeps min(c, `most`) blocks; their bounds are read where it
+    cannot list every candidate (2 D numbers per bound, `split` per block); what the `budget` (a share of the
+    document's 2 (t + 1) D numbers of keys and values so far) leaves pays the shortlist's b keys per block on as
+    many chunks as it covers: all D where it can (the exact score), at least one chunk. With SmolLM2's upcycle (b 64,
+    W 512, 8-token bounds, 32 blocks, budget a quarter): 32 of 64 dimensions at 2k and 4k, all 64 from 8k on."""
+    width = chunk_width(dim)
+    listed = candidates.clamp(max=most)
+    bounds = torch.where(candidates > most, 2 * split * candidates, 0)
+    allowed = 2 * budget * (positions + 1) - bounds  # numbers left, in units of D
+    chunks = (allowed * dim / (listed.clamp(min=1) * block_size * width)).floor().long()
+    return chunks.clamp(1, dim // width) * width
+
+
+class KeyChunks(NamedTuple):
+    """The chunks of dimensions each query's second stage reads of a shortlisted key (one choice per KV group)."""
+
+    order: torch.Tensor  # (B, KV, Q, D / c) chunk numbers, the KV group's summed |q| largest first (ties: lower)
+    count: torch.Tensor  # (B, Q) how many of them the query reads
+    width: int  # c dimensions per chunk
+    heads: int  # H query heads (R per KV group)
+
+    def dim_mask(self) -> torch.Tensor:
+        """(B, KV, Q, D) True on the dimensions the query reads."""
+        read = self.order.argsort(-1) < self.count[:, None, :, None]  # each chunk's rank below the count
+        return read.repeat_interleave(self.width, -1)
+
+    def query_mask(self) -> torch.Tensor:
+        """(B, H, Q, D) the same for every query head (repeat_kv's order)."""
+        mask = self.dim_mask()
+        return mask.repeat_interleave(self.heads // mask.shape[1], 1)
+
+
+def key_chunks(query: torch.Tensor, kv_heads: int, dims: torch.Tensor) -> KeyChunks:
+    """The `dims` (B, Q) dimensions, in whole chunks, with the largest |q| summed over a KV group's heads: queries
+    (B, H, Q, D)."""
+    batch, heads, width, dim = query.shape
+    chunk = chunk_width(dim)
+    mass = query.detach().abs().view(batch, kv_heads, heads // kv_heads, width, dim // chunk, chunk).sum((2, 5))
+    order = torch.sort(mass, dim=-1, descending=True, stable=True).indices  # (B, KV, Q, D / c)
+    return KeyChunks(order, dims.div(chunk, rounding_mode="floor"), chunk, heads)
 
 
 def visible_keys(layout: SelectionLayout, queries: slice, slots: torch.Tensor, selection: torch.Tensor, kept=None):
@@ -567,22 +636,47 @@ def tile_states(states: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) 
     first: `token_major`)."""
     kv_heads, num_slots, dim = states.shape[1:]
     slots = slots.clamp(max=num_slots - 1)
-    if states.is_contiguous():  # one table of rows (a prefill's keys and values)
-        table = states.view(-1, dim)
-        return table.index_select(0, (heads[:, None] * num_slots + slots).flatten()).view(*slots.shape, dim)
-    strides = states.stride()
-    if strides[2:] == (dim, 1) and strides[0] % dim == 0 and strides[1] % dim == 0:
-        # token-major rows of a larger buffer (a cache's filled slots): one table of the buffer's rows, from this
-        # view's first (a reshape would copy every cached row at every step)
-        batch_rows, head_rows = strides[0] // dim, strides[1] // dim
-        table = states.as_strided((batch_rows * (states.shape[0] - 1) + head_rows * kv_heads, dim), (dim, 1))
-        first = heads.div(kv_heads, rounding_mode="floor") * batch_rows + (heads % kv_heads) * head_rows
+    rows = row_table(states, heads)
+    if rows is not None:
+        table, first = rows
         return table.index_select(0, (first[:, None] + slots).flatten()).view(*slots.shape, dim)
     # a dimension-major view of a cache's buffer: indexed in place
     batch_of, head_of = heads.div(kv_heads, rounding_mode="floor")[:, None], (heads % kv_heads)[:, None]
     if states.stride(-2) == 1 and dim > 1:  # dimension-major: (B, KV, D, S) rows
         return states.transpose(-1, -2)[batch_of, head_of, :, slots]
     return states[batch_of, head_of, slots]
+
+
+def row_table(states: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Token-major `states` (B, KV, S, D) as one table of rows (rows, D) and the row of slot 0 of each KV head
+    `heads` (N,) in it; None for any other layout. A contiguous tensor (a prefill's keys and values) is its own
+    table; a cache's filled slots are a view of a larger buffer, whose rows are the table from this view's first
+    (a reshape would copy every cached row at every step)."""
+    kv_heads, num_slots, dim = states.shape[1:]
+    if states.is_contiguous():
+        return states.view(-1, dim), heads * num_slots
+    strides = states.stride()
+    if strides[2:] == (dim, 1) and strides[0] % dim == 0 and strides[1] % dim == 0:
+        batch_rows, head_rows = strides[0] // dim, strides[1] // dim
+        table = states.as_strided((batch_rows * (states.shape[0] - 1) + head_rows * kv_heads, dim), (dim, 1))
+        return table, heads.div(kv_heads, rounding_mode="floor") * batch_rows + (heads % kv_heads) * head_rows
+    return None
+
+
+def tile_chunks(states: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor, chunks: torch.Tensor, width: int):
+    """(N, L, m * c): of the key slots `slots` (N, L) of KV heads `heads` (N,), only the chunks `chunks` (N, m) of
+    c = `width` dimensions: a token-major tensor gives m pieces of c contiguous numbers per key (a chunk of 16 fp32
+    numbers is one 64-byte cache line), any other whole rows first."""
+    kv_heads, num_slots, dim = states.shape[1:]
+    count, length, picked = len(slots), slots.shape[1], chunks.shape[1]
+    rows = row_table(states, heads)
+    if rows is None:
+        whole = tile_states(states, slots, heads).view(count, length, dim // width, width)
+        return whole.gather(2, chunks[:, None, :, None].expand(-1, length, -1, width)).flatten(2)
+    table, first = rows
+    pieces = table.view(-1, width)  # (rows * D / c, c)
+    index = (first[:, None] + slots.clamp(max=num_slots - 1))[..., None] * (dim // width) + chunks[:, None]
+    return pieces.index_select(0, index.flatten()).view(count, length, picked * width)
 
 
 class PartialSoftmax(NamedTuple):
@@ -702,16 +796,21 @@ def tiled_memory(layout, queries: slice, blocks, memory_query, memory_key, value
     return PartialSoftmax(top, total, weighted)
 
 
-def gathered_blocks(layout: SelectionLayout, blocks: torch.Tensor, states: torch.Tensor):
-    """A few queries' own blocks (B, KV, Q, M) (G: none), each query's gathered apart: their key slots (N, M * b),
-    N = B * KV * Q (S: none), and those slots of `states` (B, KV, S, D) -> (N, M * b, D) (`tile_states`). A decode
-    step's way: at this size the tiles of `pair_tiles` (a sort, a scan and a host sync per call) cost more than the
-    few blocks two of its queries might share."""
+def gathered_slots(layout: SelectionLayout, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few queries' own blocks (B, KV, Q, M) (G: none), each query's apart: their key slots (N, M * b),
+    N = B * KV * Q (S: none), and the KV head (B * KV) of each row (N,)."""
     batch, kv_heads, width, count = blocks.shape
     table = F.pad(layout.block_slots, (0, 0, 0, 1), value=layout.key_positions.shape[1])  # G: a row of "none"
     rows = torch.arange(batch, device=blocks.device)[:, None]
     slots = table[rows, blocks.flatten(1)].view(batch * kv_heads * width, count * table.shape[-1])
-    heads = torch.arange(batch * kv_heads, device=blocks.device).repeat_interleave(width)  # (N,)
+    return slots, torch.arange(batch * kv_heads, device=blocks.device).repeat_interleave(width)
+
+
+def gathered_blocks(layout: SelectionLayout, blocks: torch.Tensor, states: torch.Tensor):
+    """`gathered_slots` and those slots of `states` (B, KV, S, D) -> (N, M * b, D) (`tile_states`). A decode step's
+    way: at this size the tiles of `pair_tiles` (a sort, a scan and a host sync per call) cost more than the few
+    blocks two of its queries might share."""
+    slots, heads = gathered_slots(layout, blocks)
     return slots, heads, tile_states(states, slots, heads)
 
 
@@ -736,13 +835,20 @@ def gathered_memory(layout, queries: slice, blocks, memory_query, memory_key, va
     return PartialSoftmax(top, weights.sum(-1), weights @ values)
 
 
-def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, key) -> torch.Tensor:
+def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, key, chunks=None) -> torch.Tensor:
     """ "two-stage"'s second stage in the kernel: the exact block score (max over the block's keys of q.k, then over
     a KV group's heads) of each block of `shortlist` (B, KV, Q, C) (G: none, scored -inf), as a block-sparse
-    product in parts (`tile_parts`): (B, KV, Q, C)."""
+    product in parts (`tile_parts`): (B, KV, Q, C). With `chunks` (`KeyChunks`), q.k on each query's chunks of
+    dimensions only: a decode step reads just those of its shortlist's keys (`tile_chunks`), a prefill zeroes the
+    rest of its queries."""
     kv_heads, size = key.shape[1], layout.block_slots.shape[-1]
+    few = query.shape[2] <= SPARQ_GATHER_QUERIES
+    if chunks is not None and few:  # a decode step: each query's shortlist, its chunks only
+        return narrow_shortlist_scores(layout, shortlist, query, key, chunks)
+    if chunks is not None:
+        query = query * chunks.query_mask()
     rows = query_rows(query, kv_heads)
-    if query.shape[2] <= SPARQ_GATHER_QUERIES:  # a decode step: each query's shortlist gathered apart
+    if few:  # a decode step: each query's shortlist gathered apart
         keys = gathered_blocks(layout, shortlist, key)[2]  # (N, C * b, D)
         score_type = torch.promote_types(rows.dtype, torch.float32)
         scores = (rows @ keys.transpose(-1, -2)).to(score_type)  # (N, R, C * b)
@@ -756,6 +862,29 @@ def shortlist_scores(layout: SelectionLayout, queries: slice, shortlist, query, 
         scores = tiled.scores.amax(1).amax(-1)  # no mask: a candidate block is complete, every key valid
         flat = flat.index_put_((part.pairs.flatten(),), scores.flatten())
     return flat[:-1].view(shortlist.shape)
+
+
+def narrow_shortlist_scores(layout: SelectionLayout, shortlist, query, key, chunks: KeyChunks) -> torch.Tensor:
+    """`shortlist_scores` of a decode step's few queries on their chunks of dimensions: each query's shortlist
+    gathered apart, m chunks of each key (m: the most any query reads; a query that reads fewer zeroes the rest of
+    its query, so a batch of rows at different lengths reads the longest's share)."""
+    kv_heads, size = key.shape[1], layout.block_slots.shape[-1]
+    batch, heads, width, dim = query.shape
+    most = chunks.order.shape[-1]  # compiled: every chunk (no host sync)
+    if not torch.compiler.is_compiling():
+        most = int(chunks.count.max())
+    order = chunks.order[..., :most].flatten(0, 2)  # (N, m)
+    slots, kv_of = gathered_slots(layout, shortlist)
+    keys = tile_chunks(key, slots, kv_of, order, chunks.width)  # (N, C * b, m * c)
+    rows = query_rows(query, kv_heads)  # (N, R, D)
+    rows = rows.view(*rows.shape[:2], dim // chunks.width, chunks.width)
+    rows = rows.gather(2, order[:, None, :, None].expand(-1, rows.shape[1], -1, chunks.width))  # (N, R, m, c)
+    counts = chunks.count[:, None].expand(-1, kv_heads, -1).reshape(-1, 1)  # (N, 1)
+    rows = (rows * (torch.arange(most, device=rows.device) < counts)[:, None, :, None]).flatten(2)
+    score_type = torch.promote_types(rows.dtype, torch.float32)
+    scores = (rows @ keys.transpose(-1, -2)).to(score_type)  # (N, R, C * b)
+    scores = scores.view(*scores.shape[:2], -1, size).amax(-1).amax(1).view(shortlist.shape)
+    return scores.masked_fill(shortlist == layout.num_blocks, -torch.inf)
 
 
 def window_band(layout: SelectionLayout, queries: slice, key, value, num_slots: int):
@@ -813,7 +942,7 @@ def band_part(layout: SelectionLayout, queries: slice, query, key, value, num_sl
 
 def select_span(
     memory: Memory, layout: SelectionLayout, span: slice, k: int, scorer: str, dims: int, bounds,
-    shortlist: int | None, read_budget: float | None, chunk: int = QUERY_CHUNK,
+    shortlist: int | None, read_budget: float | None, chunk: int = QUERY_CHUNK, budget_rule: str = "blocks",
 ) -> torch.Tensor:  # fmt: skip
     """(B, KV, Q', K) the selection of the queries `span`, scored `chunk` queries at a time ("two-stage":
     `SHORTLIST_QUERIES`: its first stage is (Q x G), and its block-sparse second stage fills its tiles better the more
@@ -823,8 +952,19 @@ def select_span(
     return torch.cat(
         [
             select_blocks(
-                memory.query[:, :, q], memory.key, layout, q, k, scorer, dims, bounds, shortlist, True, read_budget
-            )
+                memory.query[:, :, q],
+                memory.key,
+                layout,
+                q,
+                k,
+                scorer,
+                dims,
+                bounds,
+                shortlist,
+                True,
+                read_budget,
+                budget_rule,
+            )  # fmt: skip
             for q in parts
         ],
         2,
@@ -906,7 +1046,7 @@ def chunked_selected_attention(
     query, key, value, layout: SelectionLayout, k: int, scorer: str, dims: int, scaling: float,
     chunk: int = QUERY_CHUNK, selection: torch.Tensor | None = None, memory: Memory | None = None,
     shortlist: int | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None, bound_split: int = 1,
-    read_budget: float | None = None,
+    read_budget: float | None = None, budget_rule: str = "blocks",
 ) -> SelectedOutput:  # fmt: skip
     """The eager / sdpa-layout kernel: q (B, H, T, D), rotated k and v -> `SelectedOutput` (out (B, T, H, D)).
 
@@ -930,7 +1070,9 @@ def chunked_selected_attention(
     for outer in range(0, length, MEMORY_QUERIES):
         span = slice(outer, min(outer + MEMORY_QUERIES, length))
         if selection is None:
-            chosen = select_span(memory, layout, span, k, scorer, dims, bounds, shortlist, read_budget, chunk)
+            chosen = select_span(
+                memory, layout, span, k, scorer, dims, bounds, shortlist, read_budget, chunk, budget_rule
+            )
         else:
             chosen = selection[:, :, span]  # (B, KV, Q', K)
         blocks = memory_blocks(layout, span, chosen)
@@ -982,6 +1124,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         self.select_scorer = config.select_scorer
         self.select_candidates = config.select_candidates
         self.select_read_budget = config.select_read_budget
+        self.select_budget_rule = config.select_budget_rule
         self.bound_split = config.select_bound_parts
         self.fixed_distance = None
         if config.select_positions == "fixed":
@@ -1063,13 +1206,14 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
             selection = select_span(
                 Memory(query, key), layout, slice(0, query.shape[2]), self.select_blocks, self.select_scorer,
                 self.select_dims, bounds, self.select_candidates, self.select_read_budget,
+                budget_rule=self.select_budget_rule,
             )  # fmt: skip
             out = flex_selected_attention(query, key, value, layout, selection, self.scaling)
             return SelectedOutput(out, selection, -1, None)
         return chunked_selected_attention(
             query, key, value, layout, self.select_blocks, self.select_scorer, self.select_dims, self.scaling,
             memory=memory, shortlist=self.select_candidates, bounds=bounds, bound_split=self.bound_split,
-            read_budget=self.select_read_budget,
+            read_budget=self.select_read_budget, budget_rule=self.select_budget_rule,
         )  # fmt: skip
 
 

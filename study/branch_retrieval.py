@@ -52,7 +52,7 @@ from llama_hybrid.pydoc_corpus import pydoc_topics, split_topics
 from llama_hybrid.training.io import write_json
 from llama_hybrid.upcycle import recipe_for, upcycle
 from modeling_llama_hybrid import LlamaHybridForCausalLM
-from modeling_llama_hybrid.selected_attention import shortlist_sizes
+from modeling_llama_hybrid.selected_attention import shortlist_dims, shortlist_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = (0.05, 0.25, 0.45, 0.65)  # share of the filler before the needle: beyond W = 512 at every length >= 2k
@@ -64,6 +64,7 @@ TWO_STAGE = "selected, two-stage"  # Quest's bound shortlists 4k = 32 blocks, th
 TWO_STAGE_16 = "selected, two-stage, bounds of 16"  # the same with a bound per 16 tokens (a block's: their max)
 TWO_STAGE_8 = "selected, two-stage, bounds of 8"  # ... per 8 tokens: the bounds are a quarter of the keys
 BUDGET_ROW = "selected, two-stage, bounds of 8, reads <= 1/4"  # ... its scorer reading at most a quarter per step
+DIMS_ROW = "selected, two-stage, bounds of 8, reads <= 1/4 by dims"  # ... by narrower keys, not a shorter shortlist
 MODELS = [
     LLAMA,
     SELECTED,
@@ -72,10 +73,11 @@ MODELS = [
     TWO_STAGE_16,
     TWO_STAGE_8,
     BUDGET_ROW,
+    DIMS_ROW,
     MIX,
     COMPRESSED,
 ]  # the tables' order
-PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, BUDGET_ROW)
+PERPLEXITY_MODELS = (LLAMA, SELECTED, TWO_STAGE, TWO_STAGE_16, TWO_STAGE_8, BUDGET_ROW, DIMS_ROW)
 READ_LENGTHS = (2048, 4096, 8192, 32768)  # the scorers' reads per decode step, computed from each model's config
 # (length, model, samples per haystack) in the order run: what the issue must show first (the source and the selected
 # upcycle at every length, and perplexity), the frontier's other points after. What fit the CPU budget of one session
@@ -106,6 +108,9 @@ BUDGET = {
         (2048, BUDGET_ROW, 20),
         (4096, BUDGET_ROW, 20),
         (8192, BUDGET_ROW, 20),
+        (2048, DIMS_ROW, 20),
+        (4096, DIMS_ROW, 20),
+        (8192, DIMS_ROW, 20),
     ],
     "quick": [
         (640, LLAMA, 2),
@@ -197,6 +202,16 @@ def models(llama) -> dict:
             select_candidates=None,
             select_read_budget=0.25,
         ),
+        DIMS_ROW: mixed(
+            selected,
+            compressed,
+            selected.config.global_attention,
+            select_scorer="two-stage",
+            select_bound_size=8,
+            select_candidates=None,
+            select_read_budget=0.25,
+            select_budget_rule="dims",
+        ),
     }
 
 
@@ -204,7 +219,8 @@ def scorer_reads(config, length: int) -> float:
     """The numbers a decode step's scorer reads per KV head at `length` tokens (a query at t = length - 1), as a share
     of full attention's keys and values (2 * length * D): "sparq" r dims of each of its R heads (up to R * r) of
     every candidate key, "sparq-group" r, "quest" the bounds (2 D per bound part of each candidate block),
-    "two-stage" the bounds (none where every candidate is listed) and the D dims of its shortlist's keys."""
+    "two-stage" the bounds (none where every candidate is listed) and the D dims of its shortlist's keys (under the
+    budget rule "dims", `shortlist_dims` of them)."""
     block, dim = config.compress_block_size, config.head_dim
     candidates = max((length - 1 - config.sliding_window) // block, 0)  # blocks 1 .. j with j * b <= t - W
     heads = config.num_attention_heads // config.num_key_value_heads
@@ -213,6 +229,12 @@ def scorer_reads(config, length: int) -> float:
         dims = min(config.select_dims * (heads if scorer == "sparq" else 1), dim)
         return candidates * block * dims / (2 * length * dim)
     read = candidates * config.select_bound_parts * 2 * dim
+    if scorer == "two-stage" and config.select_read_budget is not None and config.select_budget_rule == "dims":
+        most = config.select_candidates or 4 * config.select_blocks
+        at = torch.tensor([length - 1]), torch.tensor([candidates])
+        dims = int(shortlist_dims(*at, config.select_read_budget, most, config.select_bound_parts, block, dim))
+        read = read if candidates > most else 0  # every candidate listed: no bound read
+        return (read + min(most, candidates) * block * dims) / (2 * length * dim)
     if scorer == "two-stage":
         listed = config.select_candidates or 4 * config.select_blocks
         if config.select_read_budget is not None:  # the kernel's own rule

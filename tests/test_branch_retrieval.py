@@ -60,8 +60,9 @@ def test_mixed_models_take_each_branch_with_its_upcycled_weights():
 
 def test_a_read_budget_keeps_the_scorers_reads_within_a_quarter_of_the_cache_at_every_length():
     """The study's reads table (computed from a config): the two-stage scorer with a read budget of a quarter reads at
-    most a quarter of full attention's keys and values per decode step from 2k to 64k tokens; with 32 blocks for
-    every query (the default) it reads more than that at short context."""
+    most a quarter of full attention's keys and values per decode step from 2k to 64k tokens, by either rule (a
+    shorter shortlist, or its 32 blocks on fewer dimensions: half of them at 2k and 4k, all from 8k on, where it reads
+    what the default reads); with 32 blocks for every query (the default) it reads more than that at short context."""
     from modeling_llama_hybrid import LlamaHybridConfig
 
     smollm2 = dict(num_attention_heads=9, num_key_value_heads=3, head_dim=64, sliding_window=512, select_blocks=8)
@@ -72,6 +73,11 @@ def test_a_read_budget_keeps_the_scorers_reads_within_a_quarter_of_the_cache_at_
     assert study.scorer_reads(fixed, 2048) == 23 * 64 * 64 / (2 * 2048 * 64)  # all 23 candidates listed: no bound
     assert study.scorer_reads(fixed, 4096) > 0.3
     assert all(study.scorer_reads(budget, n) == study.scorer_reads(fixed, n) for n in lengths if n >= 8192)
+    narrow = LlamaHybridConfig(**smollm2, select_read_budget=0.25, select_budget_rule="dims")
+    assert all(study.scorer_reads(narrow, n) <= 0.25 for n in lengths)
+    assert study.scorer_reads(narrow, 2048) == 23 * 64 * 32 / (2 * 2048 * 64)  # 23 blocks on 32 of 64 dims
+    assert study.scorer_reads(narrow, 4096) == (55 * 8 * 2 * 64 + 32 * 64 * 32) / (2 * 4096 * 64)  # bounds + 32 blocks
+    assert all(study.scorer_reads(narrow, n) == study.scorer_reads(fixed, n) for n in lengths if n >= 8192)
     sparq = LlamaHybridConfig(**smollm2, select_scorer="sparq")  # 48 of 64 dims of every candidate key
     candidates = (8191 - 512) // 64
     assert study.scorer_reads(sparq, 8192) == candidates * 64 * 48 / (2 * 8192 * 64)

@@ -511,6 +511,94 @@ def test_shortlist_sizes_spend_what_the_bounds_leave_of_the_budget():
     assert selected.shortlist_sizes(positions, candidates, 0.25, 8, 8, 64).tolist() == [[10, 18, 34]]
 
 
+def test_shortlist_dims_spend_what_the_bounds_leave_on_whole_chunks_of_every_shortlisted_key():
+    assert [selected.chunk_width(d) for d in (64, 128, 48, 8, 20, 7)] == [16, 16, 16, 8, 10, 7]
+    positions = torch.tensor([[2047, 4095, 8191]])  # SmolLM2's upcycle: 23, 55, 119 candidates
+    candidates = (positions - 512) // 64
+    dims = selected.shortlist_dims(positions, candidates, 0.25, 32, 8, 64, 64)
+    # 2k: all 23 listed, no bound: 1024 / (23 * 16) -> 2 chunks; 4k: (2048 - 2 * 8 * 55) / (32 * 16) -> 2;
+    # 8k: (4096 - 2 * 8 * 119) / (32 * 16) -> 4.28, all 4 chunks: the exact score
+    assert dims.tolist() == [[32, 32, 64]]
+    assert selected.shortlist_dims(positions, candidates, 0.01, 32, 8, 64, 64).tolist() == [[16] * 3]  # one at least
+    assert selected.shortlist_dims(positions, candidates * 0, 0.25, 32, 8, 64, 64).tolist() == [[64] * 3]
+
+
+@pytest.mark.parametrize("parts", [False, True])
+@pytest.mark.parametrize("budget", [0.5, 1.0])
+def test_two_stage_with_a_dims_budget_scores_each_querys_shortlist_on_its_groups_largest_chunks(
+    monkeypatch, parts, budget
+):
+    """With `budget_rule="dims"` the shortlist keeps its C blocks (every candidate where they fit) and a query at
+    position t ranks them by the block max of q.k on the chunks (here 2 dimensions) with the most |q| summed over its
+    KV group, as many as `shortlist_dims` allows: the kernel's and the reference's choices both equal that rule
+    written out query by query, and the kernel equals the reference under it."""
+    monkeypatch.setattr(selected, "SHORTLIST_QUERIES", 16)
+    monkeypatch.setattr(selected, "KEY_CHUNK", 2)
+    if parts:
+        small_parts(monkeypatch)
+    positions, (query, key, value), layout = packed_case(seed=23, length=90)
+    most = 4
+    candidates = candidate_blocks(layout, slice(None))  # (B, T, G)
+    dims = selected.shortlist_dims(positions, candidates.sum(-1), budget, most, 1, BLOCK, DIM)  # (B, T)
+    real = positions >= 0
+    assert dims[real].amin() < DIM == dims[real].amax()  # the budget narrows some queries' scores and not others'
+    quest = score_blocks(query, key, layout, "quest", DIM, block_bounds(key, layout))
+    quest = quest.masked_fill(~candidates[:, None], -torch.inf)
+    groups = HEADS // KV_HEADS
+    expected = torch.full((3, KV_HEADS, positions.shape[1], K), layout.num_blocks)
+    for b, h, t in itertools.product(range(3), range(KV_HEADS), range(positions.shape[1])):
+        listed = quest[b, h, t].argsort(descending=True)[:most]
+        listed = listed[quest[b, h, t, listed] > -torch.inf]
+        heads = query[b, h * groups : (h + 1) * groups, t]  # (R, D)
+        mass = heads.abs().sum(0).view(-1, 2).sum(-1)  # per chunk of 2 dims
+        chunks = torch.sort(mass, descending=True, stable=True).indices[: dims[b, t] // 2]
+        kept = torch.zeros(DIM, dtype=torch.bool).view(-1, 2)
+        kept[chunks] = True
+        scores = (heads * kept.flatten()) @ key[b, h].T  # (R, S)
+        block_max = torch.stack(
+            [scores[:, layout.block_of_key[b] == j].amax() for j in listed.tolist()]
+        ) if listed.numel() else torch.empty(0, dtype=scores.dtype)  # fmt: skip
+        best = listed[block_max.argsort(descending=True, stable=True)[:K]]
+        expected[b, h, t, : best.numel()] = best.sort().values
+    reference_choice = select_blocks(
+        query, key, layout, slice(None), K, "two-stage", 4, None, most, False, budget, "dims"
+    )
+    kernel = chunked_selected_attention(
+        query, key, value, layout, K, "two-stage", 4, SCALE, chunk=4, shortlist=most, read_budget=budget,
+        budget_rule="dims",
+    )  # fmt: skip
+    real = real[:, None, :, None].expand_as(expected)
+    for choice in (reference_choice, kernel.selection):
+        assert torch.equal(choice.sort(-1).values[real], expected[real])
+    assert_equals_reference_under_its_selection(kernel, query, key, value, layout, positions)
+
+
+@pytest.mark.parametrize("view", ["contiguous", "cache buffer", "dimension-major"])
+def test_a_decode_steps_narrow_scores_read_only_its_chunks_of_the_shortlisted_keys(monkeypatch, view):
+    """The second stage of a decode step under the "dims" rule reads, of each shortlisted key, only the chunks its
+    query chose: poisoning every other dimension with NaN changes nothing, and the scores equal q.k on those
+    dimensions (the query zeroed elsewhere), from a plain tensor, a cache buffer's view or a dimension-major one."""
+    monkeypatch.setattr(selected, "KEY_CHUNK", 2)
+    length = 60
+    query, key, _ = qkv(2, length, queries=1, seed=31)
+    layout = layout_of(torch.arange(length).expand(2, -1), num_queries=1)
+    shortlist = torch.tensor([[[3, 5, 9, 12]], [[1, 4, 6, layout.num_blocks]]])[:, None].expand(2, KV_HEADS, 1, 4)
+    chunks = selected.key_chunks(query, KV_HEADS, torch.tensor([[4], [2]]))  # 2 chunks of 4 / 1 chunk of 4
+    clean = selected.shortlist_scores(layout, slice(0, 1), shortlist, query * chunks.query_mask(), key)
+    poisoned = key.clone()
+    for b, h in itertools.product(range(2), range(KV_HEADS)):
+        poisoned[b, h, :, ~chunks.dim_mask()[b, h, 0]] = torch.nan
+    if view == "cache buffer":
+        buffer = torch.full((2, KV_HEADS, length + 7, DIM), torch.nan, dtype=key.dtype)
+        buffer[:, :, :length] = poisoned
+        poisoned = buffer[:, :, :length]
+    elif view == "dimension-major":
+        poisoned = poisoned.transpose(-1, -2).contiguous().transpose(-1, -2)
+    narrow = selected.shortlist_scores(layout, slice(0, 1), shortlist, query, poisoned, chunks)
+    assert not narrow[..., :3].isnan().any() and (narrow[1, :, 0, 3] == -torch.inf).all()
+    torch.testing.assert_close(narrow, clean, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(("shortlist", "budget", "listed_blocks"), [(5, None, 5), (10, 0.345, 3)])
 def test_a_two_stage_decode_step_reads_bounds_and_only_its_shortlisted_blocks_keys(shortlist, budget, listed_blocks):
     """With the bounds given (the cache keeps them), a decode step reads the keys of its shortlist (with a budget:
@@ -630,6 +718,35 @@ def test_cached_decode_matches_full_forward_after_multi_token_updates_and_a_crop
     stepped = torch.cat(pieces, 1)
     real = mask.bool()
     torch.testing.assert_close(stepped[real], full[real], atol=1e-6, rtol=0)  # the gate mixes in fp32
+
+
+@torch.no_grad()
+def test_cached_decode_under_a_dims_budget_matches_full_forward_and_the_layer_hands_the_rule_on(monkeypatch):
+    """The layer hands `select_budget_rule` to the kernel, whose prefill (queries zeroed off their chunks) and decode
+    steps (each key's chosen chunks gathered) choose alike: cached decode == full forward; and the narrowed scores
+    change the model's choice (its logits differ from the exact second stage's)."""
+    monkeypatch.setattr(selected, "KEY_CHUNK", 2)
+    model = selected_model("two-stage", select_read_budget=0.5, select_budget_rule="dims")
+    ids = tokens(2, 48, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    rules = []
+    kernel = selected.chunked_selected_attention
+
+    def recording(*args, **kwargs):
+        rules.append(kwargs.get("budget_rule"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(selected, "chunked_selected_attention", recording)
+    full = model(ids, attention_mask=mask).logits
+    cache = DynamicCache(config=model.config)
+    pieces = [model(ids[:, :30], attention_mask=mask[:, :30], cache=cache).logits]
+    pieces += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(30, 48)]
+    assert set(rules) == {"dims"}
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], full[real], atol=1e-6, rtol=0)
+    exact = selected_model("two-stage", select_read_budget=None)
+    assert not torch.equal(exact(ids, attention_mask=mask).logits[real], full[real])
 
 
 @torch.no_grad()
@@ -776,6 +893,8 @@ SPARSE = dict(num_hidden_layers=2, mixer_types=["sparse_attention", "attention"]
         ({"select_read_budget": "a quarter"}, "select_read_budget must be float | int | None, got 'a"),
         ({"select_read_budget": True}, "select_read_budget must be float | int | None, got True"),
         ({"select_scorer": "sparq", "select_read_budget": 0.25}, "select_read_budget=0.25 needs select_scorer='two"),
+        ({"select_budget_rule": "dims"}, "select_budget_rule='dims' needs select_read_budget"),
+        ({"select_read_budget": 0.25, "select_budget_rule": "heads"}, r"select_budget_rule='heads'; choose one of"),
         ({"select_scorer": "sparq", "select_bound_size": 16}, "select_bound_size=16 needs select_scorer 'quest' or"),
         ({"select_scorer": "quest", "select_bound_size": 24}, "select_bound_size=24 must divide compress_block_size"),
     ],

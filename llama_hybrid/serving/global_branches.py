@@ -146,6 +146,7 @@ class SelectedGlobalBranch:
     select_candidates: int | None = None  # "two-stage"'s shortlist
     bound_split: int = 1  # Quest bounds per block ("quest", "two-stage"): config.select_bound_parts
     select_read_budget: float | None = None  # "two-stage": its scorer's reads per step, a share of the cache
+    select_budget_rule: str = "blocks"  # what "two-stage" gives up to keep within it: blocks, or dimensions
     caches_rotated_keys = True
 
     def has_global(self, positions: torch.Tensor) -> None:
@@ -171,5 +172,6 @@ class SelectedGlobalBranch:
             shortlist=self.select_candidates,
             bound_split=self.bound_split,
             read_budget=self.select_read_budget,
+            budget_rule=self.select_budget_rule,
         )
         return result.out[0]  # (T, H, D)

@@ -342,6 +342,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridGatheredSparseAttention):
             config.select_candidates,
             config.select_bound_parts,
             config.select_read_budget,
+            config.select_budget_rule,
         )
 
 
