@@ -429,7 +429,8 @@ def select_blocks(
                 positions, candidates.sum(-1), read_budget, shortlist or 4 * k, bound_parts(layout, bounds),
                 layout.block_slots.shape[-1], query.shape[-1],
             )  # fmt: skip
-            chunks = key_chunks(query, key.shape[1], dims)
+            every = not torch.compiler.is_compiling() and bool((dims == query.shape[-1]).all())  # one host sync
+            chunks = None if every else key_chunks(query, key.shape[1], dims)  # every dimension: the exact score
         if not tiled:
             narrowed = query if chunks is None else query * chunks.query_mask()  # q.k on the chosen dims
             exact = score_blocks(narrowed, key, layout, "sparq", query.shape[-1], None, blocks)  # all dims: q.k

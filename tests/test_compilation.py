@@ -126,13 +126,17 @@ def test_decoder_layers_names_a_model_without_them():
         ("conv", {}),
         ("sparse_selected", {}),  # "two-stage", one block of 3 selected: 18 tokens reach past W + (k + 1) * b = 9
         ("sparse_selected", {"select_scorer": "sparq"}),
+        ("sparse_selected", {"select_read_budget": 0.5, "select_budget_rule": "dims"}),  # chunks of 2 of 8 dims
     ],
 )
 @torch.no_grad()
-def test_static_cache_decode_compiles_whole(mixer, fields):
+def test_static_cache_decode_compiles_whole(monkeypatch, mixer, fields):
     """generate() compiles the one-token forward for static caches: with fullgraph=True (no graph break anywhere:
     masks, conv state, MoE grouped_mm, the selected branch's layout and choice) and no recompile over many steps,
     it returns the eager dynamic-cache tokens."""
+    from modeling_llama_hybrid import selected_attention
+
+    monkeypatch.setattr(selected_attention, "KEY_CHUNK", 2)  # the "dims" rule: 4 chunks of the tiny heads' 8
     model = tiny_model(mixer, "sdpa", **fields)
     model.set_experts_implementation("grouped_mm")
     model.generation_config.eos_token_id = None
