@@ -16,9 +16,9 @@ Scorers (`config.select_scorer`), all combined over a KV group's query heads by 
   of the true max q.k over the block);
 - "two-stage": Quest's bound shortlists C blocks (at most `config.select_candidates`, default 4k; for a query at
   position t of its document, as many as its read budget leaves after the bounds, `shortlist_sizes`, at least k), and
-  the exact block score, the max over the block's keys of q.k on all D dimensions (default), ranks them (under the
-  budget rule "dims" the shortlist keeps its C blocks and the score reads as many of the KV group's chunks of
-  `KEY_CHUNK` dimensions with the most |q| as the budget leaves, `shortlist_dims`), the default: a decode step reads
+  the exact block score, the max over the block's keys of q.k on all D dimensions, ranks them (under the budget rule
+  "dims" the shortlist keeps its C blocks and the score reads only as many of the KV group's chunks of `KEY_CHUNK`
+  dimensions with the most |q| as the budget leaves, `shortlist_dims`). The default scorer: a decode step reads
   the bounds (2 D numbers per bound) and C * b keys, a prefill scores (Q x G) bounds and C * b keys per query
   (block-sparse), not (Q x S).
 
@@ -470,7 +470,8 @@ def shortlist_dims(positions, candidates, budget: float, most: int, split: int, 
     cannot list every candidate (2 D numbers per bound, `split` per block); what the `budget` (a share of the
     document's 2 (t + 1) D numbers of keys and values so far) leaves pays the shortlist's b keys per block on as
     many chunks as it covers: all D where it can (the exact score), at least one chunk. With SmolLM2's upcycle (b 64,
-    W 512, 8-token bounds, 32 blocks, budget a quarter): 32 of 64 dimensions at 2k and 4k, all 64 from 8k on."""
+    W 512, 8-token bounds, 32 blocks, budget a quarter): 32 of 64 dimensions at 2k and 4k (16 from 2.6k to 3.5k,
+    where the bounds are first read), all 64 from 7.6k on."""
     width = chunk_width(dim)
     listed = candidates.clamp(max=most)
     bounds = torch.where(candidates > most, 2 * split * candidates, 0)
