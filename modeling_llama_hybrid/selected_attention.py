@@ -67,6 +67,8 @@ from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
 QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
 SPARQ_GATHER_QUERIES = 8  # up to this many queries per KV head, "sparq" gathers r key rows per query (decode)
+PADDED_DECODE = True  # decode steps of padding-then-one-document rows take `padded_decode_step` (False: the general
+# path, which tests compare it with)
 
 
 @dataclass
@@ -1101,6 +1103,123 @@ def chunked_selected_attention(
     return SelectedOutput(heads_last(outs), torch.cat(selections, 2), read, heads_last(windows))
 
 
+def padded_bounds(cache: SelectedSparseLayer, key, blocks: int, block_size: int, split: int) -> torch.Tensor:
+    """(B, KV, blocks * split, 2 D): rows [max | min] of the bounds of blocks 0 .. `blocks` - 1 of rows that are
+    `cache.pads` padding slots then one document (block j of row r: slots p_r + [j b, (j + 1) b)), for a decode step
+    (`padded_decode_step`): the cache's kept bounds, then those of blocks every row has completed since (kept now,
+    as `cached_bounds` keeps them), then those of blocks some row has not completed (not kept; no row that has not
+    completed one takes it as a candidate)."""
+    pads, num_slots = cache.pads, key.shape[2]
+    kept = 0 if cache.bounds is None else cache.bounds[0].shape[2] // split
+    final = max(-(-(num_slots - int(pads.max())) // block_size) - 1, 0)  # complete in every row
+
+    def fresh(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:  # min, max of blocks first ..
+        starts = pads[:, None] + (first + torch.arange(count, device=key.device)) * block_size  # (B, count)
+        slots = (starts[..., None] + torch.arange(block_size, device=key.device)).clamp(max=num_slots - 1)
+        keys = key[torch.arange(len(pads), device=key.device)[:, None], :, slots.flatten(1)]  # (B, count b, KV, D)
+        keys = keys.transpose(1, 2).unflatten(2, (count * split, block_size // split))  # (B, KV, count split, ., D)
+        return keys.amin(3), keys.amax(3)
+
+    if final > kept:
+        new = fresh(kept, final - kept)
+        ends = pads.max() + (torch.arange(final, device=key.device) + 1) * block_size
+        cache.bounds_after(kept * split, new)
+        cache.keep_bounds(final * split, ends.clamp(max=num_slots))
+        kept = final
+    if blocks > kept:  # after the kept ones: scratch the next step overwrites
+        return stacked_bounds(*cache.bounds_after(kept * split, fresh(kept, blocks - kept)))
+    return stacked_bounds(*cache.bounds)[:, :, : blocks * split]
+
+
+def padded_decode_step(
+    query, key, value, cache: SelectedSparseLayer, window: int, block_size: int, k: int, shortlist: int | None,
+    scaling: float, bound_split: int = 1,
+) -> SelectedOutput | None:  # fmt: skip
+    """`chunked_selected_attention` of one decode step under "two-stage" without a read budget, written for rows
+    that are `cache.pads` padding slots then one document at positions 0, 1, ... (the cache's `padded_rows`): every
+    block, candidate and slot follows from the pads by arithmetic, so the step needs no `SelectionLayout` of its S
+    slots, no bounds of the open blocks and no general gathers — a few dozen tensor operations where the general
+    path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The same choice and the same
+    softmax (tested equal to the general path): the candidates of the query at position t are blocks 1 .. c,
+    c = floor((t - W) / b); Quest's bound over the cache's kept bounds shortlists C of them (all, unscored, when
+    c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers the sink and
+    the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the blocks
+    that became final since (`padded_bounds`). None (take the general path) when a row's query is padding. Query
+    (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
+    batch, heads, _, dim = query.shape
+    kv_heads, num_slots = value.shape[1], value.shape[2]
+    groups = heads // kv_heads
+    pads = cache.pads
+    positions = num_slots - 1 - pads  # (B,) each row's query position
+    counts = (positions - window).div(block_size, rounding_mode="floor").clamp(min=0)  # candidates 1 .. c
+    most, fewest_pads, most_pads = torch.stack([counts.max(), pads.min(), pads.max()]).tolist()  # one host sync
+    listed_most = shortlist or 4 * k
+    if most_pads >= num_slots:
+        return None
+    device = query.device
+    rows = query.view(batch, kv_heads, groups, dim)  # (B, KV, R, D): a step's query heads by KV group
+    numbers = torch.arange(1, most + 1, device=device)  # candidate block numbers 1 .. max c
+    candidate = numbers <= counts[:, None, None]  # (B, 1, G')
+    if most > listed_most:  # Quest's bound shortlists C; a set in block order
+        split = bound_split
+        stacked = padded_bounds(cache, key, most + 1, block_size, split)[:, :, split:]  # (B, KV, G' * split, 2 D)
+        bound = torch.cat([rows.clamp(min=0), rows.clamp(max=0)], -1) @ stacked.transpose(-1, -2)  # (B, KV, R, .)
+        bound = bound.view(batch, kv_heads, groups, most, split).amax(-1).amax(2).masked_fill(~candidate, -torch.inf)
+        best = bound.topk(listed_most, dim=-1)
+        listed = torch.where(best.values > -torch.inf, numbers[best.indices], 0).sort(-1).values  # 0: none
+        listed = listed.masked_fill(listed == 0, most + 1)  # "none" sorts last
+    else:  # every candidate listed, unscored: no bound read
+        listed = torch.where(candidate, numbers, most + 1).expand(-1, kv_heads, -1)  # (B, KV, G')
+    heads_of = torch.arange(batch * kv_heads, device=device)
+    in_block = torch.arange(block_size, device=device)
+    first_slots = pads[:, None, None] + listed.clamp(max=most) * block_size  # (B, KV, C)
+    slots = (first_slots[..., None] + in_block).flatten(1, 2)  # (B, KV, C * b)
+    keys = tile_states(key, slots.view(batch * kv_heads, -1), heads_of)  # (B * KV, C * b, D)
+    score_type = torch.promote_types(query.dtype, torch.float32)
+    exact = (rows.view(batch * kv_heads, groups, dim) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
+    exact = exact.view(batch, kv_heads, groups, -1, block_size).amax(-1).amax(2)  # (B, KV, C)
+    exact = exact.masked_fill(listed > most, -torch.inf)
+    ranked = torch.sort(exact, dim=-1, descending=True, stable=True)  # ties: the earlier block
+    chosen = listed.gather(-1, ranked.indices[..., :k])
+    chosen = torch.where(ranked.values[..., :k] > -torch.inf, chosen, most + 1)  # (B, KV, K')
+    # the memory: the sink (block 0) and the chosen blocks, their keys at or before t - W (the rest: the window's)
+    blocks = torch.cat([chosen.new_zeros(batch, kv_heads, 1), chosen], -1)  # (B, KV, 1 + K')
+    key_positions = (blocks[..., None] * block_size + in_block).flatten(2)  # (B, KV, M * b)
+    hidden = (blocks[..., None] > most).expand(-1, -1, -1, block_size).flatten(2)
+    hidden = hidden | (key_positions > (positions - window)[:, None, None])
+    memory_slots = (pads[:, None, None] + key_positions).clamp(max=num_slots - 1).view(batch * kv_heads, -1)
+    far = (rows.view(batch * kv_heads, groups, dim) * scaling) @ tile_states(key, memory_slots, heads_of).transpose(
+        -1, -2
+    )
+    far = far.to(score_type).masked_fill(hidden.view(batch * kv_heads, 1, -1), -torch.inf)  # (B KV, R, M b)
+    with torch.no_grad():
+        top = far.amax(-1)  # -inf for a query without memory
+    weights = (far - torch.where(top.isfinite(), top, 0.0)[..., None]).exp()
+    memory = PartialSoftmax(
+        top, weights.sum(-1), weights @ tile_states(value, memory_slots, heads_of).to(score_type)
+    )  # fmt: skip
+    # the window: the last W slots (views), padding slots hidden
+    start = max(num_slots - window, 0)
+    band_key, band_value = key.narrow(2, start, num_slots - start), value.narrow(2, start, num_slots - start)
+    near = (rows * scaling) @ band_key.transpose(-1, -2)  # (B, KV, R, L)
+    band_slots = torch.arange(start, num_slots, device=device)
+    near = near.to(score_type).masked_fill((band_slots < pads[:, None])[:, None, None], -torch.inf)
+    with torch.no_grad():
+        near_top = near.amax(-1)  # finite: the query's own slot is in its window
+    near_weights = (near - near_top[..., None]).exp()
+    local = PartialSoftmax(
+        near_top.flatten(0, 1), near_weights.sum(-1).flatten(0, 1),
+        (near_weights @ band_value.to(score_type)).flatten(0, 1),
+    )  # fmt: skip
+    shape = (batch, 1, heads, dim)  # (B, T, H, D): KV-major heads, as repeat_kv orders them
+    out = local.merged(memory).view(shape).to(value.dtype)
+    window_out = local.normalised().view(shape).to(value.dtype)
+    spare = -(-(num_slots - fewest_pads) // block_size)  # the layout's block count: "no block"
+    selection = torch.where(chosen > most, spare, chosen)
+    selection = F.pad(selection, (0, k - selection.shape[-1]), value=spare)[:, :, None]  # (B, KV, 1, K)
+    return SelectedOutput(out, selection, window + (k + 1) * block_size, window_out)
+
+
 class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
     """Gated sparse attention whose global branch attends exactly to the sink, the top-k blocks and the window
     (`global_attention="selected"`).
@@ -1173,6 +1292,23 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         flex = self.config._attn_implementation == "flex_attention"
         return flex and memory is None and query.shape[2] > SPARQ_GATHER_QUERIES
 
+    def padded_decode(self, query, memory, cache) -> bool:
+        """Whether `padded_decode_step` may take this step: one query per row, true positions, "two-stage" without a
+        read budget, eager / sdpa, a selected cache whose rows are padding then one document and whose keys are
+        token-major, not compiling (a static cache has no such layer anyway)."""
+        return (
+            PADDED_DECODE
+            and query.shape[2] == 1
+            and memory is None
+            and self.select_scorer == "two-stage"
+            and self.select_read_budget is None
+            and self.config._attn_implementation != "flex_attention"
+            and isinstance(cache, SelectedSparseLayer)
+            and cache.pads is not None
+            and not cache.dimension_major
+            and not torch.compiler.is_compiling()
+        )
+
     def project_fixed(self, hidden_states, position_embeddings, cache, kwargs):
         """Rotated queries (B, H, T, D), unrotated cached keys and values (B, KV, S, D), and the `Memory`: the
         queries rotated to the fixed distance (times RoPE's attention scaling, which a key at position 0 carries)."""
@@ -1195,7 +1331,15 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         return self.selected(query, key, value, masks, memory, cache).out, None
 
     def selected(self, query, key, value, masks: SparseMasks, memory=None, cache=None) -> SelectedOutput:
-        """The chunked kernel over `global_branch`'s inputs: the branch, its selection and its window part."""
+        """The chunked kernel over `global_branch`'s inputs: the branch, its selection and its window part (a decode
+        step of padding-then-one-document rows under the default scorer: `padded_decode_step`)."""
+        if self.padded_decode(query, memory, cache):
+            fast = padded_decode_step(
+                query, key, value, cache, self.sliding_window, self.block_size, self.select_blocks,
+                self.select_candidates, self.scaling, self.bound_split,
+            )  # fmt: skip
+            if fast is not None:
+                return fast
         layout = selection_layout(masks.global_, query.shape[2], self.block_size)
         bounds = None
         if isinstance(cache, SelectedSparseLayer) and self.select_scorer in ("quest", "two-stage"):

@@ -577,13 +577,22 @@ def test_two_stage_with_a_dims_budget_scores_each_querys_shortlist_on_its_groups
 def test_a_decode_steps_narrow_scores_read_only_its_chunks_of_the_shortlisted_keys(monkeypatch, view):
     """The second stage of a decode step under the "dims" rule reads, of each shortlisted key, only the chunks its
     query chose: poisoning every other dimension with NaN changes nothing, and the scores equal q.k on those
-    dimensions (the query zeroed elsewhere), from a plain tensor, a cache buffer's view or a dimension-major one."""
+    dimensions (the query zeroed elsewhere), from a plain tensor, a cache buffer's view or a dimension-major one. (A
+    row that reads fewer chunks than another of its batch reads as many as that one, zeroing its query there: equal
+    scores, checked on clean keys.)"""
     monkeypatch.setattr(selected, "KEY_CHUNK", 2)
     length = 60
     query, key, _ = qkv(2, length, queries=1, seed=31)
     layout = layout_of(torch.arange(length).expand(2, -1), num_queries=1)
     shortlist = torch.tensor([[[3, 5, 9, 12]], [[1, 4, 6, layout.num_blocks]]])[:, None].expand(2, KV_HEADS, 1, 4)
-    chunks = selected.key_chunks(query, KV_HEADS, torch.tensor([[4], [2]]))  # 2 chunks of 4 / 1 chunk of 4
+    mixed = selected.key_chunks(query, KV_HEADS, torch.tensor([[4], [2]]))  # 2 chunks of 4 / 1 chunk of 4
+    torch.testing.assert_close(
+        selected.shortlist_scores(layout, slice(0, 1), shortlist, query, key, mixed),
+        selected.shortlist_scores(layout, slice(0, 1), shortlist, query * mixed.query_mask(), key),
+        atol=1e-12,
+        rtol=0,
+    )
+    chunks = selected.key_chunks(query, KV_HEADS, torch.tensor([[4], [4]]))
     clean = selected.shortlist_scores(layout, slice(0, 1), shortlist, query * chunks.query_mask(), key)
     poisoned = key.clone()
     for b, h in itertools.product(range(2), range(KV_HEADS)):
@@ -749,6 +758,55 @@ def test_cached_decode_under_a_dims_budget_matches_full_forward_and_the_layer_ha
     assert not torch.equal(exact(ids, attention_mask=mask).logits[real], full[real])
 
 
+@pytest.mark.parametrize("shortlist", [None, 3])  # 4k = 8 blocks (listed unscored up to 8 candidates) / 3 of them
+@torch.no_grad()
+def test_a_padded_decode_step_equals_the_general_path(monkeypatch, shortlist):
+    """`padded_decode_step` (decode steps of left-padded rows, "two-stage") gives the general path's logits,
+    step by step far beyond the window (up to 21 candidate blocks: every candidate listed, then Quest's shortlist,
+    over bounds it keeps itself and those of blocks not every row has completed), after a crop and a beam
+    reorder."""
+    model = selected_model("two-stage", select_candidates=shortlist)
+    ids = tokens(3, 72, seed=12)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    mask[2, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes: each row's document from position 0
+
+    def step(cache, start, end):
+        return model(
+            ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], cache=cache
+        ).logits
+
+    taken, declined = [], []
+    fast = selected.padded_decode_step
+
+    def spy(*args, **kwargs):
+        result = fast(*args, **kwargs)
+        (taken if result is not None else declined).append(result)
+        return result
+
+    monkeypatch.setattr(selected, "padded_decode_step", spy)
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(selected, "PADDED_DECODE", enabled)
+        cache = DynamicCache(config=model.config)
+        logits = [step(cache, 0, 12)]
+        for t in range(12, 72):
+            if t == 50:
+                cache.crop(-3)  # roll back three tokens and decode them again
+                logits = logits[:-3]
+                for again in range(47, 50):
+                    logits.append(step(cache, again, again + 1))
+            if t == 60:
+                cache.reorder_cache(torch.tensor([2, 0, 1]))  # a beam reorder: rows follow, then are put back
+                cache.reorder_cache(torch.tensor([1, 2, 0]))
+            logits.append(step(cache, t, t + 1))
+        runs[enabled] = torch.cat(logits, 1)
+    assert len(taken) == 60 + 3 and not declined  # every decode step of the first run took it
+    real = mask.bool()
+    torch.testing.assert_close(runs[True][real], runs[False][real], atol=1e-12, rtol=0)
+
+
 @torch.no_grad()
 def test_cached_decode_after_a_beam_reorder_matches_the_reordered_full_forward():
     model = selected_model()
@@ -785,6 +843,7 @@ def test_a_decode_step_of_the_model_reads_at_most_sink_k_blocks_and_window(monke
 def test_the_model_spends_the_configs_read_budget(monkeypatch, budget):
     """The layer hands `select_read_budget` to the kernel (prefill and decode), and the budget changes what a query
     shortlists in this model (61 tokens, blocks of 3: under 4k blocks for most queries)."""
+    monkeypatch.setattr(selected, "PADDED_DECODE", False)  # every step through the kernel, which records it
     model = selected_model("two-stage", select_read_budget=budget)
     ids = tokens(1, 61, seed=7)
     budgets = []
