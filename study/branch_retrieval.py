@@ -172,6 +172,8 @@ def mixed(selected, compressed, branches: str | list[str | None], **settings):
 
 # the two-stage rows measured before the read budget: 4k = 32 blocks for every query
 WHOLE = {"select_scorer": "two-stage", "select_candidates": None, "select_read_budget": None}
+# the two-stage rows whose scorer reads at most a quarter of the cache per decode step (8-token bounds, 32 blocks)
+QUARTER = {"select_scorer": "two-stage", "select_bound_size": 8, "select_candidates": None, "select_read_budget": 0.25}
 
 
 def models(llama) -> dict:
@@ -193,25 +195,8 @@ def models(llama) -> dict:
         ),
         TWO_STAGE_16: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=16),
         TWO_STAGE_8: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=8),
-        BUDGET_ROW: mixed(
-            selected,
-            compressed,
-            selected.config.global_attention,
-            select_scorer="two-stage",
-            select_bound_size=8,
-            select_candidates=None,
-            select_read_budget=0.25,
-        ),
-        DIMS_ROW: mixed(
-            selected,
-            compressed,
-            selected.config.global_attention,
-            select_scorer="two-stage",
-            select_bound_size=8,
-            select_candidates=None,
-            select_read_budget=0.25,
-            select_budget_rule="dims",
-        ),
+        BUDGET_ROW: mixed(selected, compressed, selected.config.global_attention, **QUARTER),
+        DIMS_ROW: mixed(selected, compressed, selected.config.global_attention, **QUARTER, select_budget_rule="dims"),
     }
 
 

@@ -691,6 +691,18 @@ def test_an_unknown_scorer_is_refused():
 # --- the model: cached decode == full forward, far beyond the window ---------------------------------------------------
 
 
+def kernel_arguments(monkeypatch, name: str) -> list:
+    """The keyword argument `name` of every call of the chunked kernel from here on (it runs as before)."""
+    seen, kernel = [], selected.chunked_selected_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get(name))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(selected, "chunked_selected_attention", recording)
+    return seen
+
+
 def selected_model(scorer: str = "sparq", **fields):
     model = tiny_model(
         "sparse_selected",
@@ -739,14 +751,7 @@ def test_cached_decode_under_a_dims_budget_matches_full_forward_and_the_layer_ha
     ids = tokens(2, 48, seed=5)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    rules = []
-    kernel = selected.chunked_selected_attention
-
-    def recording(*args, **kwargs):
-        rules.append(kwargs.get("budget_rule"))
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(selected, "chunked_selected_attention", recording)
+    rules = kernel_arguments(monkeypatch, "budget_rule")
     full = model(ids, attention_mask=mask).logits
     cache = DynamicCache(config=model.config)
     pieces = [model(ids[:, :30], attention_mask=mask[:, :30], cache=cache).logits]
@@ -846,14 +851,8 @@ def test_the_model_spends_the_configs_read_budget(monkeypatch, budget):
     monkeypatch.setattr(selected, "PADDED_DECODE", False)  # every step through the kernel, which records it
     model = selected_model("two-stage", select_read_budget=budget)
     ids = tokens(1, 61, seed=7)
-    budgets = []
     kernel = selected.chunked_selected_attention
-
-    def recording(*args, **kwargs):
-        budgets.append(kwargs.get("read_budget"))
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(selected, "chunked_selected_attention", recording)
+    budgets = kernel_arguments(monkeypatch, "read_budget")
     cache = DynamicCache(config=model.config)
     model(ids[:, :60], cache=cache)
     model(ids[:, 60:], cache=cache)
