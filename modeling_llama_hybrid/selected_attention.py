@@ -70,7 +70,8 @@ SPARQ_GATHER_QUERIES = 8  # up to this many queries per KV head, "sparq" gathers
 # Whether decode steps of padding-then-one-document rows take `padded_decode_step`. Off: equal to the general path
 # (tested) and faster on a SmolLM2-shaped layer with random weights at 32k (5.9 vs 7.7 ms a step, one thread), but
 # the benchmark on SmolLM2's own layer 1 over real text at 32k measured 72.9 ms a step against the general path's
-# 8.9 ms, for a reason not yet found (CHANGELOG); the default stays the measured path until that is understood.
+# 8.9 ms, while an interleaved A/B on the same layer (one prefill, 8 steps each way, twice, beside another job) gave
+# 12.0-13.5 ms against 16.4-18.1 (CHANGELOG): the default stays the measured path until an idle re-run settles it.
 PADDED_DECODE = False
 
 
