@@ -1107,7 +1107,7 @@ def chunked_selected_attention(
     return SelectedOutput(heads_last(outs), torch.cat(selections, 2), read, heads_last(windows))
 
 
-def padded_bounds(cache: SelectedSparseLayer, key, blocks: int, block_size: int, split: int) -> torch.Tensor:
+def padded_bounds(cache: SelectedSparseLayer, key, blocks: int, block_size: int, split: int, most_pads: int):
     """(B, KV, blocks * split, 2 D): rows [max | min] of the bounds of blocks 0 .. `blocks` - 1 of rows that are
     `cache.pads` padding slots then one document (block j of row r: slots p_r + [j b, (j + 1) b)), for a decode step
     (`padded_decode_step`): the cache's kept bounds, then those of blocks every row has completed since (kept now,
@@ -1115,7 +1115,8 @@ def padded_bounds(cache: SelectedSparseLayer, key, blocks: int, block_size: int,
     completed one takes it as a candidate)."""
     pads, num_slots = cache.pads, key.shape[2]
     kept = 0 if cache.bounds is None else cache.bounds[0].shape[2] // split
-    final = max(-(-(num_slots - int(pads.max())) // block_size) - 1, 0)  # complete in every row
+    final = max(-(-(num_slots - most_pads) // block_size) - 1, 0)  # complete in every row (`most_pads`: the
+    # caller's pads.max(), read with its other host values)
 
     def fresh(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:  # min, max of blocks first ..
         starts = pads[:, None] + (first + torch.arange(count, device=key.device)) * block_size  # (B, count)
@@ -1166,7 +1167,9 @@ def padded_decode_step(
     candidate = numbers <= counts[:, None, None]  # (B, 1, G')
     if most > listed_most:  # Quest's bound shortlists C; a set in block order
         split = bound_split
-        stacked = padded_bounds(cache, key, most + 1, block_size, split)[:, :, split:]  # (B, KV, G' * split, 2 D)
+        stacked = padded_bounds(cache, key, most + 1, block_size, split, most_pads)[
+            :, :, split:
+        ]  # (B, KV, G' * split, 2 D)
         bound = torch.cat([rows.clamp(min=0), rows.clamp(max=0)], -1) @ stacked.transpose(-1, -2)  # (B, KV, R, .)
         bound = bound.view(batch, kv_heads, groups, most, split).amax(-1).amax(2).masked_fill(~candidate, -torch.inf)
         best = bound.topk(listed_most, dim=-1)
