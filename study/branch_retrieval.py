@@ -25,8 +25,9 @@ stretch of it. Needle depths cycle through DEPTHS, chosen so every needle lies b
 distance is recorded; the tables count only needles beyond W). Perplexity: the held-out split in windows of 2,048
 tokens (5 windows) and of 8,192 tokens (one window: its first 8,192 tokens), every token scored.
 
-Results go to --out (default out/branch-retrieval): results.json (every sample) and results.md (the tables), written
-after every cell, so an interrupted run resumes where it stopped (a cell's samples already in results.json are
+Results go to --out (default study/results/branch-retrieval, committed: the published run's every sample, so a later
+session, on a fresh clone, resumes or extends it; a --quick run defaults to the git-ignored out/branch-retrieval-quick):
+results.json (every sample) and results.md (the tables), written after every cell, so an interrupted run resumes where it stopped (a cell's samples already in results.json are
 skipped; a larger budget adds samples to a cell: the samples of a (haystack, length) are prefix-stable). A second
 process on the other core starts from a copy of the run folder and is joined with --merge.
 """
@@ -55,6 +56,7 @@ from modeling_llama_hybrid import LlamaHybridForCausalLM
 from modeling_llama_hybrid.selected_attention import shortlist_dims, shortlist_sizes
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "study" / "results"  # the published runs, committed
 DEPTHS = (0.05, 0.25, 0.45, 0.65)  # share of the filler before the needle: beyond W = 512 at every length >= 2k
 SEED = 25
 HAYSTACKS = ("filler", "prose")
@@ -284,12 +286,25 @@ def markdown(state: dict, window: int, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def open_run(folder: str) -> tuple[Path, dict]:
-    """The run folder (created) and its state: what an earlier, interrupted run saved, or an empty one."""
+def run_folder(folder: str | None, name: str, quick: bool) -> str:
+    """--out, or the default: the committed study/results/<name> for the published run, the git-ignored
+    out/<name>-quick for a smoke test."""
+    if folder:
+        return folder
+    return str(REPO / "out" / f"{name}-quick") if quick else str(RESULTS / name)
+
+
+def open_run(folder: str, size: str = "full") -> tuple[Path, dict]:
+    """The run folder (created) and its state: what an earlier, interrupted run of the same size ("full" or
+    "quick") saved, or an empty one. A folder of the other size is refused (exit 2): a smoke test's samples must
+    not join the published run's."""
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
+    if state.setdefault("size", size) != size:
+        print(f"error: --out {folder} holds a {state['size']} run, not a {size} one: give another --out", file=sys.stderr)
+        raise SystemExit(2)
+    out.mkdir(parents=True, exist_ok=True)
     return out, state
 
 
@@ -305,6 +320,10 @@ def merge_runs(state: dict, folder: Path) -> None:
         print(f"error: --merge {folder}: no results.json there", file=sys.stderr)
         raise SystemExit(2)
     other = json.loads(path.read_text())
+    size = state.setdefault("size", "full")
+    if other.get("size", size) != size:
+        print(f"error: --merge {folder}: a {other['size']} run, not a {size} one", file=sys.stderr)
+        raise SystemExit(2)
     done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
     for row in other["samples"]:  # a cell's rows in sample order: keep those past what `state` has of that cell
         cell = (row["haystack"], row["length"], row["model"])
@@ -323,7 +342,7 @@ def merge_runs(state: dict, folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: short prompts, 2 samples per cell")
-    parser.add_argument("--out", default=str(REPO / "out" / "branch-retrieval"), help="run folder")
+    parser.add_argument("--out", help="run folder (default: study/results/branch-retrieval; --quick: out/...-quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
     parser.add_argument("--lengths", type=int, nargs="+", help="run only the pass-key cells of these lengths")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity step")
@@ -332,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--haystacks", nargs="+", choices=HAYSTACKS, help="run only the pass-key cells of these")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
-    out, state = open_run(args.out)
+    out, state = open_run(run_folder(args.out, "branch-retrieval", args.quick), size)
     done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
 
     def save() -> None:

@@ -24,7 +24,8 @@ needed), each sample a different stretch of it. Needle depths cycle through DEPT
 Perplexity: one window of 16,384 and one of 32,768 tokens, the first tokens of the pydoc topics in the order
 `pydoc_topics()` gives, every token scored.
 
-Results go to --out (default out/context-extension): results.json (every sample, with what the model read out and
+Results go to --out (default study/results/context-extension, committed, so a fresh clone resumes the published run;
+--quick: the git-ignored out/context-extension-quick): results.json (every sample, with what the model read out and
 its seconds) and results.md, written after every sample; an interrupted run resumes, and a larger budget adds the
 samples a cell lacks (prompts are prefix-stable). Two processes, one per haystack (`--haystacks`), each in its own
 --out folder seeded with the same results.json, are joined with --merge.
@@ -153,7 +154,7 @@ def misses(state: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: short prompts, 1 sample per cell")
-    parser.add_argument("--out", default=str(REPO / "out" / "context-extension"), help="run folder")
+    parser.add_argument("--out", help="run folder (default: study/results/context-extension; --quick: out/...-quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
     parser.add_argument("--models", nargs="+", choices=MODELS, metavar="NAME", help="run only these models' cells")
     parser.add_argument("--lengths", type=int, nargs="+", help="run only the pass-key cells of these lengths")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", help="add the cells of another run folder's results.json to --out's, and stop")
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
-    out, state = retrieval.open_run(args.out)
+    out, state = retrieval.open_run(retrieval.run_folder(args.out, "context-extension", args.quick), size)
     done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
 
     def save() -> None:

@@ -55,6 +55,30 @@ def test_two_runs_merge_into_one_table(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("no results.json there")
 
 
+def test_a_smoke_test_never_joins_the_published_run(tmp_path, capsys):
+    """The published run's folder is committed (a fresh clone resumes it): a --quick run or a quick run's folder
+    given to --merge is refused with one error line, and the defaults keep the two apart."""
+    published = {"samples": [], "perplexity": [], "seconds": {}, "size": "full"}
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "results.json").write_text(json.dumps(published))
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "results.json").write_text(json.dumps({**published, "size": "quick"}))
+    for argv, message in (
+        (["--quick", "--out", str(tmp_path / "full")], "holds a full run, not a quick one"),
+        (["--out", str(tmp_path / "full"), "--merge", str(tmp_path / "quick")], "a quick run, not a full one"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert json.loads((tmp_path / "full" / "results.json").read_text()) == published  # untouched
+    retrieval = study_scripts.load("branch_retrieval")
+    published_folder = retrieval.run_folder(None, "context-extension", quick=False)
+    assert published_folder.endswith("study/results/context-extension")
+    assert retrieval.run_folder(None, "context-extension", quick=True).endswith("out/context-extension-quick")
+
+
 def test_a_larger_budget_runs_only_the_samples_a_cell_lacks_and_shows_what_a_miss_read_out(
     tmp_path, monkeypatch, default_model_dir
 ):
