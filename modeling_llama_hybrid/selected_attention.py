@@ -67,12 +67,10 @@ from .sparse_attention import LlamaHybridSparseAttention, SparseMasks
 
 QUERY_CHUNK = 128  # queries per chunk of the chunked kernel: its scores are (QUERY_CHUNK x S) per head
 SPARQ_GATHER_QUERIES = 8  # up to this many queries per KV head, "sparq" gathers r key rows per query (decode)
-# Whether decode steps of padding-then-one-document rows take `padded_decode_step`. Off: equal to the general path
-# (tested) and faster on a SmolLM2-shaped layer with random weights at 32k (5.9 vs 7.7 ms a step, one thread), but
-# the benchmark on SmolLM2's own layer 1 over real text at 32k measured 72.9 ms a step against the general path's
-# 8.9 ms, while an interleaved A/B on the same layer (one prefill, 8 steps each way, twice, beside another job) gave
-# 12.0-13.5 ms against 16.4-18.1 (CHANGELOG): the default stays the measured path until an idle re-run settles it.
-PADDED_DECODE = False
+# Whether decode steps of padding-then-one-document rows take `padded_decode_step` (on: equal to the general path,
+# tested both ways; on SmolLM2's layer 1 over real text at 32k, one thread, idle: 4.2 ms a step against the general
+# path's 5.5-6.8 ms, three interleaved rounds of 8 steps on one prefill; CHANGELOG). A switch for A/B runs and tests.
+PADDED_DECODE = True
 
 
 @dataclass
