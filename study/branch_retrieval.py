@@ -302,7 +302,9 @@ def open_run(folder: str, size: str = "full") -> tuple[Path, dict]:
     path = out / "results.json"
     state = json.loads(path.read_text()) if path.is_file() else {"samples": [], "perplexity": [], "seconds": {}}
     if state.setdefault("size", size) != size:
-        print(f"error: --out {folder} holds a {state['size']} run, not a {size} one: give another --out", file=sys.stderr)
+        print(
+            f"error: --out {folder} holds a {state['size']} run, not a {size} one: give another --out", file=sys.stderr
+        )
         raise SystemExit(2)
     out.mkdir(parents=True, exist_ok=True)
     return out, state
