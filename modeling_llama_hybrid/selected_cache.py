@@ -23,7 +23,9 @@ sink, its k chosen blocks and its window, so it keeps every token. What it keeps
 - the position id of every slot (-1 for left padding), from the step the model opens per forward (`open_step`), so
   the layer needs no mask: blocks follow position ids as the compressed branch's do.
 
-Buffers grow by capacity doubling (amortised O(1) per token, no whole-prefix copy per step); `keys` / `values` are
+Buffers grow geometrically with headroom (`HEADROOM`: an eighth of what they hold, at least `MIN_HEADROOM` slots;
+amortised O(1) copies per token, no whole-prefix copy per step, and never much more memory than the tokens need:
+doubling would hold twice a long prompt's cache from its first decode step on); `keys` / `values` are
 views of the filled part. Every token stays, so `crop(-n)` removes any n recorded tokens (a length change) and
 blocks no longer complete are simply no longer candidates (candidacy is recomputed from the positions each step);
 the bounds of a block that lost keys are dropped.
@@ -45,6 +47,8 @@ from .banded_attention import WindowLayout, window_layout
 from .compressed_cache import RowHooks, new_tokens_valid
 
 POSITION_BYTES = 8  # int64 position id per slot
+HEADROOM = 0.125  # a buffer grown to n slots holds n (1 + HEADROOM): room for the next steps, little memory unused
+MIN_HEADROOM = 64  # slots: short sequences do not reallocate every step
 # the scorers that read a few dimensions of every candidate key (selected_attention.sparq_scores): their cache keeps
 # keys dimension-major; the bound scorers ("quest", "two-stage") read whole keys of a few blocks: token-major
 KEY_DIMENSION_SCORERS = ("sparq", "sparq-group")
@@ -87,10 +91,12 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         self.new_positions = torch.where(valid, position_ids.expand(batch, -1), -1)
 
     def reserve(self, needed: int) -> None:
-        """Grow the buffers to at least `needed` slots, doubling: each token is copied O(1) times on average."""
+        """Grow the buffers to `needed` slots and an eighth more (`HEADROOM`): each token is copied O(1) times on
+        average (about 1 / HEADROOM), a prefill leaves room for its first decode steps, and the buffers hold at most
+        (1 + HEADROOM) x the filled slots, plus `MIN_HEADROOM`."""
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
+        capacity = needed + max(int(needed * HEADROOM), MIN_HEADROOM)
 
         def grown(buffer: torch.Tensor, dim: int, fill) -> torch.Tensor:
             shape = list(buffer.shape)
@@ -161,7 +167,8 @@ class SelectedSparseLayer(RowHooks, DynamicLayer):
         return self.length + query_length, 0
 
     def stored_bytes(self) -> int:
-        """Bytes of the filled slots (keys, values, positions); the capacity may hold up to twice as many."""
+        """Bytes of the filled slots (keys, values, positions); the capacity holds up to an eighth more
+        (`HEADROOM`)."""
         if not self.is_initialized:
             return 0
         held = (self.keys, self.values, self.position_buffer[:, : self.length])
@@ -246,6 +253,6 @@ def selected_cache_layer(cache, config, layer_idx: int):
 
 def selected_cache_bytes(config, layer_idx: int, tokens: int, batch: int, element_bytes: int) -> int:
     """Bytes a selected layer's cache holds after `tokens` tokens: every key and value (as full attention) and an
-    int64 position per token (capacity doubling may allocate up to twice the slots)."""
+    int64 position per token (the buffers' headroom may allocate up to an eighth more slots: `HEADROOM`)."""
     per_token = 2 * config.num_key_value_heads * config.head_dim * element_bytes + POSITION_BYTES
     return batch * tokens * per_token

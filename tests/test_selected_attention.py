@@ -32,7 +32,7 @@ from modeling_llama_hybrid.selected_attention import (
     select_blocks,
     selection_layout,
 )
-from modeling_llama_hybrid.selected_cache import SelectedSparseLayer
+from modeling_llama_hybrid.selected_cache import HEADROOM, MIN_HEADROOM, SelectedSparseLayer
 
 W, BLOCK, K = 5, 3, 2
 BOUND = W + (K + 1) * BLOCK  # 14
@@ -910,17 +910,19 @@ def test_the_cache_keeps_the_bounds_of_final_blocks_through_steps_a_crop_and_a_r
 
 
 @pytest.mark.parametrize("dimension_major", [True, False])
-def test_the_cache_grows_by_doubling_and_keeps_every_token(dimension_major):
+def test_the_cache_grows_with_bounded_headroom_and_keeps_every_token(dimension_major):
     layer = SelectedSparseLayer(W, dimension_major=dimension_major)
     capacities = []
-    for step in range(100):
+    for step in range(1000):
         layer.update(torch.full((1, 1, 1, 2), float(step)), torch.zeros(1, 1, 1, 2))
         capacities.append(layer.capacity)
-    assert len(set(capacities)) <= 8  # 1, 2, 4, ..., 128: reallocated log2(n) times, not once per token
-    assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(100)]
+        # never much more memory than the tokens need: an eighth more, or the minimum headroom
+        assert step + 1 <= layer.capacity <= (step + 1) * (1 + HEADROOM) + MIN_HEADROOM
+    assert len(set(capacities)) <= 20  # reallocated about log(n) / log(1 + HEADROOM) times, not once per token
+    assert layer.keys[0, 0, :, 0].tolist() == [float(t) for t in range(1000)]
     # dimension-major: a key dimension is one contiguous row; token-major: a key is
     assert layer.key_buffer.shape[-1 if dimension_major else -2] == layer.capacity
-    layer.crop(-30)
+    layer.crop(-930)
     assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
     layer.batch_repeat_interleave(2)
     layer.batch_select_indices(torch.tensor([1]))
@@ -928,6 +930,12 @@ def test_the_cache_grows_by_doubling_and_keeps_every_token(dimension_major):
     with pytest.raises(ValueError, match="negative"):
         layer.crop(5)
     layer.reset()
+    # a long prefill leaves room for its first decode steps: no reallocation (a copy of every key) on the next token
+    prefilled = SelectedSparseLayer(W, dimension_major=dimension_major)
+    prefilled.update(torch.zeros(1, 1, 4096, 2), torch.zeros(1, 1, 4096, 2))
+    buffer = prefilled.value_buffer.data_ptr()
+    prefilled.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    assert prefilled.value_buffer.data_ptr() == buffer and prefilled.capacity == 4096 + 512
     assert layer.get_seq_length() == 0 and not layer.is_initialized
 
 
