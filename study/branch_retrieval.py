@@ -26,10 +26,11 @@ distance is recorded; the tables count only needles beyond W). Perplexity: the h
 tokens (5 windows) and of 8,192 tokens (one window: its first 8,192 tokens), every token scored.
 
 Results go to --out (default study/results/branch-retrieval, committed: the published run's every sample, so a later
-session, on a fresh clone, resumes or extends it; a --quick run defaults to the git-ignored out/branch-retrieval-quick):
-results.json (every sample) and results.md (the tables), written after every cell, so an interrupted run resumes where it stopped (a cell's samples already in results.json are
-skipped; a larger budget adds samples to a cell: the samples of a (haystack, length) are prefix-stable). A second
-process on the other core starts from a copy of the run folder and is joined with --merge.
+session, on a fresh clone, resumes or extends it; a --quick run defaults to the git-ignored
+out/branch-retrieval-quick): results.json (every sample) and results.md (the tables), written after every cell, so an
+interrupted run resumes where it stopped (a cell's samples already in results.json are skipped; a larger budget adds
+samples to a cell: the samples of a (haystack, length) are prefix-stable). A second process on the other core starts
+from a copy of the run folder (`--out out/<name>`) and is joined with --merge.
 """
 
 from __future__ import annotations
