@@ -82,7 +82,9 @@ def lay_out_hub_cache(folder: Path, files: list[ShippedFile], cache: Path, repo_
 
 
 def check_environment(work: Path, secrets: tuple[str, ...] = ()) -> dict[str, str]:
-    """This environment offline, without tokens, with its own Hub and remote-code caches under `work`."""
+    """This environment offline, without tokens, with its own Hub and remote-code caches under `work`, and this
+    process's torch threads (a CPU matmul's summation order depends on them: with other counts the same code and
+    weights differ in the last bits, e.g. 8.9e-08 after `torch.set_num_threads(1)` here)."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -96,6 +98,7 @@ def check_environment(work: Path, secrets: tuple[str, ...] = ()) -> dict[str, st
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         TRANSFORMERS_VERBOSITY="error",
         TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
     )
     return env
 

@@ -27,6 +27,25 @@ def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(hub_dry_run):
     assert "max |logit diff| 0" in hub_dry_run.out and "offline Hub cache" in hub_dry_run.out
 
 
+def test_the_fresh_process_runs_with_this_process_threads(tmp_path):
+    """The check compares logits to the last bit only if both processes sum in the same order: torch's thread count
+    (a pytest worker where a study set one thread got 8.9e-08 against a fresh process on two)."""
+    import subprocess
+
+    import torch
+
+    from llama_hybrid.hub_upload.verify import check_environment
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        env = check_environment(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "1"
+
+
 # --- push: token and remote checks (HfApi mocked; nothing reaches the network) -------------------------------------
 
 
