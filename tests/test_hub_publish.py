@@ -6,17 +6,20 @@ another model type, a rejected token, a new branch), with HfApi mocked (no netwo
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
 from hub_support import FAKE_TOKEN, REPO_ID, run_cli
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError, Response, RevisionNotFoundError
 
 from llama_hybrid.hub_upload import publish
+from llama_hybrid.hub_upload.verify import check_environment
 
 
 def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(hub_dry_run):
@@ -30,12 +33,6 @@ def test_dry_run_lists_every_file_with_its_size_and_sends_nothing(hub_dry_run):
 def test_the_fresh_process_runs_with_this_process_threads(tmp_path):
     """The check compares logits to the last bit only if both processes sum in the same order: torch's thread count
     (a pytest worker where a study set one thread got 8.9e-08 against a fresh process on two)."""
-    import subprocess
-
-    import torch
-
-    from llama_hybrid.hub_upload.verify import check_environment
-
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
