@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import time
 from pathlib import Path
 
 import branch_retrieval as retrieval
@@ -119,36 +118,11 @@ def markdown(state: dict) -> str:
     lines += [f"| {e['model']} | {e['window']} | {e['ppl']:.3f} |" for e in state["perplexity"]]
     lines += ["", "Seconds per sample (mean; one thread):", ""]
     for name in MODELS:
-        timed = sample_seconds(state, name)
+        timed = retrieval.sample_seconds(state, name)
         if timed:
             lines.append(f"- {name}: " + ", ".join(f"{n}: {s:.0f} s" for n, s in sorted(timed.items())))
-    lines += misses(state)
+    lines += retrieval.misses(state)
     return "\n".join(lines) + "\n"
-
-
-def sample_seconds(state: dict, name: str) -> dict:
-    """{length: mean seconds} of `name`'s samples: those timed one by one, else a cell's mean as an earlier run
-    (the kernel of its day) recorded it in `state["seconds"]`."""
-    timed: dict = {}
-    for row in state["samples"]:
-        if row["model"] == name and "seconds" in row:
-            timed.setdefault(row["length"], []).append(row["seconds"])
-    earlier = {int(n): s for n, s in state["seconds"].get(name, {}).items() if int(n) not in timed}
-    return {**earlier, **{n: sum(v) / len(v) for n, v in timed.items()}}
-
-
-def misses(state: dict) -> list[str]:
-    """What each model answered where it missed a needle beyond the window (rows that recorded their prediction)."""
-    lines = []
-    for row in state["samples"]:
-        if not row["correct"] and row["distance"] >= state["window"] and "predicted" in row:
-            lines.append(
-                f"| {row['haystack']} | {row['length']} | {row['model']} | {row['key']} | {row['predicted']!r} |"
-            )
-    if not lines:
-        return []
-    head = ["", "## Misses: the key and what the model read out (teacher-forced: each digit after the true ones)", ""]
-    return head + ["| haystack | length | model | key | predicted |", "|---|---:|---|---|---|"] + lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,14 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             have = done[(haystack, length, name)]
             if have >= samples or (args.haystacks and haystack not in args.haystacks):
                 continue
-            # prompts are prefix-stable: a larger budget adds samples after those an earlier run kept, one at a time
-            for prompt in retrieval.prompts(tokenizer, haystack, length, samples, prose)[have:]:
-                began = time.perf_counter()
-                (row,) = probe.evaluate(f"{name} [{haystack}]", model(name), {length: [prompt]})
-                row["predicted"] = tokenizer.decode(row["predicted_ids"])
-                state["samples"].append({**row, "model": name, "haystack": haystack})
-                state["samples"][-1]["seconds"] = time.perf_counter() - began
-                save()
+            # prompts are prefix-stable: a larger budget adds samples after those an earlier run kept
+            batch = retrieval.prompts(tokenizer, haystack, length, samples, prose)[have:]
+            retrieval.run_samples(state, save, name, haystack, length, model(name), tokenizer, batch)
     print(markdown(state))
     return 0
 

@@ -100,3 +100,34 @@ def test_a_larger_budget_adds_samples_to_a_cell_and_merge_keeps_the_rows_it_lack
     assert state["perplexity"] == other["perplexity"] and state["window"] == 512
     study.merge_runs(state, tmp_path)  # a second merge adds nothing
     assert len(state["samples"]) == 21
+
+
+def test_an_interrupted_cell_keeps_each_finished_sample_and_a_rerun_scores_only_the_rest(
+    tmp_path, monkeypatch, tokenizer
+):
+    llama, _ = tiny_pair(num_hidden_layers=4)
+    wanted = study.prompts(tokenizer, "prose", 2048, 3, study.heldout_tokens(tokenizer))
+    asked, stopped = [], []
+
+    def evaluate(name, model, probes):  # scores one sample, then the "machine stops" once, on the next
+        ((length, (prompt,)),) = probes.items()
+        if len(asked) == 1 and not stopped:
+            stopped.append(prompt.key)
+            raise KeyboardInterrupt
+        asked.append(prompt.key)
+        row = {"key": prompt.key, "depth": prompt.depth, "distance": prompt.distance, "correct": True}
+        return [{**row, "digit_accuracy": 1.0, "predicted_ids": probe.encode(tokenizer, prompt.key), "length": length}]
+
+    monkeypatch.setattr(study.probe, "source_llama", lambda out: (llama, tokenizer))
+    monkeypatch.setattr(study.probe, "evaluate", evaluate)
+    monkeypatch.setitem(study.BUDGET, "quick", [(2048, study.LLAMA, 3, ("prose",))])
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["--quick", "--out", str(tmp_path), "--no-perplexity"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in saved["samples"]] == [wanted[0].key]  # saved before the cell ended
+    assert saved["samples"][0]["predicted"] == wanted[0].key and saved["samples"][0]["seconds"] >= 0
+    assert study.main(["--quick", "--out", str(tmp_path), "--no-perplexity"]) == 0
+    assert asked == [p.key for p in wanted]  # the finished sample was not scored again
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["key"] for r in saved["samples"]] == [p.key for p in wanted]
+    assert f"| prose | {study.LLAMA} | 3/3 |" in (tmp_path / "results.md").read_text()
