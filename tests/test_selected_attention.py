@@ -763,14 +763,24 @@ def test_cached_decode_under_a_dims_budget_matches_full_forward_and_the_layer_ha
     assert not torch.equal(exact(ids, attention_mask=mask).logits[real], full[real])
 
 
-@pytest.mark.parametrize("shortlist", [None, 3])  # 4k = 8 blocks (listed unscored up to 8 candidates) / 3 of them
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # 4k = 8 blocks, listed unscored up to 8 candidates
+        {"select_candidates": 3},
+        {"select_read_budget": 0.5, "select_budget_rule": "dims"},  # narrows the shortlist's keys at some steps
+        {"select_candidates": 3, "select_read_budget": 0.3},  # shortens the shortlist at some steps
+    ],
+    ids=["listed", "shortlist", "dims-budget", "blocks-budget"],
+)
 @torch.no_grad()
-def test_a_padded_decode_step_equals_the_general_path(monkeypatch, shortlist):
+def test_a_padded_decode_step_equals_the_general_path(monkeypatch, fields):
     """`padded_decode_step` (decode steps of left-padded rows, "two-stage") gives the general path's logits,
     step by step far beyond the window (up to 21 candidate blocks: every candidate listed, then Quest's shortlist,
     over bounds it keeps itself and those of blocks not every row has completed), after a crop and a beam
-    reorder."""
-    model = selected_model("two-stage", select_candidates=shortlist)
+    reorder; under a read budget it takes the steps the budget leaves as they are and declines the others."""
+    monkeypatch.setattr(selected, "KEY_CHUNK", 2)
+    model = selected_model("two-stage", **fields)
     ids = tokens(3, 72, seed=12)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -807,7 +817,10 @@ def test_a_padded_decode_step_equals_the_general_path(monkeypatch, shortlist):
                 cache.reorder_cache(torch.tensor([1, 2, 0]))
             logits.append(step(cache, t, t + 1))
         runs[enabled] = torch.cat(logits, 1)
-    assert len(taken) == 60 + 3 and not declined  # every decode step of the first run took it
+    if "select_read_budget" in fields:  # both kinds of step occur
+        assert taken and declined and len(taken) + len(declined) == 60 + 3
+    else:
+        assert len(taken) == 60 + 3 and not declined  # every decode step of the first run took it
     real = mask.bool()
     torch.testing.assert_close(runs[True][real], runs[False][real], atol=1e-12, rtol=0)
 
