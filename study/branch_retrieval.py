@@ -14,9 +14,12 @@ The models, all from the embedded SmolLM2-135M-Instruct (fp32, sdpa), none train
 - `selected, sparq-group r 32`, `selected, two-stage` and `selected, two-stage, bounds of 16` / `of 8`: the selected
   upcycle with another scorer (a KV group's shared 32 dimensions; Quest's bound shortlisting 4k = 32 blocks that the
   exact block max ranks, the bound taken over whole blocks or as the largest of a block's 16- or 8-token parts).
-- `selected, two-stage, bounds of 8, reads <= 1/4`: the library's default scorer: the same with 8-token bounds and a
-  read budget of a quarter: a query shortlists as many blocks as the quarter of its context's keys and values leaves
-  after the bounds (at least k = 8, at most 32: 10 at 2k, 18 at 4k, 32 from 8k on).
+  `bounds of 8` is the library's default scorer.
+- `selected, two-stage, bounds of 8, reads <= 1/4`: the default with a read budget of a quarter (rule "blocks"): a
+  query shortlists as many blocks as the quarter of its context's keys and values leaves after the bounds (at least
+  k = 8, at most 32: 10 at 2k, 18 at 4k, 32 from 8k on).
+- `... reads <= 1/4 by dims`: the same budget under the rule "dims": all 32 blocks shortlisted, their keys scored on
+  as many chunks of 16 dimensions as the budget leaves (32 of 64 at 2k and 4k, all 64 from 7.6k on).
 
 Pass keys (prompts and scoring from `passkey_probe.py`: one teacher-forced forward, exact match of all 5 digits)
 at 2k, 4k and 8k tokens (8k is SmolLM2's trained maximum) on two haystacks: the repeated filler of passkey_probe, and
