@@ -322,6 +322,11 @@ def misses(state: dict) -> list[str]:
     return head + ["| haystack | length | model | key | predicted |", "|---|---:|---|---|---|"] + lines
 
 
+def samples_of(state: dict, haystack: str, length: int, name: str) -> int:
+    """How many samples of the cell `state` holds now (a budget may list a cell twice: 20, then 40)."""
+    return sum((r["haystack"], r["length"], r["model"]) == (haystack, length, name) for r in state["samples"])
+
+
 def run_samples(state: dict, save, name: str, haystack: str, length: int, model, tokenizer, batch: list) -> None:
     """Score `batch` (one length's prompts) one sample at a time, each row saved with what the model read out and
     its seconds as soon as it is scored: an interrupted cell keeps its finished samples."""
@@ -401,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = "quick" if args.quick else "full"
     out, state = open_run(run_folder(args.out, "branch-retrieval", args.quick), size)
-    done = collections.Counter((r["haystack"], r["length"], r["model"]) for r in state["samples"])
 
     def save() -> None:
         save_run(out, state, markdown(state, state["window"], MODELS))
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.lengths and length not in args.lengths) or (args.models and name not in args.models):
             continue
         for haystack in only[0] if only else HAYSTACKS:
-            have = done[(haystack, length, name)]
+            have = samples_of(state, haystack, length, name)
             if have >= samples or (args.haystacks and haystack not in args.haystacks):
                 continue
             # the samples a smaller budget ran are kept: prompts are prefix-stable

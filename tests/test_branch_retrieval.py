@@ -102,7 +102,7 @@ def test_a_larger_budget_adds_samples_to_a_cell_and_merge_keeps_the_rows_it_lack
     assert len(state["samples"]) == 21
 
 
-def test_an_interrupted_cell_keeps_each_finished_sample_and_a_rerun_scores_only_the_rest(
+def test_an_interrupted_cell_keeps_each_finished_sample_and_a_rerun_scores_each_other_sample_once(
     tmp_path, monkeypatch, tokenizer
 ):
     llama, _ = tiny_pair(num_hidden_layers=4)
@@ -120,7 +120,8 @@ def test_an_interrupted_cell_keeps_each_finished_sample_and_a_rerun_scores_only_
 
     monkeypatch.setattr(study.probe, "source_llama", lambda out: (llama, tokenizer))
     monkeypatch.setattr(study.probe, "evaluate", evaluate)
-    monkeypatch.setitem(study.BUDGET, "quick", [(2048, study.LLAMA, 3, ("prose",))])
+    # the cell listed twice, as a budget that grew lists it (20, then 40): each sample runs once
+    monkeypatch.setitem(study.BUDGET, "quick", [(2048, study.LLAMA, 2, ("prose",)), (2048, study.LLAMA, 3, ("prose",))])
     with pytest.raises(KeyboardInterrupt):
         study.main(["--quick", "--out", str(tmp_path), "--no-perplexity"])
     saved = json.loads((tmp_path / "results.json").read_text())
