@@ -1151,18 +1151,17 @@ def padded_decode_step(
     scaling: float, bound_split: int = 1, read_budget: float | None = None, budget_rule: str = "blocks",
 ) -> SelectedOutput | None:  # fmt: skip
     """`chunked_selected_attention` of one decode step under "two-stage" (with a read budget only where it does not
-    bind: `budget_slack`), written for rows
-    that are `cache.pads` padding slots then one document at positions 0, 1, ... (the cache's `padded_rows`): every
-    block, candidate and slot follows from the pads by arithmetic, so the step needs no `SelectionLayout` of its S
-    slots, no bounds of the open blocks and no general gathers — a few dozen tensor operations where the general
-    path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The same choice and the same
+    bind: `budget_slack`), written for rows that are `cache.pads` padding slots then one document at positions 0, 1,
+    ... (the cache's `padded_rows`): every block, candidate and slot follows from the pads by arithmetic, so the
+    step needs no `SelectionLayout` of its S slots, no bounds of the open blocks and no general gathers — a few
+    dozen tensor operations where the general path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The same choice and the same
     softmax (tested equal to the general path): the candidates of the query at position t are blocks 1 .. c,
     c = floor((t - W) / b); Quest's bound over the cache's kept bounds shortlists C of them (all, unscored, when
     c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers the sink and
     the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the blocks
     that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or the
-    budget narrows a row's scorer. Query
-    (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
+    budget narrows a row's scorer. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D).
+    """
     batch, heads, _, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
     groups = heads // kv_heads
@@ -1314,9 +1313,10 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         return flex and memory is None and query.shape[2] > SPARQ_GATHER_QUERIES
 
     def padded_decode(self, query, memory, cache) -> bool:
-        """Whether `padded_decode_step` may take this step: one query per row, true positions, "two-stage" (a read
-        budget: the step declines where it binds), eager / sdpa, a selected cache whose rows are padding then one document and whose keys are
-        token-major, not compiling (a static cache has no such layer anyway)."""
+        """Whether `padded_decode_step` may take this step: one query per row, true positions, "two-stage" (under a
+        read budget the step itself declines where the budget binds), eager / sdpa, a selected cache whose rows are
+        padding then one document and whose keys are token-major, not compiling (a static cache has no such layer
+        anyway)."""
         return (
             PADDED_DECODE
             and query.shape[2] == 1

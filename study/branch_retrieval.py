@@ -32,9 +32,9 @@ Results go to --out (default study/results/branch-retrieval, committed: the publ
 session, on a fresh clone, resumes or extends it; a --quick run defaults to the git-ignored
 out/branch-retrieval-quick): results.json (every sample, with what the model read out and its seconds) and
 results.md (the tables), written after every sample, so an interrupted run resumes where it stopped (samples already
-in results.json are skipped; a larger budget adds
-samples to a cell: the samples of a (haystack, length) are prefix-stable). A second process on the other core starts
-from a copy of the run folder (`--out out/<name>`) and is joined with --merge.
+in results.json are skipped; a larger budget adds samples to a cell: the samples of a (haystack, length) are
+prefix-stable). A second process on the other core starts from a copy of the run folder (`--out out/<name>`) and is
+joined with --merge.
 """
 
 from __future__ import annotations
