@@ -1151,17 +1151,16 @@ def padded_decode_step(
     scaling: float, bound_split: int = 1, read_budget: float | None = None, budget_rule: str = "blocks",
 ) -> SelectedOutput | None:  # fmt: skip
     """`chunked_selected_attention` of one decode step under "two-stage" (with a read budget only where it does not
-    bind: `budget_slack`), written for rows that are `cache.pads` padding slots then one document at positions 0, 1,
-    ... (the cache's `padded_rows`): every block, candidate and slot follows from the pads by arithmetic, so the
-    step needs no `SelectionLayout` of its S slots, no bounds of the open blocks and no general gathers — a few
-    dozen tensor operations where the general path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The same choice and the same
-    softmax (tested equal to the general path): the candidates of the query at position t are blocks 1 .. c,
-    c = floor((t - W) / b); Quest's bound over the cache's kept bounds shortlists C of them (all, unscored, when
-    c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers the sink and
-    the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the blocks
-    that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or the
-    budget narrows a row's scorer. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D).
-    """
+    bind: `budget_slack`), written for rows that are `cache.pads` padding slots then one document at positions 0, 1, ...
+    (the cache's `padded_rows`): every block, candidate and slot follows from the pads by arithmetic, so the step needs
+    no `SelectionLayout` of its S slots, no bounds of the open blocks and no general gathers — a few dozen tensor
+    operations where the general path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The
+    same choice and the same softmax (tested equal to the general path): the candidates of the query at position t are
+    blocks 1 .. c, c = floor((t - W) / b); Quest's bound over the cache's kept bounds shortlists C of them (all,
+    unscored, when c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers
+    the sink and the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the
+    blocks that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or the
+    budget narrows a row's scorer. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
     batch, heads, _, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
     groups = heads // kv_heads
@@ -1169,11 +1168,15 @@ def padded_decode_step(
     positions = num_slots - 1 - pads  # (B,) each row's query position
     counts = (positions - window).div(block_size, rounding_mode="floor").clamp(min=0)  # candidates 1 .. c
     listed_most = shortlist or 4 * k
-    loose = counts.new_ones(())
-    if read_budget is not None:
-        loose = budget_slack(positions, counts, read_budget, budget_rule, k, listed_most, bound_split, block_size, dim)
-    most, fewest_pads, most_pads, slack = torch.stack([counts.max(), pads.min(), pads.max(), loose.long()]).tolist()
-    if most_pads >= num_slots or not slack:  # (one host sync above)
+    checks = [counts.max(), pads.min(), pads.max()]
+    if read_budget is not None:  # and whether it leaves every row's scorer as it is
+        checks.append(
+            budget_slack(
+                positions, counts, read_budget, budget_rule, k, listed_most, bound_split, block_size, dim
+            ).long()
+        )
+    most, fewest_pads, most_pads, *slack = torch.stack(checks).tolist()  # one host sync
+    if most_pads >= num_slots or not all(slack):
         return None
     device = query.device
     rows = query.view(batch, kv_heads, groups, dim)  # (B, KV, R, D): a step's query heads by KV group
@@ -1356,7 +1359,8 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
         if self.padded_decode(query, memory, cache):
             fast = padded_decode_step(
                 query, key, value, cache, self.sliding_window, self.block_size, self.select_blocks,
-                self.select_candidates, self.scaling, self.bound_split, self.select_read_budget, self.select_budget_rule,
+                self.select_candidates, self.scaling, self.bound_split, self.select_read_budget,
+                self.select_budget_rule,
             )  # fmt: skip
             if fast is not None:
                 return fast

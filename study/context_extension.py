@@ -67,10 +67,10 @@ BUDGET = {
         (16384, FIXED_ENDS, 1),
         (16384, TRUE, 1),
         (16384, TRUE_YARN, 1),
-        # the peers of the fixed scheme's 16k filler bar (YaRN found 2 of 2 there): 10 samples each
+        # the peers of the fixed scheme's filler bars, which held 1-2 samples: the source and YaRN at 16k, YaRN at 32k
         (16384, LLAMA, 10, ("filler",)),
         (16384, LLAMA_YARN, 10, ("filler",)),
-        (32768, LLAMA_YARN, 10, ("filler",)),  # YaRN found 10 of 10 at 16k: is 32k its limit?
+        (32768, LLAMA_YARN, 10, ("filler",)),
         "perplexity",
     ],
     "quick": [(640, LLAMA, 1), (640, LLAMA_YARN, 1), (640, FIXED, 1), (640, FIXED_ENDS, 1), "perplexity"],
