@@ -16,7 +16,9 @@ Weights:
   Random queries and keys make the selection random: every chunk of a prefill selects nearly every block.
 - `--smollm2`: layer 1 of the embedded SmolLM2-135M-Instruct (9 heads of 64, 3 KV heads) in its `long-context`
   upcycle (W 512, b 64) under each global branch, against the same layer of the source LLaMA, both reading real
-  text (CPython's pydoc topics, `pydoc_prose`) through the whole 30-layer model; only layer 1 is timed.
+  text (CPython's pydoc topics, `pydoc_prose`) through the whole 30-layer model; only layer 1 is timed. Its
+  `selected` is the recipe's: the scorer reads at most a quarter of the cache per step (`select_read_budget=0.25`
+  by dimensions; random weights: the config's default, no budget).
 
     python benchmarks/sparse_layer_speed.py                          # random weights, 8k and 32k tokens
     python benchmarks/sparse_layer_speed.py --lengths 2048 8192 --attn eager
@@ -39,10 +41,12 @@ from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
 VARIANTS = ("attention", "full", "compressed", "selected", "selected-sparq", "selected-fixed")
 # variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
-# position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's)
+# position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's). "sparq" takes no read
+# budget: the long-context recipe's (`--smollm2`) is lifted.
+UNCAPPED = dict(select_read_budget=None, select_budget_rule="blocks")
 VARIANT_FIELDS = {
-    "selected-sparq": dict(global_attention="selected", select_scorer="sparq"),
-    "selected-fixed": dict(global_attention="selected", select_positions="fixed", select_scorer="sparq"),
+    "selected-sparq": dict(global_attention="selected", select_scorer="sparq", **UNCAPPED),
+    "selected-fixed": dict(global_attention="selected", select_positions="fixed", select_scorer="sparq", **UNCAPPED),
 }
 
 
@@ -98,8 +102,9 @@ def smollm2_models(attn: str, variants: list[str]) -> tuple[dict, list[int]]:
     recipe_fields = {f.name for f in dataclasses.fields(UpcycleRecipe)}
     for variant in [v for v in variants if v != "attention"]:
         fields = VARIANT_FIELDS.get(variant, {"global_attention": variant})
-        recipe = recipe_for(
-            "long-context", llama.config.num_hidden_layers, **{k: v for k, v in fields.items() if k in recipe_fields}
+        recipe = dataclasses.replace(  # not recipe_for's overrides, which skip None (UNCAPPED's budget)
+            recipe_for("long-context", llama.config.num_hidden_layers),
+            **{k: v for k, v in fields.items() if k in recipe_fields},
         )
         model = upcycle(llama, recipe)
         settings = {k: v for k, v in fields.items() if k not in recipe_fields}  # config fields (e.g. the scorer)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
+from modeling_llama_hybrid.configuration_llama_hybrid import SELECT_BUDGET_RULES
 from modeling_llama_hybrid.mixers import (
     GLOBAL_BRANCHES,
     MIXERS,
@@ -67,6 +68,10 @@ ROPE_SCALINGS = ("yarn", "linear", "none")  # how `context_length` beyond the so
 SELECT_POSITIONS = ("true", "fixed")  # the selected layers' position scheme (the config's `select_positions`)
 # the scorer of selected layers at fixed distances: the one study/context_extension.py measured (docs/claims.md §4d)
 FIXED_DISTANCE_SCORER = "sparq"
+# the long-context recipes' read budget for selected layers at true positions: the scorer reads at most a quarter of
+# the cache per step, by reading the shortlisted blocks' keys on fewer dimensions (docs/claims.md §4c: the setting
+# that kept >= 90 % of the source's retrieval at 2k, 4k and 8k on both haystacks)
+LONG_CONTEXT_READ_BUDGET, LONG_CONTEXT_BUDGET_RULE = 0.25, "dims"
 # Old recipe names still accepted, with a FutureWarning: "seed" read like a random seed next to `--seed`.
 RENAMED_RECIPES = {"seed": "staged"}
 
@@ -97,6 +102,11 @@ class UpcycleRecipe:
     rope_scaling: str | None = None  # None: "none" under the fixed-distance scheme, else "yarn"
     select_positions: str | None = None  # None: "fixed" beyond the source's context when a layer is selected
     select_every_layer: bool | None = None  # the full-attention layers selected too; None: under "fixed" beyond it
+    # what the "two-stage" scorer of selected layers at true positions may read per decode step (the config's
+    # `select_read_budget`, a share of the cache, and `select_budget_rule`); None: no cap. Not applied under
+    # "fixed" positions, whose scorer ("sparq", FIXED_DISTANCE_SCORER) reads select_dims of each key's dims anyway
+    select_read_budget: float | None = None
+    select_budget_rule: str = "blocks"
 
     def check(self, num_source_layers: int) -> None:
         for name in ("sparse_layers", "moe_layers", "insert_conv_after"):
@@ -118,11 +128,25 @@ class UpcycleRecipe:
             raise ValueError(f"rope_scaling={self.rope_scaling!r}; choose one of {list(ROPE_SCALINGS)}")
         if self.select_positions is not None and self.select_positions not in SELECT_POSITIONS:
             raise ValueError(f"select_positions={self.select_positions!r}; choose one of {list(SELECT_POSITIONS)}")
+        self._check_read_budget()
         if self.context_length is not None and (isinstance(self.context_length, bool) or self.context_length < 1):
             raise ValueError(f"context_length={self.context_length!r} must be a positive number of tokens (or None)")
         for name in ("sliding_window", "compress_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive int")
+
+    def _check_read_budget(self) -> None:
+        budget = self.select_read_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1
+        ):
+            raise ValueError(f"select_read_budget={budget!r} must be a share of the cache in (0, 1] or None")
+        if self.select_budget_rule not in SELECT_BUDGET_RULES:
+            raise ValueError(
+                f"select_budget_rule={self.select_budget_rule!r}; choose one of {list(SELECT_BUDGET_RULES)}"
+            )
+        if self.select_budget_rule != "blocks" and budget is None:
+            raise ValueError(f"select_budget_rule={self.select_budget_rule!r} needs a select_read_budget")
 
     def _check_global_attention_at(self) -> None:
         for layer, variant in self.global_attention_at.items():
@@ -175,9 +199,12 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
     - `long-context-selected`: the same layers with a selected global branch (sink + top 8 blocks of 64 + the
       512-token window, exact over those): the point of the measured frontier that keeps the source's retrieval
       and perplexity at step 0 without training (docs/claims.md, section 4c), at the cost of an O(n) cache like
-      the source's; a decode step reads at most 1,088 tokens' keys and values per layer. One selected layer in four
-      (the rest compressed, a third of the cache) lost most of the needles the source found, and all compressed
-      (a tenth) lost every one.
+      the source's; a decode step attends to at most 1,088 tokens per layer, and its scorer reads at most a quarter
+      of the cache (`select_read_budget=0.25`, `select_budget_rule="dims"`: below ~7.6k tokens for SmolLM2 the
+      shortlist's keys are scored on fewer dimensions; beyond, the budget does not bind). Both long-context recipes
+      set that budget for whichever layers end up selected at true positions (`select_read_budget=None` lifts it).
+      One selected layer in four (the rest compressed, a third of the cache) lost most of the needles the source
+      found, and all compressed (a tenth) lost every one.
     """
     if recipe_name in RENAMED_RECIPES:
         new_name = RENAMED_RECIPES[recipe_name]
@@ -205,6 +232,8 @@ def recipe_for(recipe_name: str, num_layers: int, **overrides) -> UpcycleRecipe:
             global_attention="selected" if recipe_name == "long-context-selected" else "compressed",
             sliding_window=512,
             compress_block_size=64,
+            select_read_budget=LONG_CONTEXT_READ_BUDGET,
+            select_budget_rule=LONG_CONTEXT_BUDGET_RULE,
         )
     elif recipe_name == "staged":
         quarter = [min(4 * i // num_layers, 3) for i in range(num_layers)]
@@ -428,6 +457,8 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
     )
     if recipe.select_positions == "fixed":  # the scorer whose retrieval beyond the source's context was measured
         base.update(select_scorer=FIXED_DISTANCE_SCORER)  # (docs/claims.md §4d); the default scorer's was not
+    elif any(layer.global_attention == "selected" for layer in plan):
+        base.update(select_read_budget=recipe.select_read_budget, select_budget_rule=recipe.select_budget_rule)
     # what a fresh gate starts as; upcycling sets each sparse layer's gate by its own branch's rule anyway
     gate_init = GLOBAL_BRANCHES[recipe.global_attention].upcycle.sparse_gate_init
     if gate_init is not None:

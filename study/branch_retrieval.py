@@ -180,8 +180,11 @@ def mixed(selected, compressed, branches: str | list[str | None], **settings):
     return model
 
 
+# no read budget: the long-context recipe's (DIMS_ROW's) lifted, for the rows measured without one and the scorers
+# that refuse one ("sparq", "sparq-group")
+UNCAPPED = {"select_read_budget": None, "select_budget_rule": "blocks"}
 # the two-stage rows measured before the read budget: 4k = 32 blocks for every query
-WHOLE = {"select_scorer": "two-stage", "select_candidates": None, "select_read_budget": None}
+WHOLE = {"select_scorer": "two-stage", "select_candidates": None, **UNCAPPED}
 # the two-stage rows whose scorer reads at most a quarter of the cache per decode step (8-token bounds, 32 blocks)
 QUARTER = {"select_scorer": "two-stage", "select_bound_size": 8, "select_candidates": None, "select_read_budget": 0.25}
 
@@ -189,7 +192,7 @@ QUARTER = {"select_scorer": "two-stage", "select_bound_size": 8, "select_candida
 def models(llama) -> dict:
     selected, compressed = upcycled(llama, "selected"), upcycled(llama, "compressed")
     block = selected.config.compress_block_size
-    selected = mixed(selected, compressed, selected.config.global_attention, select_scorer="sparq")  # the run's
+    selected = mixed(selected, compressed, selected.config.global_attention, select_scorer="sparq", **UNCAPPED)
     sparse = [kind == "sparse_attention" for kind in selected.config.mixer_types]
     branches = [("selected" if i % 4 == 0 else "compressed") if s else None for i, s in enumerate(sparse)]
     return {
@@ -199,13 +202,16 @@ def models(llama) -> dict:
         COMPRESSED: compressed,
         GROUP: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
-        ),
+        ),  # (`selected` is the "sparq" row: no budget)
         TWO_STAGE: mixed(  # bounds of whole blocks (the config's default bounds 8-token parts)
             selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=block
         ),
         TWO_STAGE_16: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=16),
         TWO_STAGE_8: mixed(selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=8),
-        BUDGET_ROW: mixed(selected, compressed, selected.config.global_attention, **QUARTER),
+        BUDGET_ROW: mixed(
+            selected, compressed, selected.config.global_attention, **QUARTER, select_budget_rule="blocks"
+        ),
+        # the long-context recipes' own setting since it met every bar (its fields pinned here all the same)
         DIMS_ROW: mixed(selected, compressed, selected.config.global_attention, **QUARTER, select_budget_rule="dims"),
     }
 

@@ -88,7 +88,8 @@ def upcycled(llama, context: int, **choices):
     """The `long-context-selected` upcycle of `llama` for `context` tokens, with the recipe's context `choices`."""
     recipe = recipe_for("long-context-selected", llama.config.num_hidden_layers, context_length=context, **choices)
     model = upcycle(llama, recipe)
-    return retrieval.mixed(model, model, model.config.global_attention, select_scorer=SCORER)  # sdpa, SCORER
+    # sdpa, SCORER (which takes no read budget: the recipe's is lifted for true positions)
+    return retrieval.mixed(model, model, model.config.global_attention, select_scorer=SCORER, **retrieval.UNCAPPED)
 
 
 def builders(llama, context: int) -> dict:

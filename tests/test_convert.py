@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_LLAMA
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -159,6 +160,35 @@ def test_cli_convert_beyond_the_context_with_selected_layers_picks_fixed_distanc
     assert "RoPE is rescaled (yarn, factor 4)" in capsys.readouterr().out
     config = json.loads((target / "config.json").read_text())
     assert config["select_positions"] == "fixed" and config["mixer_types"][0] == "attention"
+
+
+def test_cli_convert_read_budget_of_selected_layers(llama_folder, tmp_path, capsys):
+    """The long-context recipes' read budget lands in the config; `--select-read-budget` changes or lifts it and
+    is refused where it would do nothing."""
+    layout = ["--recipe", "long-context-selected", "--window", "8", "--compress-block-size", "4"]
+
+    def converted(name: str, *options: str) -> dict:
+        assert main(["convert", str(llama_folder), str(tmp_path / name), *layout, *options]) == 0
+        config = AutoConfig.from_pretrained(tmp_path / name)  # fields saved as a difference from the defaults
+        return {"budget": config.select_read_budget, "rule": config.select_budget_rule}
+
+    assert converted("default") == {"budget": 0.25, "rule": "dims"}
+    assert converted("lifted", "--select-read-budget", "none") == {"budget": None, "rule": "blocks"}
+    assert converted("half", "--select-read-budget", "0.5", "--select-budget-rule", "blocks") == {
+        "budget": 0.5,
+        "rule": "blocks",
+    }
+    capsys.readouterr()
+    compressed = ["--recipe", "long-context", "--window", "8", "--compress-block-size", "4"]
+    assert main(["convert", str(llama_folder), str(tmp_path / "c"), *compressed, "--select-read-budget", "0.5"]) == 2
+    assert "apply to selected layers at true positions, and this conversion has none" in capsys.readouterr().err
+    lifted_rule = ["--select-read-budget", "none", "--select-budget-rule", "dims"]
+    assert main(["convert", str(llama_folder), str(tmp_path / "d"), *layout, *lifted_rule]) == 2
+    assert "select_budget_rule='dims' needs a select_read_budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(llama_folder), str(tmp_path / "e"), *layout, "--select-read-budget", "2"])
+    assert exit_info.value.code == 2 and "expected a share of the cache in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_cli_convert_per_layer_global_branch_equals_the_source_up_to_its_bound(llama_folder, tmp_path, capsys):

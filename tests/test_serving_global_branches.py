@@ -18,6 +18,7 @@ from llama_hybrid.serving.global_branches import (
     batched,
 )
 from modeling_llama_hybrid import LlamaHybridConfig
+from modeling_llama_hybrid import selected_attention as selected
 from modeling_llama_hybrid.banded_attention import window_layout
 from modeling_llama_hybrid.block_layout import compressed_block_layout
 from modeling_llama_hybrid.compressed_attention import pool_summaries, summary_attention
@@ -125,5 +126,23 @@ def test_selected_branch_matches_the_transformers_layer_in_every_split(scorer, b
     assert (expected.selection < layout.num_blocks).any(), "no query selected a block: the test shows nothing"
     branch = SelectedGlobalBranch(BLOCK, W, K, scorer, 3, bound_split=bound_split)
     assert branch.has_global(torch.arange(LENGTH)) is None
+    for got in stepwise(branch, query, key, value):
+        torch.testing.assert_close(got, expected.out[0])
+
+
+@pytest.mark.parametrize(("rule", "budget"), [("blocks", 0.3), ("dims", 0.5)])
+def test_selected_branch_under_a_read_budget_matches_the_transformers_layer_in_every_split(rule, budget, monkeypatch):
+    """A read budget (the long-context recipes' setting: a share of the cache, by dims) served stepwise equals the
+    transformers branch under the same budget, and the budget binds (the output differs from the uncapped one)."""
+    monkeypatch.setattr(selected, "KEY_CHUNK", 2)  # DIM = 8 in 4 chunks: the dims rule can narrow
+    query, key, value = qkv(seed=1)
+    layout = selection_layout(window_layout(torch.arange(LENGTH)[None], 0, W), LENGTH, BLOCK)
+    common = (batched(query), batched(key), batched(value), layout, K, "two-stage", 3, SCALE)
+    expected = chunked_selected_attention(*common, bound_split=1, read_budget=budget, budget_rule=rule)
+    uncapped = chunked_selected_attention(*common, bound_split=1)
+    assert not torch.allclose(expected.out, uncapped.out, rtol=0, atol=1e-9), "the budget never binds here"
+    branch = SelectedGlobalBranch(
+        BLOCK, W, K, "two-stage", 3, bound_split=1, select_read_budget=budget, select_budget_rule=rule
+    )
     for got in stepwise(branch, query, key, value):
         torch.testing.assert_close(got, expected.out[0])

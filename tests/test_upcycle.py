@@ -403,6 +403,53 @@ def test_selected_recipe_beyond_the_source_context_picks_fixed_distances_on_ever
     assert (_logits(hybrid, _ids(4 * WINDOW)) - _logits(llama, _ids(4 * WINDOW))).abs().max() > 1e-3
 
 
+def test_long_context_recipes_cap_what_the_selected_scorer_reads(llama):
+    """The long-context recipes give their selected layers at true positions the read budget the retrieval bars
+    were met with (a quarter of the cache, by dimensions: docs/claims.md §4c); layouts without a selected layer, the
+    fixed-distance scheme (its "sparq" scorer takes no budget) and the hybrid recipe carry none."""
+    trained, common = llama.config.max_position_embeddings, dict(sliding_window=WINDOW, compress_block_size=BLOCK)
+
+    def budget_of(recipe):
+        config = upcycled_config(llama.config, recipe)[0]
+        return config.select_read_budget, config.select_budget_rule
+
+    budgeted = [
+        recipe_for("long-context-selected", 8, **common),
+        recipe_for("long-context", 8, **common, global_attention="selected"),
+        mix_global_attention(recipe_for("long-context", 8, **common), "selected", 2),  # one selected in two
+        recipe_for("long-context-selected", 8, **common, context_length=4 * trained, select_positions="true"),
+    ]
+    assert [budget_of(recipe) for recipe in budgeted] == [(0.25, "dims")] * 4
+    unbudgeted = [
+        recipe_for("long-context", 8, **common),  # compressed only
+        recipe_for("long-context-selected", 8, **common, context_length=4 * trained),  # fixed distances
+        recipe_for("hybrid", 8),  # its selected layers' quality was measured without a budget (README)
+        dataclasses.replace(
+            recipe_for("long-context-selected", 8, **common), select_read_budget=None, select_budget_rule="blocks"
+        ),
+    ]
+    assert [budget_of(recipe) for recipe in unbudgeted] == [(None, "blocks")] * 4
+    other = recipe_for("long-context-selected", 8, **common, select_read_budget=0.5, select_budget_rule="blocks")
+    assert budget_of(other) == (0.5, "blocks")
+    # still the source up to the exact bound (what the budget changes beyond it: test_selected_attention's
+    # budget tests, on heads wide enough for the dims rule to narrow)
+    capped = upcycle(llama, budgeted[0])
+    bound = exact_context(capped.config)
+    torch.testing.assert_close(_logits(capped, _ids(bound)), _logits(llama, _ids(bound)), rtol=0, atol=1e-4)
+    bad = [
+        (dict(select_read_budget=0), r"select_read_budget=0 must be a share of the cache in \(0, 1\]"),
+        (dict(select_read_budget=1.5), "select_read_budget=1.5 must be"),
+        (dict(select_read_budget=True), "select_read_budget=True must be"),
+        (dict(select_read_budget="a quarter"), "select_read_budget='a quarter' must be"),
+        (dict(select_budget_rule="heads"), r"select_budget_rule='heads'; choose one of \['blocks', 'dims'\]"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            upcycled_config(llama.config, dataclasses.replace(budgeted[0], **fields))
+    with pytest.raises(ValueError, match="select_budget_rule='dims' needs a select_read_budget"):
+        upcycled_config(llama.config, dataclasses.replace(budgeted[0], select_read_budget=None))
+
+
 def test_context_choices_can_be_given_explicitly(llama):
     trained = llama.config.max_position_embeddings
     common = dict(sliding_window=WINDOW, compress_block_size=BLOCK)

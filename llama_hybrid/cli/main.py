@@ -16,7 +16,17 @@ import os
 import sys
 
 from . import demo, generation, push, tokenizer, train
-from .options import DTYPES, GlobalBranches, InsertableKinds, RopeScalings, add_recipe_option, positive_int
+from .options import (
+    DTYPES,
+    NO_BUDGET,
+    BudgetRules,
+    GlobalBranches,
+    InsertableKinds,
+    RopeScalings,
+    add_recipe_option,
+    positive_int,
+    read_budget,
+)
 
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "LLAMA_HYBRID_DEBUG"
@@ -132,12 +142,26 @@ def _add_upcycle_args(parser: argparse.ArgumentParser) -> None:
         help="also select the layers the recipe keeps full attention (default: yes under fixed positions beyond "
         "the source's context, where a full layer would attend at distances it never saw)",
     )
+    group.add_argument(
+        "--select-read-budget",
+        type=read_budget,
+        metavar="SHARE",
+        help="most of the cache the scorer of selected layers (at true positions) reads per decode step, e.g. 0.25, "
+        "or none for no cap (default: the long-context recipes 0.25, the others none)",
+    )
+    group.add_argument(
+        "--select-budget-rule",
+        choices=BudgetRules(),
+        metavar="RULE",
+        help="how that scorer keeps within the budget: %(choices)s (fewer shortlisted blocks, or each block's keys on "
+        "fewer dimensions; default: the long-context recipes dims, the others blocks)",
+    )
 
 
 UPCYCLE_FIELDS = (
     "sparse_layers global_attention sliding_window compress_block_size moe_layers num_experts num_experts_per_tok "
     "moe_init insert_conv_after insert_kind conv_kernel_size expert_noise drop_upcycling seed context_length "
-    "rope_scaling select_positions select_every_layer"
+    "rope_scaling select_positions select_every_layer select_budget_rule"
 ).split()
 
 
@@ -146,7 +170,8 @@ def _recipe_from_args(args, source_config_of):
     against the source's config (`source_config_of()`) before any weights load."""
     overrides = {name: getattr(args, name) for name in UPCYCLE_FIELDS if getattr(args, name, None) is not None}
     placements = getattr(args, "global_attention_at", None) or []
-    if args.recipe is None and not overrides and not placements:
+    budget, rule = getattr(args, "select_read_budget", None), getattr(args, "select_budget_rule", None)
+    if args.recipe is None and not overrides and not placements and budget is None:
         return None
     from llama_hybrid.upcycle import UpcycleRecipe, recipe_for, upcycled_config
 
@@ -156,10 +181,27 @@ def _recipe_from_args(args, source_config_of):
     else:
         recipe = recipe_for(args.recipe, source_config.num_hidden_layers, **overrides)
     recipe = _place_global_attention(recipe, placements)
+    recipe = _read_budget(recipe, budget, rule)
     if args.rope_scaling is not None and recipe.context_length is None:
         raise ValueError(f"--rope-scaling {args.rope_scaling} does nothing without --context-length N")
-    upcycled_config(source_config, recipe)  # every refusal of the recipe and of the config it makes, up front
+    config, plan = upcycled_config(source_config, recipe)  # every refusal of the recipe and its config, up front
+    budgeted = config.select_positions == "true" and any(layer.global_attention == "selected" for layer in plan)
+    if (budget is not None or rule is not None) and not budgeted:
+        raise ValueError(
+            "--select-read-budget and --select-budget-rule apply to selected layers at true positions, and this "
+            "conversion has none (choose them with --global-attention selected or --global-attention-at)"
+        )
     return recipe
+
+
+def _read_budget(recipe, budget: float | str | None, rule: str | None):
+    """The recipe with `--select-read-budget` applied: a share, or "none", which also puts the rule back to "blocks"
+    unless `--select-budget-rule` names one (a rule without a budget is then refused by the recipe's check)."""
+    if budget is None:
+        return recipe
+    if budget == NO_BUDGET:
+        return dataclasses.replace(recipe, select_read_budget=None, select_budget_rule=rule or "blocks")
+    return dataclasses.replace(recipe, select_read_budget=budget)
 
 
 def _place_global_attention(recipe, placements: list[tuple[str, list[int] | int]]):

@@ -52,6 +52,12 @@ def _rope_scalings() -> tuple[str, ...]:
     return tuple(upcycle.ROPE_SCALINGS)
 
 
+def _budget_rules() -> tuple[str, ...]:
+    from modeling_llama_hybrid.configuration_llama_hybrid import SELECT_BUDGET_RULES
+
+    return tuple(SELECT_BUDGET_RULES)
+
+
 def RecipeNames() -> LazyChoices:  # noqa: N802 (reads as the choices it stands for)
     """The upcycling recipes `llama_hybrid.upcycle.RECIPES`; the old names of renamed recipes are accepted too (see
     `recipe_name`) but not listed."""
@@ -68,6 +74,26 @@ def InsertableKinds() -> LazyChoices:  # noqa: N802
 
 def RopeScalings() -> LazyChoices:  # noqa: N802
     return LazyChoices(_rope_scalings)
+
+
+def BudgetRules() -> LazyChoices:  # noqa: N802
+    return LazyChoices(_budget_rules)
+
+
+NO_BUDGET = "none"  # `--select-read-budget none`: lift a recipe's read budget
+
+
+def read_budget(text: str) -> float | str:
+    """argparse `type` of `--select-read-budget`: a share of the cache in (0, 1], or "none"."""
+    if text.lower() == NO_BUDGET:
+        return NO_BUDGET
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share of the cache in (0, 1] (e.g. 0.25) or none, got {text!r}")
+    return value
 
 
 def recipe_name(text: str) -> str:

@@ -55,7 +55,9 @@ def upcycled_dir(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="session")
 def upcycled_gathered_dir(tmp_path_factory, upcycled_dir):
-    """The same upcycle with compressed and selected sparse layers in turn (window 16, blocks of 8, top 2)."""
+    """The same upcycle with compressed and selected sparse layers in turn (window 16, blocks of 8, top 2), the
+    selected ones under the long-context recipes' read budget (a quarter, by dims: here the scorer reads 16 to 48 of
+    the 64 dimensions from about 40 to 230 tokens, all of them before and after, so prefill and decode both bind)."""
     folder = tmp_path_factory.mktemp("upcycled-gathered")
-    fields = dict(compress_block_size=8, select_blocks=2)
+    fields = dict(compress_block_size=8, select_blocks=2, select_read_budget=0.25, select_budget_rule="dims")
     return with_global_branches(upcycled_dir, folder, ("compressed", "selected"), **fields)
