@@ -18,7 +18,8 @@ Weights:
   upcycle (W 512, b 64) under each global branch, against the same layer of the source LLaMA, both reading real
   text (CPython's pydoc topics, `pydoc_prose`) through the whole 30-layer model; only layer 1 is timed. Its
   `selected` is the recipe's: the scorer reads at most a quarter of the cache per step (`select_read_budget=0.25`
-  by dimensions; random weights: the config's default, no budget).
+  by dimensions; random weights: the config's default, no budget); `selected-uncapped` is the same without the
+  budget (on random weights, the same as `selected`).
 
     python benchmarks/sparse_layer_speed.py                          # random weights, 8k and 32k tokens
     python benchmarks/sparse_layer_speed.py --lengths 2048 8192 --attn eager
@@ -39,12 +40,13 @@ from transformers import DynamicCache
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
 
-VARIANTS = ("attention", "full", "compressed", "selected", "selected-sparq", "selected-fixed")
+VARIANTS = ("attention", "full", "compressed", "selected", "selected-uncapped", "selected-sparq", "selected-fixed")
 # variants that are a global branch plus settings: "selected-fixed" is the selected branch under the fixed-distance
 # position scheme (its cache keeps unrotated keys; a step rotates the window's and the query's). "sparq" takes no read
 # budget: the long-context recipe's (`--smollm2`) is lifted.
 UNCAPPED = dict(select_read_budget=None, select_budget_rule="blocks")
 VARIANT_FIELDS = {
+    "selected-uncapped": dict(global_attention="selected", **UNCAPPED),  # `--smollm2`: the recipe's budget lifted
     "selected-sparq": dict(global_attention="selected", select_scorer="sparq", **UNCAPPED),
     "selected-fixed": dict(global_attention="selected", select_positions="fixed", select_scorer="sparq", **UNCAPPED),
 }

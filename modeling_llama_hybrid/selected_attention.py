@@ -1150,8 +1150,9 @@ def padded_decode_step(
     query, key, value, cache: SelectedSparseLayer, window: int, block_size: int, k: int, shortlist: int | None,
     scaling: float, bound_split: int = 1, read_budget: float | None = None, budget_rule: str = "blocks",
 ) -> SelectedOutput | None:  # fmt: skip
-    """`chunked_selected_attention` of one decode step under "two-stage" (with a read budget only where it does not
-    bind: `budget_slack`), written for rows that are `cache.pads` padding slots then one document at positions 0, 1, ...
+    """`chunked_selected_attention` of one decode step under "two-stage" (under the budget rule "dims" at every step,
+    each row's shortlist scored on its `key_chunks`; under "blocks" only where the budget does not bind:
+    `budget_slack`), written for rows that are `cache.pads` padding slots then one document at positions 0, 1, ...
     (the cache's `padded_rows`): every block, candidate and slot follows from the pads by arithmetic, so the step needs
     no `SelectionLayout` of its S slots, no bounds of the open blocks and no general gathers — a few dozen tensor
     operations where the general path dispatches hundreds (on a CPU, their fixed cost is most of a step at 32k). The
@@ -1159,8 +1160,8 @@ def padded_decode_step(
     blocks 1 .. c, c = floor((t - W) / b); Quest's bound over the cache's kept bounds shortlists C of them (all,
     unscored, when c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers
     the sink and the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the
-    blocks that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or the
-    budget narrows a row's scorer. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
+    blocks that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or a
+    "blocks" budget shortens a row's shortlist. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
     batch, heads, _, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
     groups = heads // kv_heads
@@ -1168,16 +1169,24 @@ def padded_decode_step(
     positions = num_slots - 1 - pads  # (B,) each row's query position
     counts = (positions - window).div(block_size, rounding_mode="floor").clamp(min=0)  # candidates 1 .. c
     listed_most = shortlist or 4 * k
+    width = chunk_width(dim)
     checks = [counts.max(), pads.min(), pads.max()]
-    if read_budget is not None:  # and whether it leaves every row's scorer as it is
+    narrow = read_budget is not None and budget_rule == "dims"  # each row's keys read on its chunks of dimensions
+    if narrow:  # how many chunks the widest- and the narrowest-reading rows read
+        dims = shortlist_dims(positions, counts, read_budget, listed_most, bound_split, block_size, dim)
+        checks += [dims.max().div(width, rounding_mode="floor"), dims.min().div(width, rounding_mode="floor")]
+    elif read_budget is not None:  # a shorter shortlist: taken only where it leaves every row's as it is
         checks.append(
             budget_slack(
                 positions, counts, read_budget, budget_rule, k, listed_most, bound_split, block_size, dim
             ).long()
         )
-    most, fewest_pads, most_pads, *slack = torch.stack(checks).tolist()  # one host sync
-    if most_pads >= num_slots or not all(slack):
+    most, fewest_pads, most_pads, *budgeted = torch.stack(checks).tolist()  # one host sync
+    if most_pads >= num_slots or (read_budget is not None and not narrow and not all(budgeted)):
         return None
+    chunks = None
+    if narrow and budgeted[1] < dim // width:  # some row reads fewer than every dimension
+        chunks = key_chunks(query, kv_heads, dims[:, None])
     device = query.device
     rows = query.view(batch, kv_heads, groups, dim)  # (B, KV, R, D): a step's query heads by KV group
     numbers = torch.arange(1, most + 1, device=device)  # candidate block numbers 1 .. max c
@@ -1197,9 +1206,18 @@ def padded_decode_step(
     in_block = torch.arange(block_size, device=device)
     first_slots = pads[:, None, None] + listed.clamp(max=most) * block_size  # (B, KV, C)
     slots = (first_slots[..., None] + in_block).flatten(1, 2)  # (B, KV, C * b)
-    keys = tile_states(key, slots.view(batch * kv_heads, -1), heads_of)  # (B * KV, C * b, D)
     score_type = torch.promote_types(query.dtype, torch.float32)
-    exact = (rows.view(batch * kv_heads, groups, dim) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
+    if chunks is None:
+        keys = tile_states(key, slots.view(batch * kv_heads, -1), heads_of)  # (B * KV, C * b, D)
+        exact = (rows.view(batch * kv_heads, groups, dim) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
+    else:  # the m chunks the widest-reading row reads, zeroed in a query beyond its own count (as the general path)
+        order = chunks.order[..., : budgeted[0]].flatten(0, 2)  # (B * KV, m)
+        keys = tile_chunks(key, slots.view(batch * kv_heads, -1), heads_of, order, width)  # (B * KV, C * b, m c)
+        picked = rows.view(batch * kv_heads, groups, dim // width, width)
+        picked = picked.gather(2, order[:, None, :, None].expand(-1, groups, -1, width))  # (B * KV, R, m, c)
+        reads = chunks.count.expand(-1, kv_heads).reshape(-1, 1)  # (B * KV, 1)
+        picked = picked * (torch.arange(budgeted[0], device=device) < reads)[:, None, :, None]
+        exact = (picked.flatten(2) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
     exact = exact.view(batch, kv_heads, groups, -1, block_size).amax(-1).amax(2)  # (B, KV, C)
     exact = exact.masked_fill(listed > most, -torch.inf)
     ranked = torch.sort(exact, dim=-1, descending=True, stable=True)  # ties: the earlier block
@@ -1317,7 +1335,7 @@ class LlamaHybridSelectedSparseAttention(LlamaHybridSparseAttention):
 
     def padded_decode(self, query, memory, cache) -> bool:
         """Whether `padded_decode_step` may take this step: one query per row, true positions, "two-stage" (under a
-        read budget the step itself declines where the budget binds), eager / sdpa, a selected cache whose rows are
+        "blocks" read budget the step itself declines where it binds), eager / sdpa, a selected cache whose rows are
         padding then one document and whose keys are token-major, not compiling (a static cache has no such layer
         anyway)."""
         return (

@@ -778,7 +778,8 @@ def test_a_padded_decode_step_equals_the_general_path(monkeypatch, fields):
     """`padded_decode_step` (decode steps of left-padded rows, "two-stage") gives the general path's logits,
     step by step far beyond the window (up to 21 candidate blocks: every candidate listed, then Quest's shortlist,
     over bounds it keeps itself and those of blocks not every row has completed), after a crop and a beam
-    reorder; under a read budget it takes the steps the budget leaves as they are and declines the others."""
+    reorder; under a "dims" read budget it takes every step, narrowing the keys where the budget binds; under a
+    "blocks" budget it takes the steps the budget leaves as they are and declines the others."""
     monkeypatch.setattr(selected, "KEY_CHUNK", 2)
     model = selected_model("two-stage", **fields)
     ids = tokens(3, 72, seed=12)
@@ -801,6 +802,14 @@ def test_a_padded_decode_step_equals_the_general_path(monkeypatch, fields):
         return result
 
     monkeypatch.setattr(selected, "padded_decode_step", spy)
+    narrowed, chunks_of = [], selected.key_chunks
+
+    def chunk_spy(query, *args, **kwargs):  # a decode step's narrowing while the padded step takes every step
+        if selected.PADDED_DECODE and query.shape[2] == 1:
+            narrowed.append(query.shape[0])
+        return chunks_of(query, *args, **kwargs)
+
+    monkeypatch.setattr(selected, "key_chunks", chunk_spy)
     runs = {}
     for enabled in (True, False):
         monkeypatch.setattr(selected, "PADDED_DECODE", enabled)
@@ -817,7 +826,9 @@ def test_a_padded_decode_step_equals_the_general_path(monkeypatch, fields):
                 cache.reorder_cache(torch.tensor([1, 2, 0]))
             logits.append(step(cache, t, t + 1))
         runs[enabled] = torch.cat(logits, 1)
-    if "select_read_budget" in fields:  # both kinds of step occur
+    if fields.get("select_budget_rule") == "dims":  # every step taken, some of them narrowed
+        assert len(taken) == 60 + 3 and not declined and narrowed
+    elif "select_read_budget" in fields:  # both kinds of step occur
         assert taken and declined and len(taken) + len(declined) == 60 + 3
     else:
         assert len(taken) == 60 + 3 and not declined  # every decode step of the first run took it
