@@ -1161,7 +1161,8 @@ def padded_decode_step(
     unscored, when c <= C), the exact block max ranks the shortlist (ties: the earlier block), and one softmax covers
     the sink and the chosen blocks (minus the window) and the window. Bounds: the cache's kept ones, and those of the
     blocks that became final since (`padded_bounds`). None (take the general path) when a row's query is padding or a
-    "blocks" budget shortens a row's shortlist. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values (B, KV, S, D)."""
+    "blocks" budget shortens a row's shortlist. Query (B, H, 1, D), rotated keys (B, KV, S, D) token-major, values
+    (B, KV, S, D)."""
     batch, heads, _, dim = query.shape
     kv_heads, num_slots = value.shape[1], value.shape[2]
     groups = heads // kv_heads

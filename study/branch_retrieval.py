@@ -202,7 +202,7 @@ def models(llama) -> dict:
         COMPRESSED: compressed,
         GROUP: mixed(
             selected, compressed, selected.config.global_attention, select_scorer="sparq-group", select_dims=32
-        ),  # (`selected` is the "sparq" row: no budget)
+        ),  # made from the "sparq" row above: no budget
         TWO_STAGE: mixed(  # bounds of whole blocks (the config's default bounds 8-token parts)
             selected, compressed, selected.config.global_attention, **WHOLE, select_bound_size=block
         ),
