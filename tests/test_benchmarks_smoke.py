@@ -64,7 +64,15 @@ def test_sparse_layer_speed_times_every_layer_kind():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rows = {line.split()[1]: line.split() for line in done.stdout.splitlines() if line.split()[:1] == ["200"]}
-    assert set(rows) == {"attention", "full", "compressed", "selected", "selected-sparq", "selected-fixed"}
+    assert set(rows) == {
+        "attention",
+        "full",
+        "compressed",
+        "selected",
+        "selected-uncapped",
+        "selected-sparq",
+        "selected-fixed",
+    }
     for _n, _layer, prefill, decode, prefill_ratio, decode_ratio in rows.values():
         assert float(prefill) > 0 and float(decode) > 0
         assert math.isfinite(float(prefill_ratio.rstrip("x"))) and math.isfinite(float(decode_ratio.rstrip("x")))
