@@ -484,15 +484,11 @@ def shortlist_dims(positions, candidates, budget: float, most: int, split: int, 
     return chunks.clamp(1, dim // width) * width
 
 
-def budget_slack(
-    positions, candidates, budget: float, rule: str, k: int, most: int, split: int, block_size: int, dim: int
-):
-    """Whether a read budget leaves the scorer of every query at `positions` (with `candidates` blocks each) as it
-    is without one (a 0-dim bool tensor): under "blocks" each query still lists min(c, `most`) blocks, under "dims"
-    it reads every dimension of its shortlist. A long context's decode steps then choose exactly as without the
-    budget (SmolLM2's upcycle at a quarter: from 7.6k tokens on under "dims", 8k under "blocks")."""
-    if rule == "dims":
-        return (shortlist_dims(positions, candidates, budget, most, split, block_size, dim) == dim).all()
+def budget_slack(positions, candidates, budget: float, k: int, most: int, split: int, block_size: int):
+    """Whether a read budget under the rule "blocks" leaves every query at `positions` (with `candidates` blocks
+    each) its whole shortlist, min(c, `most`) blocks (a 0-dim bool tensor): its decode step then chooses exactly as
+    without the budget (SmolLM2's upcycle at a quarter: from 8k tokens on). ("dims" needs no such check: the padded
+    step reads each row's chunks itself.)"""
     return (shortlist_sizes(positions, candidates, budget, k, split, block_size) >= candidates.clamp(max=most)).all()
 
 
@@ -1177,11 +1173,7 @@ def padded_decode_step(
         dims = shortlist_dims(positions, counts, read_budget, listed_most, bound_split, block_size, dim)
         checks += [dims.max().div(width, rounding_mode="floor"), dims.min().div(width, rounding_mode="floor")]
     elif read_budget is not None:  # a shorter shortlist: taken only where it leaves every row's as it is
-        checks.append(
-            budget_slack(
-                positions, counts, read_budget, budget_rule, k, listed_most, bound_split, block_size, dim
-            ).long()
-        )
+        checks.append(budget_slack(positions, counts, read_budget, k, listed_most, bound_split, block_size).long())
     most, fewest_pads, most_pads, *budgeted = torch.stack(checks).tolist()  # one host sync
     if most_pads >= num_slots or (read_budget is not None and not narrow and not all(budgeted)):
         return None
