@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from modeling_llama_hybrid import LlamaHybridConfig, LlamaHybridForCausalLM
-from modeling_llama_hybrid.configuration_llama_hybrid import SELECT_BUDGET_RULES
 from modeling_llama_hybrid.mixers import (
     GLOBAL_BRANCHES,
     MIXERS,
@@ -136,17 +135,9 @@ class UpcycleRecipe:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive int")
 
     def _check_read_budget(self) -> None:
-        budget = self.select_read_budget
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1
-        ):
-            raise ValueError(f"select_read_budget={budget!r} must be a share of the cache in (0, 1] or None")
-        if self.select_budget_rule not in SELECT_BUDGET_RULES:
-            raise ValueError(
-                f"select_budget_rule={self.select_budget_rule!r}; choose one of {list(SELECT_BUDGET_RULES)}"
-            )
-        if self.select_budget_rule != "blocks" and budget is None:
-            raise ValueError(f"select_budget_rule={self.select_budget_rule!r} needs a select_read_budget")
+        """The config's own checks of the two fields (a config with them and every other field at its default), so
+        a bad value is refused even where no layer would take it."""
+        LlamaHybridConfig(select_read_budget=self.select_read_budget, select_budget_rule=self.select_budget_rule)
 
     def _check_global_attention_at(self) -> None:
         for layer, variant in self.global_attention_at.items():
@@ -457,13 +448,19 @@ def upcycled_config(llama_config, recipe: UpcycleRecipe) -> tuple[LlamaHybridCon
     )
     if recipe.select_positions == "fixed":  # the scorer whose retrieval beyond the source's context was measured
         base.update(select_scorer=FIXED_DISTANCE_SCORER)  # (docs/claims.md §4d); the default scorer's was not
-    elif any(layer.global_attention == "selected" for layer in plan):
+    elif read_budget_applies(recipe.select_positions, plan):
         base.update(select_read_budget=recipe.select_read_budget, select_budget_rule=recipe.select_budget_rule)
     # what a fresh gate starts as; upcycling sets each sparse layer's gate by its own branch's rule anyway
     gate_init = GLOBAL_BRANCHES[recipe.global_attention].upcycle.sparse_gate_init
     if gate_init is not None:
         base.update(sparse_gate_init=gate_init)
     return LlamaHybridConfig(**base), plan
+
+
+def read_budget_applies(select_positions: str, plan: list[TargetLayer]) -> bool:
+    """Whether the recipe's `select_read_budget` reaches the config: some layer of `plan` is selected, at true
+    positions (the fixed-distance scheme's scorer, FIXED_DISTANCE_SCORER, takes no budget)."""
+    return select_positions == "true" and any(layer.global_attention == "selected" for layer in plan)
 
 
 def _config_global_attention(plan: list[TargetLayer], recipe: UpcycleRecipe) -> str | list[str | None]:

@@ -1175,11 +1175,11 @@ def padded_decode_step(
     elif read_budget is not None:  # a shorter shortlist: taken only where it leaves every row's as it is
         checks.append(budget_slack(positions, counts, read_budget, k, listed_most, bound_split, block_size).long())
     most, fewest_pads, most_pads, *budgeted = torch.stack(checks).tolist()  # one host sync
-    if most_pads >= num_slots or (read_budget is not None and not narrow and not all(budgeted)):
+    if most_pads >= num_slots or budgeted == [0]:  # padding queries, or a "blocks" budget that binds
         return None
-    chunks = None
-    if narrow and budgeted[1] < dim // width:  # some row reads fewer than every dimension
-        chunks = key_chunks(query, kv_heads, dims[:, None])
+    chunks, most_chunks = None, dim // width
+    if narrow and budgeted[1] < most_chunks:  # some row reads fewer than every dimension
+        chunks, most_chunks = key_chunks(query, kv_heads, dims[:, None]), budgeted[0]
     device = query.device
     rows = query.view(batch, kv_heads, groups, dim)  # (B, KV, R, D): a step's query heads by KV group
     numbers = torch.arange(1, most + 1, device=device)  # candidate block numbers 1 .. max c
@@ -1204,12 +1204,12 @@ def padded_decode_step(
         keys = tile_states(key, slots.view(batch * kv_heads, -1), heads_of)  # (B * KV, C * b, D)
         exact = (rows.view(batch * kv_heads, groups, dim) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
     else:  # the m chunks the widest-reading row reads, zeroed in a query beyond its own count (as the general path)
-        order = chunks.order[..., : budgeted[0]].flatten(0, 2)  # (B * KV, m)
+        order = chunks.order[..., :most_chunks].flatten(0, 2)  # (B * KV, m)
         keys = tile_chunks(key, slots.view(batch * kv_heads, -1), heads_of, order, width)  # (B * KV, C * b, m c)
         picked = rows.view(batch * kv_heads, groups, dim // width, width)
         picked = picked.gather(2, order[:, None, :, None].expand(-1, groups, -1, width))  # (B * KV, R, m, c)
         reads = chunks.count.expand(-1, kv_heads).reshape(-1, 1)  # (B * KV, 1)
-        picked = picked * (torch.arange(budgeted[0], device=device) < reads)[:, None, :, None]
+        picked = picked * (torch.arange(most_chunks, device=device) < reads)[:, None, :, None]
         exact = (picked.flatten(2) @ keys.transpose(-1, -2)).to(score_type)  # (B KV, R, C b)
     exact = exact.view(batch, kv_heads, groups, -1, block_size).amax(-1).amax(2)  # (B, KV, C)
     exact = exact.masked_fill(listed > most, -torch.inf)

@@ -184,7 +184,7 @@ def test_cli_convert_read_budget_of_selected_layers(llama_folder, tmp_path, caps
     assert "apply to selected layers at true positions, and this conversion has none" in capsys.readouterr().err
     lifted_rule = ["--select-read-budget", "none", "--select-budget-rule", "dims"]
     assert main(["convert", str(llama_folder), str(tmp_path / "d"), *layout, *lifted_rule]) == 2
-    assert "select_budget_rule='dims' needs a select_read_budget" in capsys.readouterr().err
+    assert "select_budget_rule='dims' needs select_read_budget" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", str(llama_folder), str(tmp_path / "e"), *layout, "--select-read-budget", "2"])
     assert exit_info.value.code == 2 and "expected a share of the cache in (0, 1]" in capsys.readouterr().err

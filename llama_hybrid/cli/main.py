@@ -173,7 +173,7 @@ def _recipe_from_args(args, source_config_of):
     budget, rule = getattr(args, "select_read_budget", None), getattr(args, "select_budget_rule", None)
     if args.recipe is None and not overrides and not placements and budget is None:
         return None
-    from llama_hybrid.upcycle import UpcycleRecipe, recipe_for, upcycled_config
+    from llama_hybrid.upcycle import UpcycleRecipe, read_budget_applies, recipe_for, upcycled_config
 
     source_config = source_config_of()
     if args.recipe is None:
@@ -185,8 +185,7 @@ def _recipe_from_args(args, source_config_of):
     if args.rope_scaling is not None and recipe.context_length is None:
         raise ValueError(f"--rope-scaling {args.rope_scaling} does nothing without --context-length N")
     config, plan = upcycled_config(source_config, recipe)  # every refusal of the recipe and its config, up front
-    budgeted = config.select_positions == "true" and any(layer.global_attention == "selected" for layer in plan)
-    if (budget is not None or rule is not None) and not budgeted:
+    if (budget is not None or rule is not None) and not read_budget_applies(config.select_positions, plan):
         raise ValueError(
             "--select-read-budget and --select-budget-rule apply to selected layers at true positions, and this "
             "conversion has none (choose them with --global-attention selected or --global-attention-at)"
